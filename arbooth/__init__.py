@@ -1,0 +1,2 @@
+"""arbooth: adapting visual autoregressive image generators."""
+__version__ = "0.1.0"

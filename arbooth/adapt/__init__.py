@@ -1,0 +1,1 @@
+"""Adaptation methods: FFT, LoRA, LNTuning (class-conditional) and selective tuning (ARBooth)."""

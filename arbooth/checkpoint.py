@@ -1,0 +1,92 @@
+"""Checkpoint I/O shared by every model family: read .pth/.safetensors, strict key checks with a
+readable report, and atomic writes (temp file + rename, so a crash never leaves half a file)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from arbooth.errors import CheckpointError
+
+# Official checkpoints sometimes wrap the weights; these are the wrapper keys we unwrap.
+_WRAPPER_KEYS = ("model", "state_dict", "trainer", "gpt_wo_ddp", "module")
+
+
+def read_state_dict(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors` or a torch pickle (`.pth`, `.pt`, `.bin`), weights only."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"expected a checkpoint file, got a folder: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path), device=str(map_location))
+        else:
+            sd = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((sd[k] for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping)), None)
+        if inner is None:
+            raise CheckpointError(f"{path} holds no tensors (top-level keys: {list(sd)[:8]})")
+        sd = inner
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path} is not a state dict (got {type(sd).__name__})")
+    return dict(sd)
+
+
+def state_dict_mismatch(
+    expected: Mapping[str, tuple[int, ...]],
+    got: Mapping[str, torch.Tensor],
+    *,
+    ignore: Iterable[str] = (),
+    limit: int = 8,
+) -> str | None:
+    """Compare key -> shape maps. Returns None when they match, else a report listing the first
+    `limit` missing, unexpected and mis-shaped keys. Keys in `ignore` may be present or absent."""
+    ignore = set(ignore)
+    missing = [k for k in expected if k not in got and k not in ignore]
+    unexpected = [k for k in got if k not in expected and k not in ignore]
+    misshaped = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or misshaped):
+        return None
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            lines.append(f"  {len(items)} {title}: " + ", ".join(items[:limit]) + more)
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically save tensors (made contiguous, detached, on the CPU) as safetensors."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+
+
+def save_torch(obj: object, path: str | os.PathLike) -> None:
+    """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG)."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))

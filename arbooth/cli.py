@@ -1,0 +1,68 @@
+"""`arbooth <command> ...`: one entry point; each command lives in its own module.
+
+A command module defines `add_arguments(parser)` and `main(args) -> int | None`, and a one-line
+module docstring that becomes the command's help. Modules are imported only when their command runs,
+so `arbooth --help` stays fast and one broken optional dependency cannot break every command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from arbooth.errors import ArboothError
+
+COMMANDS = {
+    "sample": "arbooth.commands.sample",
+    "generate": "arbooth.commands.generate",
+    "train-class": "arbooth.commands.train_class",
+    "export": "arbooth.commands.export",
+    "profile": "arbooth.commands.profile",
+    "audit": "arbooth.commands.audit",
+    "train-subject": "arbooth.commands.train_subject",
+    "eval-subject": "arbooth.commands.eval_subject",
+    "eval-class": "arbooth.commands.eval_class",
+    "pretrain-toy": "arbooth.commands.pretrain_toy",
+}
+
+
+def _available_commands() -> dict[str, str]:
+    return {name: mod for name, mod in COMMANDS.items() if importlib.util.find_spec(mod) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arbooth",
+        description="Adapt visual autoregressive image generators (VAR, Infinity). "
+        "Run `arbooth <command> --help` for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, mod_name in _available_commands().items():
+        mod = importlib.import_module(mod_name)
+        doc = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
+        p = sub.add_parser(name, help=doc, description=(mod.__doc__ or "").strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except ArboothError as e:
+        print(f"arbooth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: safe image reading, class-labelled datasets, subject folders, the toy world."""

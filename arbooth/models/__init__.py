@@ -1,0 +1,34 @@
+"""Model families. Names are resolved lazily so that importing one family never pays for another.
+
+VAR family (class-conditional, next-scale):      VQVAE, VAR, load_var, official_state_dict
+Infinity family (text-to-image, bitwise tokens):   BSQVAE, Infinity, infinity_scale_schedule, T5TextEncoder
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "VQVAE": "arbooth.models.vqvae",
+    "VAR": "arbooth.models.var",
+    "load_var": "arbooth.models.var_loading",
+    "official_state_dict": "arbooth.models.var_loading",
+    "VAR_PRESETS": "arbooth.models.var",
+    "BSQVAE": "arbooth.models.bsq_vae",
+    "Infinity": "arbooth.models.infinity",
+    "infinity_scale_schedule": "arbooth.models.infinity_schedule",
+    "load_infinity": "arbooth.models.infinity_loading",
+    "T5TextEncoder": "arbooth.models.t5",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'arbooth.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,1 @@
+"""Training recipes: one explicit loop per file."""
