@@ -46,7 +46,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where + ".")
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
