@@ -15,8 +15,8 @@ import math
 import re
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from arbooth.errors import CheckpointError, ConfigError
 
