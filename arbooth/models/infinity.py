@@ -137,7 +137,11 @@ class TextAttentivePool(CrossAttention):
     width: 128 (64 when D > 4096), heads = Ct // head width."""
 
     def __init__(self, text_dim: int, dim: int):
-        super().__init__(dim, text_dim, text_dim // (64 if dim > 4096 else 128))
+        head_width = 64 if dim > 4096 else 128
+        if text_dim % head_width or dim % (text_dim // head_width):
+            raise ConfigError(f"text_channels must be a multiple of {head_width} whose quotient divides "
+                              f"embed_dim, got text_channels={text_dim}, embed_dim={dim}")
+        super().__init__(dim, text_dim, text_dim // head_width)
         del self.q
         self.query = nn.Parameter(torch.empty(1, self.num_heads, self.head_dim))
         nn.init.trunc_normal_(self.query, std=math.sqrt(1 / dim / 3))
