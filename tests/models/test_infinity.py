@@ -98,7 +98,7 @@ def test_official_layout_round_trip(golden, models):
     sd = official_state_dict(model)
     assert list(sd) == list(golden["infinity_state_dict"])
     assert all(torch.equal(sd[k], v) for k, v in golden["infinity_state_dict"].items())
-    vae, fresh = tiny(d=16, text_channels=256)
+    _vae, fresh = tiny(d=16, text_channels=256)
     with pytest.raises(RuntimeError, match="size mismatch"):  # strict: a different architecture is an error
         fresh.load_state_dict(sd)
 
@@ -121,7 +121,7 @@ def test_cached_equals_no_cache_on_a_wide_schedule(lvl_every_chunk, mode):
     _, model = tiny(lvl_every_chunk)
     schedule = infinity_scale_schedule(0.5, "0.06M")  # 1:2, 7 scales, L = 451
     text, mask = torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    kw = dict(cfg=[1.0, 3.0, 3, 3, 3, 3, 3], tau=0.7, top_k=1, top_p=0.0, next_scale_mode=mode, return_logits=True)
+    kw = {"cfg": [1.0, 3.0, 3, 3, 3, 3, 3], "tau": 0.7, "top_k": 1, "top_p": 0.0, "next_scale_mode": mode, "return_logits": True}
     a = model.generate(text, mask, schedule, use_cache=True, **kw)
     b = model.generate(text, mask, schedule, use_cache=False, **kw)
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
