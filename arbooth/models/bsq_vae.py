@@ -15,8 +15,8 @@ import math
 import re
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from arbooth.errors import CheckpointError, ConfigError
 
@@ -222,8 +222,11 @@ class BSQVAE(nn.Module):
 
 def _from_official(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load-time hook: map official wrapper names onto ours and drop the constant `lfq.mask` buffers."""
+    ours = set(module.state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:
         local = key[len(prefix):]
+        if local in ours:
+            continue
         if local in _OFFICIAL_MASKS:
             mask = state_dict.pop(key)
             d = module.codebook_dim

@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
@@ -137,7 +137,11 @@ class TextAttentivePool(CrossAttention):
     width: 128 (64 when D > 4096), heads = Ct // head width."""
 
     def __init__(self, text_dim: int, dim: int):
-        super().__init__(dim, text_dim, text_dim // (64 if dim > 4096 else 128))
+        head_width = 64 if dim > 4096 else 128
+        if text_dim % head_width or dim % (text_dim // head_width):
+            raise ConfigError(f"text_channels must be a multiple of {head_width} whose quotient divides "
+                              f"embed_dim, got text_channels={text_dim}, embed_dim={dim}")
+        super().__init__(dim, text_dim, text_dim // head_width)
         del self.q
         self.query = nn.Parameter(torch.empty(1, self.num_heads, self.head_dim))
         nn.init.trunc_normal_(self.query, std=math.sqrt(1 / dim / 3))
@@ -235,9 +239,9 @@ class Infinity(nn.Module):
         self.cond_drop_rate, self.lvl_embed_every_chunk, self.checkpointing = cond_drop_rate, lvl_embed_every_chunk, checkpointing
         C, init_std = embed_dim, math.sqrt(1 / embed_dim / 3)
         # 1. text conditioning. cfg_uncond: fixed-seed init, as released (infinity.py __init__)
-        uncond = torch.empty(text_maxlen, text_channels)
+        uncond = torch.empty(text_maxlen, text_channels, device="cpu")  # CPU generator, any default device
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
-        self.cfg_uncond = nn.Parameter(uncond / text_channels**0.5)
+        self.cfg_uncond = nn.Parameter((uncond / text_channels**0.5).to(torch.empty(0).device))
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))  # start token = pooled text + pos_start
         nn.init.trunc_normal_(self.pos_start, std=init_std)
         self.text_norm = RMSNorm(text_channels, eps=norm_eps)
@@ -251,7 +255,7 @@ class Infinity(nn.Module):
         # 3. backbone and head
         self.head_nm = AdaLNBeforeHead(C, C, norm_eps)
         self.head = nn.Linear(C, 2 * self.d)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # DropPath rate grows with depth, as released
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth, as released
         self.blocks = nn.ModuleList(CrossAttnBlock(C, num_heads, mlp_ratio, dpr[i], norm_eps) for i in range(depth))
         self.register_load_state_dict_pre_hook(self._load_official)
 

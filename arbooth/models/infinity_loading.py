@@ -7,16 +7,14 @@ attention-pool query `text_proj_for_sos.ca.mat_q`, and registers blocks as
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 
 import torch
 
-from arbooth.checkpoint import read_state_dict, state_dict_mismatch
+from arbooth.checkpoint import read_state_dict
 from arbooth.errors import CheckpointError
 
-log = logging.getLogger(__name__)
 _CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -96,9 +94,7 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
     from arbooth.models.bsq_vae import BSQVAE
     from arbooth.models.infinity import Infinity
 
-    vae_sd = read_state_dict(vae_ckpt)
-    vae_sd = vae_sd.get("vae", vae_sd) if isinstance(vae_sd.get("vae"), dict) else vae_sd
-    sd = read_state_dict(model_ckpt)
+    vae_sd, sd = _read_vae(vae_ckpt), read_state_dict(model_ckpt)
     with torch.device("meta"):
         vae = BSQVAE(**(vae_kwargs or {}))
         model = Infinity(vae, **(model_kwargs or {}))
@@ -107,10 +103,18 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
             module.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"{name} checkpoint does not match the model: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in official_state_dict(model).items()}
-    report = state_dict_mismatch(expected, sd, ignore=[k for k in expected if k.endswith("zero_k_bias")])
-    if report:
-        log.warning("Infinity checkpoint differs from the released layout: %s", report)
     vae.eval().requires_grad_(False)
     model.eval().requires_grad_(False)
     return vae.to(device), model.to(device)
+
+
+def _read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The released VAE file is {'vae': state_dict, ...} (bsq_vae/vae.py vae_model reads ckpt['vae'])."""
+    if str(path).endswith(".pth") and os.path.isfile(path):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        if isinstance(raw, dict) and isinstance(raw.get("vae"), dict):
+            return raw["vae"]
+    return read_state_dict(path)
