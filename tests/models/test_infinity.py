@@ -98,7 +98,7 @@ def test_official_layout_round_trip(golden, models):
     sd = official_state_dict(model)
     assert list(sd) == list(golden["infinity_state_dict"])
     assert all(torch.equal(sd[k], v) for k, v in golden["infinity_state_dict"].items())
-    _vae, fresh = tiny(d=16, text_channels=256)
+    _vae, fresh = tiny(d=8, text_channels=256)  # other bit depth
     with pytest.raises(RuntimeError, match="size mismatch"):  # strict: a different architecture is an error
         fresh.load_state_dict(sd)
 
