@@ -20,11 +20,17 @@ _EXPORTS = {
     "load_infinity": "arbooth.models.infinity_loading",
     "T5TextEncoder": "arbooth.models.t5",
 }
+# Both families have an `official_state_dict`; the bare name is VAR's (issue 2's public API).
+_ALIASES = {"infinity_official_state_dict": ("arbooth.models.infinity_loading", "official_state_dict")}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["BSQVAE", "Infinity", "T5TextEncoder", "VAR", "VAR_PRESETS", "VQVAE", "infinity_official_state_dict",
+           "infinity_scale_schedule", "load_infinity", "load_var", "official_state_dict"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        module, attr = _ALIASES[name]
+        return getattr(importlib.import_module(module), attr)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'arbooth.models' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
