@@ -23,8 +23,19 @@ _EXPORTS = {
 # Both families have an `official_state_dict`; the bare name is VAR's (issue 2's public API).
 _ALIASES = {"infinity_official_state_dict": ("arbooth.models.infinity_loading", "official_state_dict")}
 
-__all__ = ["BSQVAE", "Infinity", "T5TextEncoder", "VAR", "VAR_PRESETS", "VQVAE", "infinity_official_state_dict",
-           "infinity_scale_schedule", "load_infinity", "load_var", "official_state_dict"]
+__all__ = [
+    "BSQVAE",
+    "VAR",
+    "VAR_PRESETS",
+    "VQVAE",
+    "Infinity",
+    "T5TextEncoder",
+    "infinity_official_state_dict",
+    "infinity_scale_schedule",
+    "load_infinity",
+    "load_var",
+    "official_state_dict",
+]
 
 
 def __getattr__(name: str) -> Any:
