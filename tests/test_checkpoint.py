@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from arbooth.checkpoint import read_state_dict, save_safetensors, save_torch, state_dict_mismatch
 from arbooth.errors import CheckpointError

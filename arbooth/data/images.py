@@ -131,7 +131,7 @@ def tensor_to_pil(x_3HW: torch.Tensor) -> Image.Image:
 
 def save_grid(images_B3HW: torch.Tensor, path: str | Path, *, nrow: int, pad: int = 2) -> Path:
     """Save a batch of [0, 1] images as one PNG grid with `nrow` images per row."""
-    b, c, h, w = images_B3HW.shape
+    b, _, h, w = images_B3HW.shape
     ncol = nrow
     nrows = (b + ncol - 1) // ncol
     grid = torch.ones(3, nrows * (h + pad) + pad, ncol * (w + pad) + pad)

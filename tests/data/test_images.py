@@ -4,8 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from arbooth.data.images import (center_crop_resize, pil_to_tensor_m11, read_image, read_image_folder,
-                                 save_grid)
+from arbooth.data.images import (
+    center_crop_resize,
+    pil_to_tensor_m11,
+    read_image,
+    read_image_folder,
+    save_grid,
+)
 from arbooth.errors import ImageReadError
 
 READABLE = ["ok_rgb.jpg", "ok_rgb.webp", "grayscale.png", "palette.png", "rgba_with_alpha.png", "cmyk.jpg",
