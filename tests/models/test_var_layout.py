@@ -103,3 +103,13 @@ def test_strict_load_rejects_missing_unexpected_and_misshaped_keys():
         with pytest.raises(RuntimeError, match=needle.replace(".", r"\.")):
             var.load_state_dict(broken)
     var.load_state_dict(var.state_dict())  # our own layout loads too
+
+
+def test_bf16_weights_load_and_sample(tiny_files):
+    var, vae_path, var_path = tiny_files
+    with torch.device("meta"):
+        fresh = VAR(VQVAE(**TINY_VAE), **TINY_VAR)
+    fresh = load_official_weights(fresh, vae_ckpt=vae_path, var_ckpt=var_path, dtype="bf16")
+    assert fresh.head.weight.dtype == torch.bfloat16 and fresh.vae.decoder.conv_in.weight.dtype == torch.float32
+    f_hat = fresh.generate([1, 7], top_k=1, decode=False)
+    assert f_hat.dtype == torch.float32 and f_hat.shape == (2, var.Cvae, 4, 4) and torch.isfinite(f_hat).all()
