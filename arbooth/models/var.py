@@ -244,6 +244,8 @@ VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi
 
 
 class VAR(nn.Module):
+    """Class-conditional next-scale transformer over the tokenizer `vae` (kept at `self.vae`)."""
+
     def __init__(
         self,
         vae: VQVAE,
@@ -296,7 +298,7 @@ class VAR(nn.Module):
         self.head = nn.Linear(embed_dim, self.V)
         self.register_load_state_dict_pre_hook(_accept_official_layout)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), .to_empty() also reach the tokenizer
         self.vae._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
