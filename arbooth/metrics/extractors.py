@@ -84,13 +84,13 @@ class DinoViT(nn.Module):
                             hub_filename="dino_deitsmall16_pretrain.pth",
                             url="https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
                                 "dino_deitsmall16_pretrain.pth", option="--dino-weights")
-        kwargs = dict(num_classes=0, global_pool="token", dynamic_img_size=True)
+        kwargs = {"num_classes": 0, "global_pool": "token", "dynamic_img_size": True}
         try:
             if path is None:
                 self.model = timm.create_model(self.name, pretrained=False, **kwargs)
             else:
                 self.model = timm.create_model(self.name, pretrained=True,
-                                               pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+                                               pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         except (RuntimeError, KeyError, OSError) as e:
             raise CheckpointError(f"DINO ViT-S/16: cannot load {path}: {e}") from e
         self.pretrained = path is not None

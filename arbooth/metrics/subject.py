@@ -18,8 +18,8 @@ Shapes: N, M image counts, D feature dimension.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
