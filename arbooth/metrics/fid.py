@@ -48,7 +48,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> f
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise ArboothError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
     diff = a.mu - b.mu
-    covmean, _ = linalg.sqrtm(a.sigma.dot(b.sigma), disp=False)
+    covmean = linalg.sqrtm(a.sigma.dot(b.sigma))
     if not np.isfinite(covmean).all():
         # Near-singular product (few samples): offset the diagonals, as pytorch-fid does.
         log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
