@@ -8,8 +8,14 @@ from scipy.stats import ortho_group
 from torchmetrics.image.fid import _compute_fid
 
 from arbooth.errors import ArboothError
-from arbooth.metrics.fid import (FrechetDistance, GaussianStats, PrecisionRecall, folder_content_hash,
-                                 frechet_distance, precision_recall)
+from arbooth.metrics.fid import (
+    FrechetDistance,
+    GaussianStats,
+    PrecisionRecall,
+    folder_content_hash,
+    frechet_distance,
+    precision_recall,
+)
 
 
 def _closed_form_commuting(mu1, d1, mu2, d2):

@@ -7,8 +7,13 @@ from PIL import Image
 
 from arbooth.data.images import read_image_folder
 from arbooth.errors import ArboothError
-from arbooth.metrics.subject import (ImageSimilarity, PairwiseDiversity, SubjectEvaluator, TextSimilarity,
-                                     get_protocol)
+from arbooth.metrics.subject import (
+    ImageSimilarity,
+    PairwiseDiversity,
+    SubjectEvaluator,
+    TextSimilarity,
+    get_protocol,
+)
 
 
 @pytest.fixture(scope="module")
