@@ -8,7 +8,7 @@ For the ViCo live/non-live split pass both files as --live-prompts/--object-prom
 for live subjects (cats, dogs). Generated images are found through <generated>/manifest.jsonl
 (written by --model sampling: file, prompt, seed) or, as in the ARBooth evaluator, in
 <generated>/prompt_00, prompt_01, ... (one folder per template line, optionally with samples/ inside).
---class-images holds images the personalized model generated from "a photo of a {class}" (PRES).
+--class-images holds images the personalized model generated from "a photo of {class}" (PRES).
 
 Protocols: `dreambooth` (DINO with ImageNet normalisation at 224, CLIP's own preprocessing, T_CLIP on
 the prompt with the class noun) and `dreammatcher` (what the DreamMatcher/ARBooth evaluator computes,
