@@ -17,45 +17,8 @@ from pathlib import Path
 
 import torch
 
-from arbooth.metrics.extractors import DinoViT, OpenClip, build_lpips
-
-
-def _inception_random() -> torch.nn.Module | None:
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        return None
-
-    # The network with random weights: torch-fidelity only builds from a weights file, so write a
-    # random state dict with its key layout to a temporary file.
-    import tempfile
-    with tempfile.NamedTemporaryFile(suffix=".pth") as f:
-        torch.save(_random_inception_state(), f.name)
-        return FeatureExtractorInceptionV3("bench", ["2048"], feature_extractor_weights_path=f.name)
-
-
-def _random_inception_state() -> dict[str, torch.Tensor]:
-    """A random state dict with the key layout of torch-fidelity's Inception (from its submodules)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as m
-    net = torch.nn.Module()
-    net.Conv2d_1a_3x3 = m.BasicConv2d(3, 32, kernel_size=3, stride=2)
-    net.Conv2d_2a_3x3 = m.BasicConv2d(32, 32, kernel_size=3)
-    net.Conv2d_2b_3x3 = m.BasicConv2d(32, 64, kernel_size=3, padding=1)
-    net.Conv2d_3b_1x1 = m.BasicConv2d(64, 80, kernel_size=1)
-    net.Conv2d_4a_3x3 = m.BasicConv2d(80, 192, kernel_size=3)
-    net.Mixed_5b = m.InceptionA(192, pool_features=32)
-    net.Mixed_5c = m.InceptionA(256, pool_features=64)
-    net.Mixed_5d = m.InceptionA(288, pool_features=64)
-    net.Mixed_6a = m.InceptionB(288)
-    net.Mixed_6b = m.InceptionC(768, channels_7x7=128)
-    net.Mixed_6c = m.InceptionC(768, channels_7x7=160)
-    net.Mixed_6d = m.InceptionC(768, channels_7x7=160)
-    net.Mixed_6e = m.InceptionC(768, channels_7x7=192)
-    net.Mixed_7a = m.InceptionD(768)
-    net.Mixed_7b = m.InceptionE_1(1280)
-    net.Mixed_7c = m.InceptionE_2(2048)
-    net.fc = torch.nn.Linear(2048, 1008)
-    return net.state_dict()
+from arbooth.errors import CheckpointError
+from arbooth.metrics.extractors import DinoViT, InceptionFID, OpenClip, build_lpips
 
 
 def _time(fn, x, iters: int, device: torch.device) -> float:
@@ -81,9 +44,11 @@ def run(device: torch.device, batch: int, iters: int) -> list[dict]:
     cases = [("DINO ViT-S/16 @224", dino, x224), ("DINO ViT-S/16 @256 (dreammatcher)", dino, x256),
              ("CLIP ViT-B/32 image @224", clip.encode_image, x224),
              ("LPIPS-AlexNet pairs @256", lambda x: lpips_fn(x, x.flip(0)), x256)]
-    inception = _inception_random()
-    if inception is not None:
-        inception = inception.to(device)
+    try:
+        inception = InceptionFID(None).to(device)
+    except CheckpointError as e:  # torch-fidelity not installed
+        print(f"skipping Inception: {e}")
+    else:
         cases.append(("FID Inception-v3 pool3 (uint8 256 -> 299)", inception,
                       torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)))
     for name, fn, x in cases:

@@ -11,6 +11,7 @@ Shapes: B batch, D feature dimension, H/W image size.
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -148,6 +149,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 class InceptionFID(nn.Module):
     """The TensorFlow FID Inception-v3 (pt_inception-2015-12-05, Heusel et al. 2017) via torch-fidelity.
 
+    `weights=None` gives the same network with random weights (tests, benchmarks).
     Input: (B, 3, H, W) uint8; resized to 299 inside, like the TF graph. Output dict: `pool` (B, 2048)
     pool3 features; with `spatial=True` also `spatial` (B, 2023): the first 7 channels of the
     `mixed_6/conv` 17x17 map (= Mixed_6d.branch1x1 conv, before batch norm), which is what the
@@ -156,8 +158,6 @@ class InceptionFID(nn.Module):
 
     def __init__(self, weights: Weights = DEFAULT, spatial: bool = False) -> None:
         super().__init__()
-        if weights is None:
-            raise CheckpointError("InceptionFID has no random-weight mode; pass a small extractor instead")
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as e:
@@ -166,8 +166,14 @@ class InceptionFID(nn.Module):
         path = find_weights(weights, what="FID Inception-v3", hub_filename=INCEPTION_FILE,
                             url=f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                                 f"{INCEPTION_FILE}", option="--inception-weights")
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                               feature_extractor_weights_path=str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            if path is None:
+                # torch-fidelity only builds from a weights file (else it downloads): give it a file of
+                # random weights in its key layout (tests and benchmarks only).
+                path = Path(tmp) / "random_inception.pth"
+                torch.save(_random_inception_state(), path)
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=str(path))
         self.spatial = spatial
         self.feature_id = "inception-2015-12-05" + ("+spatial" if spatial else "")
 
@@ -186,6 +192,30 @@ class InceptionFID(nn.Module):
         if captured:
             out["spatial"] = captured[0].float()
         return out
+
+
+def _random_inception_state() -> dict[str, torch.Tensor]:
+    """Random weights with the key layout of torch-fidelity's FeatureExtractorInceptionV3."""
+    from torch_fidelity import feature_extractor_inceptionv3 as m
+    net = nn.Module()
+    net.Conv2d_1a_3x3 = m.BasicConv2d(3, 32, kernel_size=3, stride=2)
+    net.Conv2d_2a_3x3 = m.BasicConv2d(32, 32, kernel_size=3)
+    net.Conv2d_2b_3x3 = m.BasicConv2d(32, 64, kernel_size=3, padding=1)
+    net.Conv2d_3b_1x1 = m.BasicConv2d(64, 80, kernel_size=1)
+    net.Conv2d_4a_3x3 = m.BasicConv2d(80, 192, kernel_size=3)
+    net.Mixed_5b = m.InceptionA(192, pool_features=32)
+    net.Mixed_5c = m.InceptionA(256, pool_features=64)
+    net.Mixed_5d = m.InceptionA(288, pool_features=64)
+    net.Mixed_6a = m.InceptionB(288)
+    net.Mixed_6b = m.InceptionC(768, channels_7x7=128)
+    net.Mixed_6c = m.InceptionC(768, channels_7x7=160)
+    net.Mixed_6d = m.InceptionC(768, channels_7x7=160)
+    net.Mixed_6e = m.InceptionC(768, channels_7x7=192)
+    net.Mixed_7a = m.InceptionD(768)
+    net.Mixed_7b = m.InceptionE_1(1280)
+    net.Mixed_7c = m.InceptionE_2(2048)
+    net.fc = nn.Linear(2048, 1008)
+    return net.state_dict()
 
 
 class TinyFIDNet(nn.Module):

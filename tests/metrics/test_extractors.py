@@ -1,6 +1,8 @@
 """Extractors load local weight files and name the file to fetch when it is absent."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torchvision
@@ -23,8 +25,9 @@ def test_missing_default_weights_name_the_file(empty_caches):
         build_lpips()
     with pytest.raises(CheckpointError, match="dino_deitsmall16_pretrain.pth|vit_small_patch16_224.dino"):
         DinoViT()
-    with pytest.raises(CheckpointError, match="weights-inception-2015-12-05"):
-        InceptionFID()
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        with pytest.raises(CheckpointError, match="weights-inception-2015-12-05"):
+            InceptionFID()
     with pytest.raises(CheckpointError, match="not found"):
         find_weights(empty_caches / "nope.pth", what="x")
     assert find_weights(None, what="x") is None
@@ -73,3 +76,12 @@ def test_tiny_fid_net_interface():
     net = TinyFIDNet(dim=16)
     out = net(torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8))
     assert out["pool"].shape == (2, 16) and net.feature_id
+
+
+def test_fid_inception_pool_and_spatial_features():
+    pytest.importorskip("torch_fidelity")
+    net = InceptionFID(weights=None, spatial=True)  # the real architecture, random weights
+    with torch.no_grad():
+        out = net(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    assert out["pool"].shape == (1, 2048) and out["spatial"].shape == (1, 7 * 17 * 17)
+    assert not net.net.Mixed_6d.branch1x1.conv._forward_hooks  # the hook lives for one call only
