@@ -11,6 +11,7 @@ Shapes: B batch, D feature dimension, H/W image size.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arbooth.errors import CheckpointError
+from arbooth.errors import ArboothError, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ class DinoViT(nn.Module):
     """DINO ViT-S/16 CLS embedding (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
     Transformers"), through timm `vit_small_patch16_224.dino`.
 
-    Input: (B, 3, H, W) already preprocessed by the protocol; H, W multiples of 16 (the position
-    embedding is resampled for sizes other than 224, as the DINO hub model does). Output: (B, 384)
+    Input: (B, 3, H, W) already preprocessed by the protocol, H and W multiples of 16. Output: (B, 384)
     CLS token after the final LayerNorm, which is what `torch.hub.load('facebookresearch/dino:main',
-    'dino_vits16')` returns (its head is Identity).
+    'dino_vits16')` returns (its head is Identity). For sizes other than 224 the position embedding is
+    resampled exactly as the hub model does (`interpolate_pos_encoding`, see `_dino_pos_embed`), not
+    with timm's own resampling, so the dreammatcher protocol's 256x256 input sees the same numbers.
     """
 
     name = "vit_small_patch16_224.dino"
@@ -98,7 +100,30 @@ class DinoViT(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.model(x_B3HW)  # (B, 384)
+        # facebookresearch/dino vision_transformer.py prepare_tokens + forward, on timm's modules.
+        m = self.model
+        x_BhwC = m.patch_embed(x_B3HW)  # dynamic_img_size: patches stay (B, h, w, C)
+        b, h, w, c = x_BhwC.shape
+        x_BLC = torch.cat([m.cls_token.expand(b, -1, -1), x_BhwC.reshape(b, h * w, c)], dim=1)
+        x_BLC = m.pos_drop(x_BLC + _dino_pos_embed(m.pos_embed, h, w))
+        x_BLC = m.norm(m.blocks(m.norm_pre(x_BLC)))
+        return x_BLC[:, 0]  # (B, 384)
+
+
+def _dino_pos_embed(pos_1LC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINO's `interpolate_pos_encoding` (vision_transformer.py L174-194): bicubic with
+    scale_factor (n + 0.1) / 14 rather than a target size, which shifts the sampling grid a little."""
+    n = pos_1LC.shape[1] - 1
+    side = int(math.sqrt(n))
+    if h * w == n and h == w:
+        return pos_1LC
+    patch_1Chw = nn.functional.interpolate(
+        pos_1LC[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+        scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+    if patch_1Chw.shape[-2:] != (h, w):
+        raise ArboothError(f"DINO position embedding resampled to {tuple(patch_1Chw.shape[-2:])}, "
+                           f"expected {(h, w)}")
+    return torch.cat([pos_1LC[:, :1], patch_1Chw.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
 
 # ----------------------------------------------------------------------------- CLIP ViT-B/32
