@@ -193,6 +193,9 @@ def main(args: argparse.Namespace) -> int:
 
     report = {"protocol": args.protocol, "class_noun": args.class_noun, "random_weights": bool(args.random_weights),
               "t_clip_text": "raw template line" if args.protocol == "dreammatcher" else "prompt with class noun",
+              "extractors": {"dino": DinoViT.name, "clip": ev.clip.name, "lpips": "lpips v0.1 alex",
+                             "weights": {"dino": str(w(args.dino_weights)), "clip": str(w(args.clip_weights)),
+                                         "lpips_backbone": str(w(args.lpips_backbone))}},
               "subject": str(args.subject), "n_subject_images": len(subject.images),
               "generated": str(args.generated), "average": avg, "per_prompt": rows, "skipped": skipped}
     md = f"# eval-subject (protocol: {args.protocol})\n\n"
