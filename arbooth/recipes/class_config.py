@@ -33,6 +33,7 @@ class ModelConfig:
     z_channels: int = 32
     vae_ch: int = 160
     share_quant_resi: int = 4
+    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
@@ -49,13 +50,17 @@ class ModelConfig:
     def heads(self) -> int:
         return self.num_heads or self.depth
 
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * 2 ** (len(self.vae_ch_mult) - 1)
+
 
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None               # image folder root/<class>/*.jpg (or root/<split>/<class>/...)
     manifest: str | None = None           # CSV or JSONL of path,label (paths relative to the manifest)
     split: str = "train"                  # used when root has a <split>/ subfolder
-    image_size: int = 256                 # final crop; must equal 16 * model.patch_nums[-1]
+    image_size: int = 256                 # final crop; must equal model.image_size (16 * last patch_num)
     mid_reso: float = 1.125               # resize the short side to mid_reso * image_size, then crop
     random_crop: bool = True              # VAR's train augmentation; False = centre crop
     hflip: bool = False                   # the paper's configs keep flips off (authors' var_16.yaml)
@@ -141,10 +146,9 @@ class ClassTrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        expected = 16 * self.model.patch_nums[-1]
-        if self.data.image_size != expected:
-            raise ConfigError(f"data.image_size {self.data.image_size} must be 16 * model.patch_nums[-1] "
-                              f"= {expected}")
+        if self.data.image_size != self.model.image_size:
+            raise ConfigError(f"data.image_size {self.data.image_size} must equal the tokenizer's "
+                              f"last patch_num x down-sampling = {self.model.image_size}")
 
     @property
     def mid_size(self) -> int:
