@@ -1,18 +1,13 @@
 """Adaptation methods: the paper's trainable-parameter counts, exact trainable sets, loud bad targets."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _class_tiny import TINY_MODEL  # tests/ is on sys.path (rootdir conftest)
 
 from arbooth.adapt.methods import METHODS, count_parameters, prepare_for_method, resolve_targets
 from arbooth.errors import ConfigError
 from arbooth.models import VAR, VQVAE
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _class_tiny import TINY_MODEL  # noqa: E402
 
 
 def _meta_var(depth: int) -> VAR:
@@ -67,7 +62,7 @@ def test_unknown_method_and_unmatched_target_are_errors():
     with pytest.raises(ConfigError, match="unknown adaptation method"):
         prepare_for_method(_tiny_var(), "prefix_tuning")
     # shared_aln models have no per-block ada_lin: the AdaLN target matches nothing
-    with pytest.raises(ConfigError, match=r"ada_lin\\.1.*matches no linear layer"):
+    with pytest.raises(ConfigError, match="ada_lin.*matches no linear layer"):
         prepare_for_method(_tiny_var(shared_aln=True), "lora")
     with pytest.raises(ConfigError, match="matches no linear layer"):
         prepare_for_method(_tiny_var(shared_aln=True), "lntuning")
