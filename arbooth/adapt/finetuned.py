@@ -128,6 +128,7 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
 
     cfg, method, step, classes = read_result_config(result_dir)
     mc = replace(cfg.model, vae_ckpt=vae_ckpt or cfg.model.vae_ckpt, var_ckpt=var_ckpt or cfg.model.var_ckpt)
+    torch.manual_seed(cfg.train.seed)  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:
         vae, var = build_vae_var(mc)
     else:  # FFT: the transformer comes whole from the result; only the tokenizer is needed from outside
@@ -135,8 +136,8 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
         if mc.vae_ckpt is not None:
             vae.load_state_dict(read_state_dict(mc.vae_ckpt))
     if method in PEFT_METHODS and mc.var_ckpt is None:
-        log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights",
-                    result_dir)
+        log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
+                    "re-drawn from the run's seed", result_dir)
     model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.lora_alpha,
                                lora_dropout=cfg.method.lora_dropout)
     load_result_weights(model, method, Path(result_dir))
