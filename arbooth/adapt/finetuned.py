@@ -33,24 +33,26 @@ TRANSFORMER_FILE = "transformer.safetensors"
 
 
 def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
-    """Tokenizer and transformer for a `ModelConfig`: from the released checkpoints when both paths are
-    set, else with random weights (tests, dry runs). `device="meta"` builds shapes only."""
-    from arbooth.models import VAR, VQVAE, load_var
+    """Tokenizer and transformer for a `ModelConfig`: the official checkpoints loaded when both paths are
+    set (any architecture the config describes, checked key by key), else random weights (tests, dry
+    runs). `device="meta"` builds shapes only. The VAR keeps the tokenizer at `var.vae`."""
+    from arbooth.models import VAR, VQVAE
+    from arbooth.models.var_loading import load_official_weights
 
     m = model_cfg
     if (m.vae_ckpt is None) != (m.var_ckpt is None):
         raise ConfigError("set both model.vae_ckpt and model.var_ckpt (or neither, for random weights)")
-    if m.var_ckpt is not None:
-        vae, var = load_var(depth=m.depth, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt)
-        return vae.to(device), var.to(device)
-    with torch.device(device):
+    load = m.var_ckpt is not None
+    with torch.device("meta" if load else device):
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
                     ch_mult=tuple(m.vae_ch_mult))
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
                   patch_nums=tuple(m.patch_nums))
-    return vae, var
+    if load:
+        var = load_official_weights(var, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt, device=device)
+    return var.vae, var
 
 
 def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
