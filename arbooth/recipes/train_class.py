@@ -319,7 +319,9 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
         if train_state:
             torch.save({"step": step, "micro_step": step * run.cfg.train.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
-                        "scheduler": run.scheduler.state_dict()}, partial / "train_state.pt")
+                        "scheduler": run.scheduler.state_dict(),
+                        "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
+                       partial / "train_state.pt")
         if folder.exists():
             shutil.rmtree(folder)
         partial.rename(folder)
@@ -345,6 +347,8 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     load_result_weights(acc.unwrap_model(run.model), run.cfg.method.name, folder)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and state.get("grad_scaler") is not None:  # fp16 loss scale
+        acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
         _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
