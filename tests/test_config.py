@@ -29,6 +29,8 @@ def test_yaml_and_overrides(tmp_path):
     p.write_text("method: lora\noptim:\n  lr: 0.001\n")
     cfg = load_config(Cfg, p, ["epochs=7", "optim.betas=[0.5, 0.6]", "name=run1"])
     assert cfg == Cfg(method="lora", epochs=7, name="run1", optim=Optim(lr=1e-3, betas=(0.5, 0.6)))
+    # PyYAML reads 1e-4 (no decimal point) as a string; a float field must still take it
+    assert load_config(Cfg, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
 
 
 def test_round_trip(tmp_path):
