@@ -3,6 +3,7 @@
 Examples:
   arbooth sample --depth 16 --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth \\
       --classes 207 88 --per-class 4 --cfg 1.5 --seed 0 --out grid.png
+  arbooth sample --result runs/flowers102_lora_d16/final --classes 0 1 2 --out flowers.png
   arbooth sample --tiny --out outputs/tiny_grid.png      # a tiny random model: no weights needed
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=16, choices=(16, 20, 24, 30), help="released VAR size")
     parser.add_argument("--vae-ckpt", help="official vae_ch160v4096z32.pth (or .safetensors)")
     parser.add_argument("--var-ckpt", help="official var_d{depth}.pth (or .safetensors)")
+    parser.add_argument("--result", help="a train-class result folder (final/ or checkpoints/step_*); "
+                        "--vae-ckpt/--var-ckpt override the base checkpoints it recorded")
     parser.add_argument("--tiny", action="store_true", help="use a tiny random model (64x64, 10 classes)")
     parser.add_argument("--classes", type=int, nargs="+", help="class labels (default: demo classes; 0-3 with --tiny)")
     parser.add_argument("--per-class", type=int, default=4, help="images per class")
@@ -46,13 +49,18 @@ def main(args: argparse.Namespace) -> int:
 
     if args.per_class < 1 or args.batch_size < 1:
         raise ConfigError("--per-class and --batch-size must be at least 1")
-    if args.tiny:
+    if args.result:
+        from arbooth.adapt import load_finetuned
+
+        var = load_finetuned(args.result, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt, device=args.device).var
+    elif args.tiny:
         var = build_tiny_var(seed=0, device=args.device)
     elif not (args.vae_ckpt and args.var_ckpt):
         raise ConfigError("pass --vae-ckpt and --var-ckpt (the official release files), or --tiny")
     else:
         var = load_var(depth=args.depth, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt, device=args.device)
-    classes = args.classes or (list(range(4)) if args.tiny else list(DEMO_CLASSES))
+    classes = args.classes or (list(range(min(4, var.num_classes))) if args.tiny or args.result
+                               else list(DEMO_CLASSES))
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad:
         raise ConfigError(f"classes {bad} outside [0, {var.num_classes - 1}]")

@@ -11,6 +11,7 @@ from arbooth.adapt.finetuned import build_vae_var, load_finetuned
 from arbooth.checkpoint import read_state_dict, save_torch
 from arbooth.cli import main as cli
 from arbooth.config import save_config
+from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.models import official_state_dict
 from arbooth.recipes.train_class import encode_batch
 
@@ -46,6 +47,13 @@ def test_train_export_profile(tmp_path, capsys):
         assert not torch.equal(base_var.eval()(labels, x_BLCv), ft.var(labels, x_BLCv))  # it did train
     for k, v in official_state_dict(ft.vae).items():
         assert torch.equal(v, official_state_dict(base_vae)[k])  # tokenizer from the base checkpoint
+
+    rc = cli(["sample", "--result", str(out / "final"), "--classes", "0", "1", "--per-class", "2", "--top-k", "1",
+              "--out", str(tmp_path / "ft_grid.png"), "--out-dir", str(tmp_path / "ft")])
+    assert rc == 0 and (tmp_path / "ft_grid.png").is_file() and len(list((tmp_path / "ft").glob("*.png"))) == 4
+    greedy = ft.var.generate(torch.tensor([0, 0]), cfg=1.5, top_k=1, seed=0)  # what `sample` drew for class 0
+    first = pil_to_tensor_m11(read_image(tmp_path / "ft" / "class0000_00.png")).add(1).div(2)
+    assert (first - greedy[0]).abs().max() < 1 / 255 + 1e-6  # the fine-tuned model, not the base, drew it
 
     capsys.readouterr()
     rc = cli(["profile", "--config", str(tmp_path / "tiny.yaml"), "--num-images", "64", "--methods", "fft", "lora",
