@@ -47,8 +47,16 @@ def _fold(t: torch.Tensor, views: int, positions: bool) -> torch.Tensor:
     return t.reshape(b, views, *t.shape[1:])
 
 
-def folding_sampler(fn: Sampler, views: int) -> Sampler:
+def _empty(layer: nn.Module, backprops: torch.Tensor, norms: bool) -> dict:
+    """An empty Poisson batch: zero rows per parameter (some Opacus samplers cannot reshape 0 rows)."""
+    return {p: backprops.new_zeros((0,) if norms else (0, *p.shape))
+            for p in layer.parameters(recurse=False) if p.requires_grad}
+
+
+def folding_sampler(fn: Sampler, views: int, norms: bool = False) -> Sampler:
     def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        if backprops.shape[0] == 0:
+            return _empty(layer, backprops, norms)
         positions = backprops.dim() >= 3
         acts = [_fold(a, views, positions) if torch.is_tensor(a) else a for a in activations]
         return fn(layer, acts, _fold(backprops, views, positions))
@@ -57,16 +65,19 @@ def folding_sampler(fn: Sampler, views: int) -> Sampler:
 
 def summing_sampler(fn: Sampler, views: int) -> Sampler:
     def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        if backprops.shape[0] == 0:
+            return _empty(layer, backprops, norms=False)
         out = fn(layer, activations, backprops)
         return {p: gs.reshape(gs.shape[0] // views, views, *gs.shape[1:]).sum(1) for p, gs in out.items()}
     return sampler
 
 
 def _views_samplers(registry: dict, views: int, fold_only: bool) -> dict:
+    """Wrap every sampler of `registry`; with fold_only (norm samplers) drop the non-foldable ones."""
     out = {}
     for layer_type, fn in registry.items():
         if issubclass(layer_type, FOLDABLE):
-            out[layer_type] = folding_sampler(fn, views)
+            out[layer_type] = folding_sampler(fn, views, norms=fold_only)
         elif not fold_only:
             out[layer_type] = summing_sampler(fn, views)
     return out
