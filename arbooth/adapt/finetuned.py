@@ -1,0 +1,146 @@
+"""Saving and loading the result of class-conditional fine-tuning.
+
+A result folder (what `arbooth train-class` writes as `final/` or `checkpoints/step_*/`) holds:
+- `arbooth.yaml`: the run's resolved config plus `result: {method, step, classes}`;
+- LoRA / LNTuning: only the adapter, in peft's format (`adapter_model.safetensors`, `adapter_config.json`),
+  so it needs the released base checkpoint to be used;
+- FFT: `transformer.safetensors`, the whole transformer in the official key layout.
+
+`load_finetuned(result_dir, vae_ckpt=..., var_ckpt=...)` rebuilds the tokenizer and a ready transformer
+(adapters merged by default); `arbooth sample` and `arbooth export` call it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from arbooth.adapt.methods import PEFT_METHODS, merge_adapters, unwrap_peft
+from arbooth.checkpoint import read_state_dict, save_safetensors
+from arbooth.config import from_dict, to_dict
+from arbooth.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "arbooth.yaml"
+ADAPTER_FILE = "adapter_model.safetensors"
+TRANSFORMER_FILE = "transformer.safetensors"
+
+
+def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """Tokenizer and transformer for a `ModelConfig`: from the released checkpoints when both paths are
+    set, else with random weights (tests, dry runs). `device="meta"` builds shapes only."""
+    from arbooth.models import VAR, VQVAE, load_var
+
+    m = model_cfg
+    if (m.vae_ckpt is None) != (m.var_ckpt is None):
+        raise ConfigError("set both model.vae_ckpt and model.var_ckpt (or neither, for random weights)")
+    if m.var_ckpt is not None:
+        vae, var = load_var(depth=m.depth, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt)
+        return vae.to(device), var.to(device)
+    with torch.device(device):
+        vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
+                    share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
+                    ch_mult=tuple(m.vae_ch_mult))
+        var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
+                  mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
+                  patch_nums=tuple(m.patch_nums))
+    return vae, var
+
+
+def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
+    """Write the method's weights into `folder`: the adapter only (peft format) or the full transformer."""
+    folder = Path(folder)
+    if method in PEFT_METHODS:
+        from peft import get_peft_model_state_dict
+
+        save_safetensors(get_peft_model_state_dict(model), folder / ADAPTER_FILE, metadata={"format": "pt"})
+        model.peft_config["default"].save_pretrained(str(folder))
+    else:
+        from arbooth.models import official_state_dict
+
+        save_safetensors(official_state_dict(unwrap_peft(model)), folder / TRANSFORMER_FILE,
+                         metadata={"format": "pt"})
+
+
+def load_result_weights(model: nn.Module, method: str, folder: Path) -> None:
+    """Load what `save_result_weights` wrote into a model prepared for the same method (strict)."""
+    folder = Path(folder)
+    if method in PEFT_METHODS:
+        from peft import set_peft_model_state_dict
+
+        sd = read_state_dict(folder / ADAPTER_FILE)
+        res = set_peft_model_state_dict(model, sd)
+        unexpected = list(res.unexpected_keys)
+        missing = [k for k in res.missing_keys if "lora_" in k or "ln_tuning_layers" in k]
+        if unexpected or missing:
+            raise CheckpointError(f"adapter in {folder} does not fit the model: missing {missing[:6]}, "
+                                  f"unexpected {unexpected[:6]}")
+    else:
+        unwrap_peft(model).load_state_dict(read_state_dict(folder / TRANSFORMER_FILE))
+
+
+def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str]) -> None:
+    meta = to_dict(cfg)
+    meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes)}
+    (Path(folder) / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    vae: nn.Module
+    var: nn.Module
+    method: str
+    step: int
+    classes: tuple[str, ...]
+    config: Any
+
+
+def read_result_config(result_dir: str | Path):
+    """(ClassTrainConfig, method, step, classes) of a result folder."""
+    from arbooth.recipes.class_config import ClassTrainConfig
+
+    path = Path(result_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{result_dir} is not an arbooth result folder (no {META_FILE})")
+    meta = yaml.safe_load(path.read_text())
+    res = meta.pop("result")
+    return from_dict(ClassTrainConfig, meta), res["method"], int(res["step"]), tuple(res["classes"])
+
+
+def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_ckpt: str | None = None,
+                   device: str | torch.device = "cpu", merge: bool = True) -> Finetuned:
+    """Rebuild a fine-tuned VAR from a result folder.
+
+    The base checkpoints default to the paths recorded at training time; pass `vae_ckpt`/`var_ckpt`
+    when they moved. LoRA/LNTuning need the base transformer (`var_ckpt`); FFT only the tokenizer.
+    With `merge` (default) the adapters are folded in and a plain VAR is returned; otherwise the
+    peft-wrapped model (adapters separate, e.g. to continue training).
+    """
+    from dataclasses import replace
+
+    from arbooth.adapt.methods import prepare_for_method
+
+    cfg, method, step, classes = read_result_config(result_dir)
+    mc = replace(cfg.model, vae_ckpt=vae_ckpt or cfg.model.vae_ckpt, var_ckpt=var_ckpt or cfg.model.var_ckpt)
+    if method in PEFT_METHODS or mc.var_ckpt is not None:
+        vae, var = build_vae_var(mc)
+    else:  # FFT: the transformer comes whole from the result; only the tokenizer is needed from outside
+        vae, var = build_vae_var(replace(mc, vae_ckpt=None, var_ckpt=None))
+        if mc.vae_ckpt is not None:
+            vae.load_state_dict(read_state_dict(mc.vae_ckpt))
+    if method in PEFT_METHODS and mc.var_ckpt is None:
+        log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights",
+                    result_dir)
+    model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.lora_alpha,
+                               lora_dropout=cfg.method.lora_dropout)
+    load_result_weights(model, method, Path(result_dir))
+    model.requires_grad_(False)
+    model = merge_adapters(model) if merge else model
+    return Finetuned(vae=vae.to(device).eval(), var=model.to(device).eval(), method=method, step=step,
+                     classes=classes, config=cfg)

@@ -1,0 +1,379 @@
+"""Recipe: class-conditional fine-tuning of a released VAR (FFT, LoRA, LNTuning) over accelerate.
+
+One explicit loop (STYLE habit 4): `setup` builds the tokenizer, the transformer, the method's trainable
+set, the data and the optimizer; `train_step` is one micro-step; `train` runs the loop with gradient
+accumulation, logging, sample grids and resumable checkpoints. The loss pieces (`encode_batch`,
+`var_loss`, `drop_labels`, `token_metrics`) are small functions that the DP recipe reuses.
+
+Result layout under `train.out_dir`:
+    config.yaml                         the resolved config of the run
+    checkpoints/step_00000100/          one per `train.checkpoint_every` steps (the last few kept)
+        arbooth.yaml                    config + method, step, class names
+        adapter_model.safetensors       LoRA/LNTuning: only the adapter (peft's format) + adapter_config.json
+        transformer.safetensors         FFT: the full transformer
+        train_state.pt, rng_rank*.pt    optimizer, scheduler, step, data position, RNG: for --resume
+    final/                              the same, without the training state
+A whole checkpoint folder is written under a temporary name and renamed, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arbooth.adapt.finetuned import (
+    build_vae_var,
+    load_result_weights,
+    save_result_weights,
+    write_result_meta,
+)
+from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
+from arbooth.config import save_config
+from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
+from arbooth.errors import CheckpointError, ConfigError
+from arbooth.recipes.class_config import ClassTrainConfig
+
+log = logging.getLogger(__name__)
+
+# Parameters without weight decay besides biases and 1-d tensors (FoundationVision/VAR train.py, nowd_keys).
+NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                 "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+# ------------------------------------------------------------------ loss pieces (shared with DP)
+@torch.no_grad()
+def encode_batch(vae: nn.Module, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] -> (target tokens idx_BL, teacher-forcing input x_BLCv), tokenizer in fp32."""
+    idx_Bl = vae.img_to_idxBl(img_B3HW)
+    return torch.cat(idx_Bl, dim=1), vae.idxBl_to_var_input(idx_Bl)
+
+
+def var_loss(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, *, label_smoothing: float = 0.0,
+             reduction: str = "mean") -> torch.Tensor:
+    """VAR's training loss: token cross-entropy weighted 1/L per token, summed over tokens
+    (FoundationVision/VAR trainer.py: `loss_weight = ones(1, L) / L`), i.e. the mean over tokens.
+    reduction "none" gives the per-example loss (B,), which DP-SGD clips; "mean"/"sum" reduce over B."""
+    ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, label_smoothing=label_smoothing,
+                            reduction="none")
+    loss_B = ce_BL.mean(dim=1)
+    if reduction == "none":
+        return loss_B
+    return loss_B.sum() if reduction == "sum" else loss_B.mean()
+
+
+def drop_labels(label_B: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by the unconditional class `num_classes` with probability p (CFG training,
+    FoundationVision/VAR var.py forward: cond_drop_rate 0.1). Drawn from `generator` on the CPU so
+    the draw is reproducible and independent of the device."""
+    drop_B = torch.rand(label_B.shape[0], generator=generator) < p
+    return torch.where(drop_B.to(label_B.device), torch.full_like(label_B, num_classes), label_B)
+
+
+@torch.no_grad()
+def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -> dict[str, float]:
+    """Accuracy (%) over all tokens and over the last scale, and the last scale's loss (as VAR logs)."""
+    pred_BL = logits_BLV.argmax(dim=-1)
+    return {
+        "acc": (pred_BL == idx_BL).float().mean().item() * 100,
+        "acc_last": (pred_BL[:, -last_l:] == idx_BL[:, -last_l:]).float().mean().item() * 100,
+        "loss_last": F.cross_entropy(logits_BLV[:, -last_l:].float().flatten(0, 1),
+                                     idx_BL[:, -last_l:].flatten()).item(),
+    }
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """Seed of the per-micro-step randomness (class dropout): a function of the position, so resuming
+    needs no generator state."""
+    return (seed * 1_000_003 + micro_step) * 1_009 + rank
+
+
+# ------------------------------------------------------------------ optimisation
+def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with VAR's betas and no decay on biases/norms/embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
+         else decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if optim.scheduler == "constant" else optim.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
+
+
+# ------------------------------------------------------------------ setup
+@dataclass
+class Run:
+    """Everything the loop needs; built by `setup`."""
+
+    cfg: ClassTrainConfig
+    accelerator: object
+    vae: nn.Module
+    model: nn.Module            # prepared (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    dataset: ClassImageDataset
+    sampler: EpochBatchSampler
+    loader: torch.utils.data.DataLoader
+    total_steps: int
+    num_classes: int
+    last_l: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped_files: set[str] = field(default_factory=set)
+
+
+def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
+                                     cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
+    vae, var = build_vae_var(cfg.model, device="cpu")
+    model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
+                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
+    if cfg.model.gradient_checkpointing:
+        unwrap_peft(model).grad_checkpointing = True
+    if acc.is_main_process:
+        log.info("method %s: %s", cfg.method.name, count_parameters(model))
+
+    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
+    if dataset.num_classes > cfg.model.num_classes:
+        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
+                          f"{cfg.model.num_classes}")
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
+                                rank=acc.process_index, seed=cfg.train.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         collate_fn=collate_class_batch,
+                                         pin_memory=acc.device.type == "cuda")
+    total_steps = cfg.total_steps(len(sampler))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process); the data loader is ours because the sampler already shards by rank.
+    model, optimizer = acc.prepare(model, optimizer)
+    vae.to(acc.device)
+    return Run(cfg=cfg, accelerator=acc, vae=vae, model=model, optimizer=optimizer, scheduler=scheduler,
+               dataset=dataset, sampler=sampler, loader=loader, total_steps=total_steps,
+               num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2)
+
+
+# ------------------------------------------------------------------ the loop
+def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_step: int,
+               update: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-step: encode, drop labels, forward, backward; on `update`, clip and step."""
+    cfg, acc = run.cfg, run.accelerator
+    img_B3HW, label_B = img_B3HW.to(acc.device, non_blocking=True), label_B.to(acc.device, non_blocking=True)
+    idx_BL, x_BLCv = encode_batch(run.vae, img_B3HW)
+    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
+    label_B = drop_labels(label_B, run.num_classes, cfg.optim.class_dropout, g)
+    # skip DDP's gradient all-reduce on accumulation micro-steps
+    sync = acc.no_sync(run.model) if not update else contextlib.nullcontext()
+    with sync:
+        with acc.autocast():
+            logits_BLV = run.model(label_B, x_BLCv)
+        loss = var_loss(logits_BLV, idx_BL, label_smoothing=cfg.optim.label_smoothing)
+        acc.backward(loss / cfg.train.grad_accum)
+    stats = {"loss": loss.item(), **token_metrics(logits_BLV.detach(), idx_BL, run.last_l)}
+    if update:
+        if cfg.optim.grad_clip > 0:
+            stats["grad_norm"] = float(acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), stats
+
+
+def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: int | None = None,
+          accelerator=None) -> Run:
+    """Run the recipe. `resume`: a checkpoint folder, or "auto" for the newest under out_dir.
+    `stop_at`: leave after that many optimizer steps (checkpointed), as if interrupted."""
+    from tqdm.auto import tqdm
+
+    run = setup(cfg, accelerator=accelerator)
+    acc, out = run.accelerator, Path(cfg.train.out_dir)
+    if acc.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    step = load_checkpoint(run, resume) if resume else 0
+    writer = _open_trackers(cfg, out) if acc.is_main_process else None
+    bpe = len(run.sampler)
+    end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
+    bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    run.model.train()
+    micro, window, t0 = step * cfg.train.grad_accum, [], time.perf_counter()
+    while step < end:
+        run.sampler.set_position(micro // bpe, micro % bpe)
+        for img, label, skipped in run.loader:
+            run.skipped_files.update(skipped)
+            update = (micro + 1) % cfg.train.grad_accum == 0
+            _, stats = train_step(run, img, label, micro, update)
+            micro += 1
+            window.append(stats)
+            if not update:
+                continue
+            step += 1
+            bar.update(1)
+            row = {k: float(np.mean([s[k] for s in window if k in s])) for k in window[-1]}
+            row["lr"] = run.scheduler.get_last_lr()[0]
+            run.history.append(row)
+            window = []
+            if step % cfg.log.every == 0 or step == end:
+                _log_row(acc, writer, row, step, time.perf_counter() - t0, bar)
+            if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+                save_samples(run, out / "samples" / f"step_{step:08d}.png", step)
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
+                save_checkpoint(run, step, out / "checkpoints" / f"step_{step:08d}", train_state=True)
+                _prune_checkpoints(acc, out / "checkpoints", cfg.train.keep_checkpoints)
+            if step >= end:
+                break
+    bar.close()
+    if step >= run.total_steps:
+        save_checkpoint(run, step, out / "final", train_state=False)
+    if run.skipped_files and acc.is_main_process:
+        log.warning("%d unreadable image file(s) were skipped during training", len(run.skipped_files))
+    if writer is not None:
+        writer.close()
+    return run
+
+
+def _log_row(acc, writer, row: dict[str, float], step: int, elapsed: float, bar) -> None:
+    if not acc.is_main_process:
+        return
+    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}")
+    log.info("step %d  loss %.4f  acc %.2f%%  acc_last %.2f%%  lr %.3g  %.1fs", step, row["loss"],
+             row["acc"], row["acc_last"], row["lr"], elapsed)
+    if writer is not None:
+        for k, v in row.items():
+            writer.add_scalar(f"train/{k}", v, step)
+
+
+def _open_trackers(cfg: ClassTrainConfig, out: Path):
+    if cfg.log.wandb:
+        raise ConfigError("log.wandb is not supported yet; use log.tensorboard=true")
+    if not cfg.log.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+@torch.no_grad()
+def save_samples(run: Run, path: Path, step: int) -> None:
+    """A grid of `log.sample_per_class` images for each of `log.sample_classes` (rank 0 only)."""
+    from arbooth.data.images import save_grid
+
+    acc, lc = run.accelerator, run.cfg.log
+    if not acc.is_main_process:
+        return
+    var = unwrap_peft(acc.unwrap_model(run.model))
+    labels = torch.tensor([c for c in lc.sample_classes for _ in range(lc.sample_per_class)], device=acc.device)
+    was_training = var.training
+    var.eval()
+    with acc.autocast():
+        img = var.generate(labels, cfg=lc.sample_cfg, top_k=lc.sample_top_k, top_p=lc.sample_top_p, seed=step)
+    var.train(was_training)
+    save_grid(img, path, nrow=lc.sample_per_class)
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> None:
+    """Write `folder` atomically: every rank writes its RNG state into a temporary folder, rank 0 the
+    weights and optimizer state, then rank 0 renames it into place."""
+    acc, folder = run.accelerator, Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    if train_state:
+        torch.save(_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(run.model)
+        save_result_weights(model, run.cfg.method.name, partial)
+        write_result_meta(partial, run.cfg, step=step, classes=run.dataset.classes)
+        if train_state:
+            torch.save({"step": step, "micro_step": step * run.cfg.train.grad_accum,
+                        "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
+                        "scheduler": run.scheduler.state_dict()}, partial / "train_state.pt")
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+        log.info("saved %s", folder)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(run: Run, resume: str | Path) -> int:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its step."""
+    acc = run.accelerator
+    folder = _latest_checkpoint(Path(run.cfg.train.out_dir) / "checkpoints") if str(resume) == "auto" \
+        else Path(resume)
+    if folder is None:
+        log.info("no checkpoint to resume from under %s; starting fresh", run.cfg.train.out_dir)
+        return 0
+    state_path = folder / "train_state.pt"
+    if not state_path.is_file():
+        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    if state["world_size"] != acc.num_processes:
+        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
+                              f"same number (now {acc.num_processes}) so the data order stays the same")
+    load_result_weights(acc.unwrap_model(run.model), run.cfg.method.name, folder)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    rng_path = folder / f"rng_rank{acc.process_index}.pt"
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+    if acc.is_main_process:
+        log.info("resumed from %s at step %d", folder, state["step"])
+    return int(state["step"])
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _prune_checkpoints(acc, root: Path, keep: int) -> None:
+    if acc.is_main_process and keep > 0:
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def losses(history: Iterable[dict[str, float]]) -> list[float]:
+    return [h["loss"] for h in history]
