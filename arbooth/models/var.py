@@ -20,9 +20,9 @@ import math
 import re
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
@@ -123,7 +123,7 @@ class AdaGSS(nn.Module):
 # per-sample gradient is the backprop summed over the broadcast dimensions.
 @register_grad_sampler(TokenPositions)
 def _token_positions_grad_sample(layer: TokenPositions, activations, backprops: torch.Tensor) -> dict:
-    B, L, _ = backprops.shape
+    L = backprops.shape[1]
     out = {}
     if layer.pos_start.requires_grad:
         out[layer.pos_start] = backprops[:, : layer.pos_start.shape[1]].unsqueeze(1)
@@ -236,11 +236,11 @@ class AdaLNBeforeHead(nn.Module):
 
 # ------------------------------------------------------------------ model
 VAR_PRESETS = {  # the released sizes (official models/__init__.py build_vae_var): width 64*depth, depth heads
-    d: dict(depth=d, embed_dim=64 * d, num_heads=d, mlp_ratio=4.0, norm_eps=1e-6, shared_aln=False,
-            attn_l2_norm=True, num_classes=1000, patch_nums=PATCH_NUMS)
+    d: {"depth": d, "embed_dim": 64 * d, "num_heads": d, "mlp_ratio": 4.0, "norm_eps": 1e-6, "shared_aln": False,
+        "attn_l2_norm": True, "num_classes": 1000, "patch_nums": PATCH_NUMS}
     for d in (16, 20, 24, 30)
 }
-VAE_PRESET = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, patch_nums=PATCH_NUMS)
+VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "patch_nums": PATCH_NUMS}
 
 
 class VAR(nn.Module):
@@ -354,13 +354,15 @@ class VAR(nn.Module):
         more_smooth: bool = False,
         dtype: str = "fp32",
         use_kv_cache: bool = True,
+        decode: bool = True,
     ) -> torch.Tensor:
         """Sample images (B, 3, H, W) in [0, 1], coarse to fine (official autoregressive_infer_cfg).
 
         Classifier-free guidance runs in one doubled batch, with guidance ramped linearly over scales:
         logits = (1 + t) cond - t uncond, t = cfg * si / (num_scales - 1). `dtype` ("fp32", "bf16",
         "fp16") sets the autocast of the blocks; head, sampling and tokenizer run in full precision.
-        `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale."""
+        `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
+        `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images."""
         device = self.head.weight.device
         labels_B = torch.as_tensor(labels_B, device=device).long().view(-1)
         if labels_B.numel() == 0 or labels_B.min() < 0 or labels_B.max() > self.num_classes:
@@ -405,7 +407,7 @@ class VAR(nn.Module):
                 next_BlCv = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area").flatten(2).transpose(1, 2)
                 next_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + lvl_pos_1LC[:, begin:end]
                 next_2BlC = next_BlC.repeat(2, 1, 1)
-        return self.vae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
+        return self.vae.fhat_to_img(f_hat_BChw).add(1).mul(0.5) if decode else f_hat_BChw
 
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
                      init_std: float = -1.0) -> None:

@@ -12,8 +12,8 @@ Shapes: B batch, C channels, H/W (or h/w) height/width, l = pn*pn tokens of one 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from arbooth.errors import ArboothError
 
@@ -236,7 +236,7 @@ class VectorQuantizer(nn.Module):
 
     def f_to_idxBl_and_fhat(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Quantise coarse to fine; returns the token maps and the final reconstruction f_hat."""
-        B, C, H, W = f_BChw.shape
+        B, C = f_BChw.shape[:2]
         f_rest, f_hat = f_BChw.detach().clone(), torch.zeros_like(f_BChw)
         idx_Bl_list = []
         for si, pn in enumerate(self.patch_nums):

@@ -1,0 +1,65 @@
+"""VQVAE against the official implementation's outputs (../shared/golden/var) and its checkpoint layout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arbooth.models import VQVAE
+from arbooth.models.var import VAE_PRESET
+from arbooth.models.var_loading import official_state_dict
+from arbooth.models.vqvae import ImageSizeError
+
+GOLDEN = ["var_tiny.pt", "var_tiny_shared_aln.pt"]
+
+
+def _golden_vae(shared_dir, name):
+    g = torch.load(shared_dir / "golden" / "var" / name, weights_only=False)
+    c = g["config"]
+    vae = VQVAE(vocab_size=c["vocab_size"], z_channels=c["z_channels"], ch=c["ch"],
+                share_quant_resi=c["share_quant_resi"], patch_nums=tuple(c["patch_nums"]))
+    vae.load_state_dict(g["vae_state_dict"])  # strict, with the official ema_vocab_hit_SV buffer
+    return vae, g
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_tokenizer_reproduces_official_outputs(shared_dir, name):
+    vae, g = _golden_vae(shared_dir, name)
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(g["image"])
+        assert len(idx_Bl) == len(g["idx_Bl"])
+        for ours, ref in zip(idx_Bl, g["idx_Bl"]):
+            assert ours.dtype == torch.long and torch.equal(ours, ref)
+        torch.testing.assert_close(vae.idxBl_to_var_input(g["idx_Bl"]), g["var_input"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(vae.idxBl_to_img(g["idx_Bl"]), g["decoded_from_idx"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(vae.reconstruct(g["image"]), g["reconstructed"], atol=1e-4, rtol=0)
+
+
+def test_wrong_image_size_is_a_clear_error(shared_dir):
+    vae, g = _golden_vae(shared_dir, GOLDEN[0])
+    with pytest.raises(ImageSizeError, match=r"\(B, 3, 64, 64\).*\(2, 3, 48, 48\)"):
+        vae.img_to_idxBl(g["image"][:, :, :48, :48])
+    with pytest.raises(ImageSizeError):
+        vae.reconstruct(g["image"][0])  # no batch dimension
+
+
+def test_strict_load_still_rejects_real_mismatches(shared_dir):
+    vae, g = _golden_vae(shared_dir, GOLDEN[0])
+    sd = dict(g["vae_state_dict"])
+    sd.pop("quant_conv.bias")
+    sd["quantize.extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="quant_conv.bias") as e:
+        vae.load_state_dict(sd)
+    assert "quantize.extra" in str(e.value)
+
+
+def test_released_tokenizer_layout_on_meta(shared_dir):
+    manifest = json.loads((shared_dir / "golden" / "var" / "vae_ch160v4096z32.manifest.json").read_text())
+    with torch.device("meta"):
+        vae = VQVAE(**VAE_PRESET)
+    got = {k: list(v.shape) for k, v in official_state_dict(vae, include_buffers=True).items()}
+    assert got == {k: v["shape"] for k, v in manifest["state_dict"].items()}
+    params = {k: list(v.shape) for k, v in official_state_dict(vae).items()}
+    assert params == {k: v["shape"] for k, v in manifest["state_dict"].items() if not v["buffer"]}
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
