@@ -1,4 +1,4 @@
-"""Run by test_train_class_dp.py under `accelerate launch --cpu --num_processes 2`: a tiny DP run;
+"""Run by test_train_class_dp.py under `accelerate launch --num_processes 2` (gloo on the CPU): a tiny DP run;
 every rank writes a digest of its trainable parameters so the test can compare them."""
 from __future__ import annotations
 
@@ -21,4 +21,4 @@ base["privacy"] = {"epsilon": 50.0, "sample_rate": 0.5, "aug_multiplicity": 2, "
 run = train(from_dict(ClassDPConfig, base))[0]
 flat = torch.cat([p.detach().flatten() for p in run.model.parameters() if p.requires_grad])
 rank = run.accelerator.process_index
-torch.save({"params": flat, "steps": run.pt.steps_taken}, out / f"rank{rank}.pt")
+torch.save({"params": flat, "steps": run.pt.steps_taken, "world": run.accelerator.num_processes}, out / f"rank{rank}.pt")

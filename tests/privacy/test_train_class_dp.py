@@ -52,17 +52,20 @@ def test_epsilon_sweep_writes_one_result_per_value(tmp_path: Path) -> None:
     assert all(r["epsilon_spent"] <= r["target_epsilon"] for r in spent)
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
-    accelerate = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no",
+    # accelerate's `--cpu` multi-process launcher needs mpirun; `--multi_gpu` is its torchrun launcher,
+    # and Accelerator(cpu=True) then joins a gloo process group on a machine without CUDA.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                           "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "--main_process_port", "29531",
                            str(HERE / "dp_recipe_script.py"), str(data), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(out / f"rank{i}.pt") for i in (0, 1))
-    assert r0["steps"] == r1["steps"] == 2
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])
     assert (out / "final" / "privacy.yaml").is_file()
