@@ -22,8 +22,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
@@ -54,13 +56,43 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                                 steps=steps, accountant=accountant)
 
 
-def epsilon_after(accountant: IAccountant, delta: float, *, noise_multiplier: float,
-                  sample_rate: float, extra_steps: int = 1) -> float:
-    """Epsilon the accountant would report after `extra_steps` more steps (it is not changed)."""
-    future = copy.deepcopy(accountant)
-    for _ in range(extra_steps):
-        future.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return future.get_epsilon(delta)
+class EpsilonMeter:
+    """Epsilon of an accountant's history, as its `get_epsilon(delta)` computes it, but cheap per step.
+
+    Opacus' RDP accountant recomputes the RDP curve of every (sigma, q) entry on each call, which
+    takes about a second at large sigma (fractional orders). RDP composes additively and is linear in
+    the number of steps (opacus/accountants/analysis/rdp.py compute_rdp: `rdp * steps`), so we keep
+    one curve per (sigma, q) and sum: the same numbers, computed once. PRV is delegated unchanged.
+    """
+
+    def __init__(self, accountant: IAccountant, delta: float) -> None:
+        self.accountant, self.delta = accountant, delta
+        self._curves: dict[tuple[float, float], np.ndarray] = {}
+
+    def __call__(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        if not isinstance(self.accountant, RDPAccountant):
+            acc = copy.deepcopy(self.accountant)
+            acc.history = list(history)
+            return float(acc.get_epsilon(self.delta))
+        alphas = self.accountant.DEFAULT_ALPHAS
+        rdp = sum(n * self._curve(sigma, q, alphas) for sigma, q, n in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.delta)
+        return float(eps)
+
+    def _curve(self, sigma: float, q: float, alphas: list[float]) -> np.ndarray:
+        if (sigma, q) not in self._curves:
+            self._curves[(sigma, q)] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                                orders=alphas)
+        return self._curves[(sigma, q)]
+
+
+def _append_step(history: list, sigma: float, q: float) -> list:
+    """The history after one more step, merged as the accountants' `step` does."""
+    if history and history[-1][:2] == (sigma, q):
+        return [*history[:-1], (sigma, q, history[-1][2] + 1)]
+    return [*history, (sigma, q, 1)]
 
 
 @dataclass
@@ -76,10 +108,11 @@ class PrivateTraining:
     max_grad_norm: float
     views: int
     ghost: bool
+    meter: EpsilonMeter
 
     def epsilon(self) -> float:
-        """Privacy spent so far, from the accountant (0 before the first step)."""
-        return self.accountant.get_epsilon(self.delta) if len(self.accountant) else 0.0
+        """Privacy spent so far, from the accountant's history (0 before the first step)."""
+        return self.meter(self.accountant.history)
 
     @property
     def steps_taken(self) -> int:
@@ -110,7 +143,7 @@ class PrivateTraining:
 def _guarded_accounting_hook(pt: PrivateTraining) -> Callable[[DPOptimizer], None]:
     def hook(optim: DPOptimizer) -> None:
         q = pt.sample_rate * optim.accumulated_iterations  # as Opacus' IAccountant.get_optimizer_hook_fn
-        eps = epsilon_after(pt.accountant, pt.delta, noise_multiplier=optim.noise_multiplier, sample_rate=q)
+        eps = pt.meter(_append_step(pt.accountant.history, optim.noise_multiplier, q))
         if eps > pt.target_epsilon:
             raise PrivacyBudgetExceeded(
                 f"step {pt.steps_taken + 1} would spend epsilon {eps:.4g} > target {pt.target_epsilon:g} "
@@ -154,10 +187,11 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     dp_optimizer = optim_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=max(1, int(len(dataset) * sample_rate)) / world,  # as PrivacyEngine
                              loss_reduction="mean", generator=noise_generator)
-    pt = PrivateTraining(module=module, optimizer=dp_optimizer, data_loader=loader,
-                         accountant=create_accountant(mechanism=accountant), noise_multiplier=noise_multiplier,
-                         sample_rate=sample_rate, delta=delta, target_epsilon=target_epsilon,
-                         max_grad_norm=max_grad_norm, views=views, ghost=ghost)
+    acc = create_accountant(mechanism=accountant)
+    pt = PrivateTraining(module=module, optimizer=dp_optimizer, data_loader=loader, accountant=acc,
+                         noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
+                         target_epsilon=target_epsilon, max_grad_norm=max_grad_norm, views=views, ghost=ghost,
+                         meter=EpsilonMeter(acc, delta))
     dp_optimizer.attach_step_hook(_guarded_accounting_hook(pt))
     log.info("DP-SGD: target epsilon %g, delta %.3g, q %.4g, %d steps -> noise multiplier %.4f (%s), "
              "C %g, %d view(s)%s", target_epsilon, delta, sample_rate, steps, noise_multiplier, accountant,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from torch.utils.data import Dataset
 
 from arbooth.adapt.finetuned import build_vae_var, save_result_weights, write_result_meta
 from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
-from arbooth.config import save_config
+from arbooth.config import load_config, parse_overrides, save_config
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import ConfigError
 from arbooth.precision import autocast
@@ -53,6 +54,14 @@ class ClassDPConfig(ClassTrainConfig):
 
     def without_privacy(self) -> ClassTrainConfig:
         return ClassTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClassTrainConfig)})
+
+
+def load_class_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ClassTrainConfig:
+    """A ClassDPConfig when the YAML or an override has a `privacy` section, else a ClassTrainConfig:
+    `arbooth train-class` can dispatch on `isinstance(cfg, ClassDPConfig)`."""
+    raw = yaml.safe_load(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
+    private = "privacy" in (raw or {}) or "privacy" in parse_overrides(overrides)
+    return load_config(ClassDPConfig if private else ClassTrainConfig, path, overrides)
 
 
 class MultiViewDataset(Dataset):
