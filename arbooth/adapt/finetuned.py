@@ -33,24 +33,26 @@ TRANSFORMER_FILE = "transformer.safetensors"
 
 
 def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
-    """Tokenizer and transformer for a `ModelConfig`: from the released checkpoints when both paths are
-    set, else with random weights (tests, dry runs). `device="meta"` builds shapes only."""
-    from arbooth.models import VAR, VQVAE, load_var
+    """Tokenizer and transformer for a `ModelConfig`: the official checkpoints loaded when both paths are
+    set (any architecture the config describes, checked key by key), else random weights (tests, dry
+    runs). `device="meta"` builds shapes only. The VAR keeps the tokenizer at `var.vae`."""
+    from arbooth.models import VAR, VQVAE
+    from arbooth.models.var_loading import load_official_weights
 
     m = model_cfg
     if (m.vae_ckpt is None) != (m.var_ckpt is None):
         raise ConfigError("set both model.vae_ckpt and model.var_ckpt (or neither, for random weights)")
-    if m.var_ckpt is not None:
-        vae, var = load_var(depth=m.depth, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt)
-        return vae.to(device), var.to(device)
-    with torch.device(device):
+    load = m.var_ckpt is not None
+    with torch.device("meta" if load else device):
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
                     ch_mult=tuple(m.vae_ch_mult))
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
                   patch_nums=tuple(m.patch_nums))
-    return vae, var
+    if load:
+        var = load_official_weights(var, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt, device=device)
+    return var.vae, var
 
 
 def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
@@ -128,6 +130,7 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
 
     cfg, method, step, classes = read_result_config(result_dir)
     mc = replace(cfg.model, vae_ckpt=vae_ckpt or cfg.model.vae_ckpt, var_ckpt=var_ckpt or cfg.model.var_ckpt)
+    torch.manual_seed(cfg.train.seed)  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:
         vae, var = build_vae_var(mc)
     else:  # FFT: the transformer comes whole from the result; only the tokenizer is needed from outside
@@ -135,8 +138,8 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
         if mc.vae_ckpt is not None:
             vae.load_state_dict(read_state_dict(mc.vae_ckpt))
     if method in PEFT_METHODS and mc.var_ckpt is None:
-        log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights",
-                    result_dir)
+        log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
+                    "re-drawn from the run's seed", result_dir)
     model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.lora_alpha,
                                lora_dropout=cfg.method.lora_dropout)
     load_result_weights(model, method, Path(result_dir))

@@ -76,7 +76,7 @@ def resolve_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     for pat in patterns:
         hits = [n for n in names if re.fullmatch(pat, n)]
         if not hits:
-            raise ConfigError(f"target pattern {pat!r} matches no linear layer of {type(model).__name__}; "
+            raise ConfigError(f"target pattern `{pat}` matches no linear layer of {type(model).__name__}; "
                               f"linear layers look like: {', '.join(names[:6])}")
         found += [h for h in hits if h not in found]
     return found
