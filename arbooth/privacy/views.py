@@ -40,11 +40,13 @@ FOLDABLE = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
 
 
 def _fold(t: torch.Tensor, views: int, positions: bool) -> torch.Tensor:
-    """(N, T, ...) -> (B, K*T, ...) when the layer has a position dim, else (N, ...) -> (B, K, ...)."""
+    """(N, T, ...) -> (B, K*T, ...) when the layer has a position dim, else (N, ...) -> (B, K, ...).
+    Contiguous, because Opacus' Embedding norm sampler `.view`s its indices (VAR's level indices are
+    an `expand`ed tensor)."""
     b = t.shape[0] // views
     if positions:
-        return t.reshape(b, views * t.shape[1], *t.shape[2:])
-    return t.reshape(b, views, *t.shape[1:])
+        return t.reshape(b, views * t.shape[1], *t.shape[2:]).contiguous()
+    return t.reshape(b, views, *t.shape[1:]).contiguous()
 
 
 def _empty(layer: nn.Module, backprops: torch.Tensor, norms: bool) -> dict:

@@ -13,7 +13,7 @@ from arbooth.models import VAR, VQVAE
 from arbooth.privacy.engine import make_private
 from arbooth.recipes.train_class import var_loss
 
-B, K = 3, 2
+B = 3
 
 
 def _tiny_var(method: str) -> torch.nn.Module:
@@ -27,7 +27,7 @@ def _tiny_var(method: str) -> torch.nn.Module:
     return model
 
 
-def _inputs(var_L: int, cv: int) -> tuple[torch.Tensor, ...]:
+def _inputs(var_L: int, cv: int, K: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
     label_N = torch.randint(0, 4, (B,), generator=g).repeat_interleave(K)
     x_NLC = torch.randn(B * K, var_L - 1, cv, generator=g)
@@ -35,7 +35,7 @@ def _inputs(var_L: int, cv: int) -> tuple[torch.Tensor, ...]:
     return label_N, x_NLC, idx_NL
 
 
-def _brute(model, label_N, x_NLC, idx_NL) -> list[torch.Tensor]:
+def _brute(model, label_N, x_NLC, idx_NL, K: int) -> list[torch.Tensor]:
     out = []
     for i in range(B):
         sl = slice(i * K, (i + 1) * K)
@@ -44,13 +44,13 @@ def _brute(model, label_N, x_NLC, idx_NL) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", ["fft", "lora", "lntuning"])
-def test_var_dp_per_example_and_ghost(method: str) -> None:
+@pytest.mark.parametrize("method,K", [("fft", 1), ("fft", 2), ("lora", 2), ("lntuning", 2)])
+def test_var_dp_per_example_and_ghost(method: str, K: int) -> None:
     ref_model = _tiny_var(method)
     assert ModuleValidator.validate(ref_model, strict=False) == []
     base = ref_model.base_model.model if hasattr(ref_model, "base_model") else ref_model
-    label_N, x_NLC, idx_NL = _inputs(base.L, base.Cvae)
-    ref = _brute(ref_model, label_N, x_NLC, idx_NL)
+    label_N, x_NLC, idx_NL = _inputs(base.L, base.Cvae, K)
+    ref = _brute(ref_model, label_N, x_NLC, idx_NL, K)
     c = float(torch.stack([g.norm() for g in ref]).median())
     expected = torch.stack([clip(g, c) for g in ref]).sum(0)
     sums = {}
