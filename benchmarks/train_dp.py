@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 SIZES = {  # tokenizer + transformer constructor arguments
-    "tiny": dict(vae=dict(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, patch_nums=(1, 2, 3, 4),
-                          ch_mult=(1, 1)), var=dict(num_classes=10, depth=2, embed_dim=128, num_heads=4)),
-    "d16": dict(vae=dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
-                         patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
-                var=dict(num_classes=1000, depth=16, embed_dim=1024, num_heads=16)),
+    "tiny": {"vae": {"vocab_size": 64, "z_channels": 8, "ch": 32, "share_quant_resi": 4,
+                     "patch_nums": (1, 2, 3, 4), "ch_mult": (1, 1)},
+             "var": {"num_classes": 10, "depth": 2, "embed_dim": 128, "num_heads": 4}},
+    "d16": {"vae": {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4,
+                    "patch_nums": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)},
+            "var": {"num_classes": 1000, "depth": 16, "embed_dim": 1024, "num_heads": 16}},
 }
 MODES = ("nonprivate", "dp", "dp_ghost")
 
@@ -40,8 +41,8 @@ def run_one(size: str, method: str, views: int, batch: int, mode: str, reps: int
     from arbooth.adapt.methods import prepare_for_method
     from arbooth.models import VAR, VQVAE
     from arbooth.privacy.engine import make_private
-    from arbooth.recipes.train_class import build_optimizer, var_loss
     from arbooth.recipes.class_config import OptimConfig
+    from arbooth.recipes.train_class import build_optimizer, var_loss
 
     torch.manual_seed(0)
     spec = SIZES[size]
@@ -109,8 +110,8 @@ def main() -> None:
         for k in args.views:
             res = {}
             for mode in MODES:
-                one = dict(size=size, method=method, views=k, batch=args.batch, mode=mode, reps=args.reps,
-                           device=device)
+                one = {"size": size, "method": method, "views": k, "batch": args.batch, "mode": mode, "reps": args.reps,
+                           "device": device}
                 out = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
                                      text=True, check=True)
                 res[mode] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -38,7 +38,7 @@ def _audit_result(result_dir: Path, members: str, nonmembers: str, device: str):
     from arbooth.privacy.audit import loss_threshold_attack, var_example_losses
 
     ft = load_finetuned(result_dir, device=device)
-    kw = dict(size=ft.config.data.image_size, mid_size=ft.config.mid_size, device=device)
+    kw = {"size": ft.config.data.image_size, "mid_size": ft.config.mid_size, "device": device}
     classes = list(ft.classes)
     return loss_threshold_attack(var_example_losses(ft.vae, ft.var, members, classes, **kw),
                                  var_example_losses(ft.vae, ft.var, nonmembers, classes, **kw))

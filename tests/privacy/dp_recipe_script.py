@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for _class_tiny (script, not library)
-from _class_tiny import tiny_config  # noqa: E402
+from _class_tiny import tiny_config
 
-from arbooth.config import from_dict, to_dict  # noqa: E402
-from arbooth.recipes.train_class_dp import ClassDPConfig, train  # noqa: E402
+from arbooth.config import from_dict, to_dict
+from arbooth.recipes.train_class_dp import ClassDPConfig, train
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 base = to_dict(tiny_config(data, out, method="lora"))
