@@ -67,3 +67,21 @@ def test_var_dp_per_example_and_ghost(method: str, K: int) -> None:
         sums[ghost] = torch.cat([p.grad.flatten() for p in pt.optimizer.params]) * B
         torch.testing.assert_close(sums[ghost], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(sums[True], sums[False], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_var_empty_poisson_batch(ghost: bool) -> None:
+    """An empty logical batch through VAR: no crash, the step releases noise only and is accounted."""
+    model = _tiny_var("lora")
+    base = model.base_model.model
+    pt = make_private(model, torch.optim.SGD(trainable(model), lr=1.0), TensorDataset(torch.zeros(B)),
+                      target_epsilon=float("inf"), delta=1e-5, sample_rate=0.5, steps=1, max_grad_norm=1.0,
+                      views=2, ghost=ghost, noise_multiplier=1.0)
+    before = [p.detach().clone() for p in trainable(model)]
+    label_N = torch.zeros(0, dtype=torch.long)
+    x_NLC, idx_NL = torch.zeros(0, base.L - 1, base.Cvae), torch.zeros(0, base.L, dtype=torch.long)
+    pt.backward(var_loss(pt.module(label_N, x_NLC), idx_NL, reduction="none"))
+    pt.optimizer.step()
+    assert pt.steps_taken == 1
+    assert all(torch.isfinite(p).all() for p in trainable(model))
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainable(model)))
