@@ -113,7 +113,7 @@ def prepare_for_method(var: nn.Module, name: str, *, lora_rank: int = 16, lora_a
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          target_modules=target_regex, bias="none")
     model = get_peft_model(var, cfg)
-    log.info("%s: %s", name, count_parameters(model))
+    log.debug("%s: %s", name, count_parameters(model))
     return model
 
 

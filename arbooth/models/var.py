@@ -244,6 +244,8 @@ VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi
 
 
 class VAR(nn.Module):
+    """Class-conditional next-scale transformer over the tokenizer `vae` (kept at `self.vae`)."""
+
     def __init__(
         self,
         vae: VQVAE,
@@ -296,7 +298,7 @@ class VAR(nn.Module):
         self.head = nn.Linear(embed_dim, self.V)
         self.register_load_state_dict_pre_hook(_accept_official_layout)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), .to_empty() also reach the tokenizer
         self.vae._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
@@ -352,7 +354,7 @@ class VAR(nn.Module):
         top_p: float = 0.96,
         seed: int | torch.Generator = 0,
         more_smooth: bool = False,
-        dtype: str = "fp32",
+        dtype: str | torch.dtype = "fp32",
         use_kv_cache: bool = True,
         decode: bool = True,
     ) -> torch.Tensor:
@@ -364,6 +366,7 @@ class VAR(nn.Module):
         `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
         `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images."""
         device = self.head.weight.device
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype)
         labels_B = torch.as_tensor(labels_B, device=device).long().view(-1)
         if labels_B.numel() == 0 or labels_B.min() < 0 or labels_B.max() > self.num_classes:
             raise ConfigError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = "

@@ -147,6 +147,14 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
 
     acc = accelerator or Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
                                      cpu=not torch.cuda.is_available())
+    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
+    if dataset.num_classes > cfg.model.num_classes:
+        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
+                          f"{cfg.model.num_classes}")
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
+                                rank=acc.process_index, seed=cfg.train.seed)
+    if cfg.model.var_ckpt is None and acc.is_main_process:
+        log.warning("no model.vae_ckpt / model.var_ckpt: training from random weights")
     torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
     vae, var = build_vae_var(cfg.model, device="cpu")
     model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
@@ -155,13 +163,6 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
         unwrap_peft(model).grad_checkpointing = True
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
-
-    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
-    if dataset.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
-                          f"{cfg.model.num_classes}")
-    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
-                                rank=acc.process_index, seed=cfg.train.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          collate_fn=collate_class_batch,
                                          pin_memory=acc.device.type == "cuda")
@@ -257,6 +258,7 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: i
 
 
 def _log_row(acc, writer, row: dict[str, float], step: int, elapsed: float, bar) -> None:
+    """Console/TensorBoard line of rank 0 (its share of the step's batches; no extra all-reduce)."""
     if not acc.is_main_process:
         return
     bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}")

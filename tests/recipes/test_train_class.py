@@ -135,3 +135,15 @@ def test_shipped_configs_validate():
         m = re.fullmatch(r"(\w+?)_(fft|lora|lntuning)_d(16|20)", f.stem)
         assert m, f.name
         assert cfg.method.name == m[2] and cfg.model.depth == int(m[3])
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, bad_inputs_dir, caplog):
+    data = write_dataset(tmp_path / "data", per_class=4)
+    for name in ("truncated.jpg", "zero_bytes.png", "not_an_image.jpg"):
+        (data / "class_0" / name).symlink_to(bad_inputs_dir / name)
+    cfg = tiny_config(data, tmp_path / "run", "lora", train={"max_steps": 3, "batch_size": 5})
+    with caplog.at_level("WARNING"):
+        run = train(cfg)  # 11 files, 2 batches of 5 per epoch: every file is drawn, none crashes the run
+    assert len(run.history) == 3
+    assert {Path(p).name for p in run.skipped_files} == {"truncated.jpg", "zero_bytes.png", "not_an_image.jpg"}
+    assert any("3 unreadable image file(s) were skipped" in r.getMessage() for r in caplog.records)
