@@ -74,6 +74,23 @@ def summing_sampler(fn: Sampler, views: int) -> Sampler:
     return sampler
 
 
+def linear_norm_sampler(norm_fn: Sampler, grad_fn: Sampler, views: int) -> Sampler:
+    """Per-example gradient norm of a Linear layer by the cheaper exact route. Ghost clipping's
+    Gram-matrix trick costs B*(K*T)^2 per layer, and folding the views makes T grow K-fold; the
+    folded per-example gradient costs B*d_in*d_out (tiny for LoRA's rank-r matrices). Choose per layer
+    and input shape; both give the norm of the mean over views, and neither is stored."""
+    ghost = folding_sampler(norm_fn, views, norms=True)
+    explicit = folding_sampler(grad_fn, views)
+
+    def sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        t = views * (backprops.shape[1] if backprops.dim() >= 3 else 1)
+        if t * t <= layer.weight.numel() or backprops.shape[0] == 0:
+            return ghost(layer, activations, backprops)
+        return {p: g.reshape(g.shape[0], -1).norm(2, dim=1)
+                for p, g in explicit(layer, activations, backprops).items()}
+    return sampler
+
+
 def _views_samplers(registry: dict, views: int, fold_only: bool) -> dict:
     """Wrap every sampler of `registry`; with fold_only (norm samplers) drop the non-foldable ones."""
     out = {}
@@ -134,3 +151,5 @@ class ViewsGradSampleModuleGhost(_Views, GradSampleModuleFastGradientClipping):
         # Only foldable norm samplers are exact for a sum over views; other layers fall back to the
         # (summing) grad sampler and the norm of its output, which Opacus' ghost hook does by itself.
         self.NORM_SAMPLERS = _views_samplers(type(self).NORM_SAMPLERS, views, fold_only=True)
+        self.NORM_SAMPLERS[nn.Linear] = linear_norm_sampler(type(self).NORM_SAMPLERS[nn.Linear],
+                                                            type(self).GRAD_SAMPLERS[nn.Linear], views)
