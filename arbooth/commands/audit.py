@@ -1,0 +1,72 @@
+"""Membership-inference audit: a loss-threshold attack on a class-conditional fine-tune (ROC AUC, TPR at 1% FPR).
+
+Trains on the member images with the config (DP-SGD when it has a `privacy` section; one audit per
+epsilon of a sweep), or loads a finished result with --result, then scores members against held-out
+non-members of the same classes. Example:
+    arbooth audit --config configs/class/dp/flowers102_lora.yaml --members data/train --nonmembers data/test \\
+        privacy.epsilon=1 train.out_dir=runs/audit_eps1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="train-class YAML (with a `privacy` section for DP training)")
+    parser.add_argument("--members", required=True, help="folder <class>/*.jpg the model is (or was) trained on")
+    parser.add_argument("--nonmembers", required=True, help="held-out folder <class>/*.jpg, same classes")
+    parser.add_argument("--result", help="audit this finished result folder instead of training")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. privacy.epsilon=1)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _audit_result(result_dir: Path, members: str, nonmembers: str, device: str):
+    from arbooth.adapt.finetuned import load_finetuned
+    from arbooth.privacy.audit import loss_threshold_attack, var_example_losses
+
+    ft = load_finetuned(result_dir, device=device)
+    kw = {"size": ft.config.data.image_size, "mid_size": ft.config.mid_size, "device": device}
+    classes = list(ft.classes)
+    return loss_threshold_attack(var_example_losses(ft.vae, ft.var, members, classes, **kw),
+                                 var_example_losses(ft.vae, ft.var, nonmembers, classes, **kw))
+
+
+def main(args: argparse.Namespace) -> int:
+    from arbooth.errors import ConfigError
+
+    if args.result:
+        results = {"result": _audit_result(Path(args.result), args.members, args.nonmembers, args.device)}
+    else:
+        if not args.config and not args.overrides:
+            raise ConfigError("pass --config (to train on --members) or --result (to audit a finished run)")
+        from arbooth.recipes import train_class, train_class_dp
+
+        cfg = train_class_dp.load_class_config(args.config, args.overrides)
+        cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
+        out = Path(cfg.train.out_dir)
+        if isinstance(cfg, train_class_dp.ClassDPConfig):
+            runs = train_class_dp.train(cfg)
+            finals = {f"epsilon={r.epsilon:g}": (out / f"eps_{r.epsilon:g}" if cfg.privacy.is_sweep else out)
+                      / "final" for r in runs}
+        else:
+            train_class.train(cfg)
+            finals = {"non-private": out / "final"}
+        results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}
+    for name, res in results.items():
+        print(f"{name}: {res}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
+    return 0

@@ -1,0 +1,51 @@
+"""The `privacy` section of a training config: DP-SGD through Opacus (see docs/privacy.md).
+
+Imports nothing heavy, so config loading and validation stay cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from arbooth.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    # Target epsilon of the whole run; a list is a sweep (one run per value, e.g. the paper's Table 3).
+    epsilon: float | tuple[float, ...] = 10.0
+    delta: float | None = None            # None = 1 / (number of training examples)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    sample_rate: float = 0.251            # Poisson sampling rate q; expected logical batch q * N
+    max_grad_norm: float = 1.0            # per-example clipping norm C
+    aug_multiplicity: int = 1             # K augmented views per example, gradients averaged before clipping
+    ghost_clipping: bool = False          # Opacus' fast gradient clipping: norms without per-example grads
+    max_physical_batch_size: int = 8      # examples per forward pass (each K views); logical batch is split
+    noise_seed: int | None = None         # seed of the noise generator; None = fresh entropy (never reuse)
+
+    def __post_init__(self) -> None:
+        for eps in self.epsilons:
+            if not eps > 0:
+                raise ConfigError(f"privacy.epsilon must be > 0, got {eps}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must lie in (0, 1), got {self.delta}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"privacy.sample_rate must lie in (0, 1], got {self.sample_rate}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError("privacy.max_grad_norm must be > 0")
+        if self.aug_multiplicity < 1 or self.max_physical_batch_size < 1:
+            raise ConfigError("privacy.aug_multiplicity and privacy.max_physical_batch_size must be >= 1")
+
+    @property
+    def epsilons(self) -> tuple[float, ...]:
+        return self.epsilon if isinstance(self.epsilon, tuple) else (self.epsilon,)
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.epsilons) > 1
+
+    def delta_for(self, num_examples: int) -> float:
+        """The configured delta, or 1/N (the paper's choice; Opacus' tutorials use the same)."""
+        if num_examples < 1:
+            raise ConfigError("cannot train privately on an empty dataset")
+        return self.delta if self.delta is not None else 1.0 / num_examples

@@ -1,0 +1,199 @@
+"""DP-SGD through Opacus: Poisson sampling, per-example clipping, calibrated Gaussian noise, accounting.
+
+`make_private(model, optimizer, dataset, ...)` returns a `PrivateTraining` that holds the four Opacus
+pieces a DP loop needs and nothing else:
+- the model wrapped in a GradSampleModule that understands augmentation multiplicity
+  (`arbooth.privacy.views`), in the explicit per-sample mode or with ghost clipping;
+- a DPOptimizer (clip each example's gradient to `max_grad_norm`, sum, add N(0, (sigma*C)^2) noise,
+  divide by the expected batch q*N), distributed when torch.distributed is initialised;
+- a Poisson-sampling DPDataLoader with rate q (batches of random size, possibly empty);
+- the accountant (`rdp` or `prv`) and the noise multiplier sigma, calibrated BEFORE the first step from
+  (target epsilon, delta, q, number of steps) with Opacus' `get_noise_multiplier`.
+
+It builds these from Opacus' own classes rather than `PrivacyEngine.make_private`, because that call
+accepts only Opacus' stock GradSampleModule types. The accountant is stepped from the optimizer's step
+hook (Opacus' accounting extension point), and the same hook is the budget guard: a step whose release
+would push epsilon past the target raises `PrivacyBudgetExceeded` before the parameters change.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import Dataset
+
+from arbooth.errors import ArboothError, ConfigError
+from arbooth.privacy.views import ViewsGradSampleModule, ViewsGradSampleModuleGhost
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyBudgetExceeded(ArboothError):
+    """The next optimizer step would spend more than the target epsilon; it was not taken."""
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
+    """sigma such that `steps` Poisson-subsampled Gaussian steps at rate q spend at most target_epsilon."""
+    if steps < 1:
+        raise ConfigError(f"a private run needs at least one step, got {steps}")
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                steps=steps, accountant=accountant)
+
+
+class EpsilonMeter:
+    """Epsilon of an accountant's history, as its `get_epsilon(delta)` computes it, but cheap per step.
+
+    Opacus' RDP accountant recomputes the RDP curve of every (sigma, q) entry on each call, which
+    takes about a second at large sigma (fractional orders). RDP composes additively and is linear in
+    the number of steps (opacus/accountants/analysis/rdp.py compute_rdp: `rdp * steps`), so we keep
+    one curve per (sigma, q) and sum: the same numbers, computed once. PRV is delegated unchanged.
+    """
+
+    def __init__(self, accountant: IAccountant, delta: float) -> None:
+        self.accountant, self.delta = accountant, delta
+        self._curves: dict[tuple[float, float], np.ndarray] = {}
+
+    def __call__(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        if not isinstance(self.accountant, RDPAccountant):
+            acc = copy.deepcopy(self.accountant)
+            acc.history = list(history)
+            return float(acc.get_epsilon(self.delta))
+        alphas = self.accountant.DEFAULT_ALPHAS
+        rdp = sum(n * self._curve(sigma, q, alphas) for sigma, q, n in history)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.delta)
+        return float(eps)
+
+    def _curve(self, sigma: float, q: float, alphas: list[float]) -> np.ndarray:
+        if (sigma, q) not in self._curves:
+            self._curves[(sigma, q)] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                                orders=alphas)
+        return self._curves[(sigma, q)]
+
+
+def _append_step(history: list, sigma: float, q: float) -> list:
+    """The history after one more step, merged as the accountants' `step` does."""
+    if history and history[-1][:2] == (sigma, q):
+        return [*history[:-1], (sigma, q, history[-1][2] + 1)]
+    return [*history, (sigma, q, 1)]
+
+
+@dataclass
+class PrivateTraining:
+    module: nn.Module                # ViewsGradSampleModule[Ghost] (around DPDDP when distributed)
+    optimizer: DPOptimizer
+    data_loader: DPDataLoader
+    accountant: IAccountant
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    target_epsilon: float
+    max_grad_norm: float
+    views: int
+    ghost: bool
+    meter: EpsilonMeter
+
+    def epsilon(self) -> float:
+        """Privacy spent so far, from the accountant's history (0 before the first step)."""
+        return self.meter(self.accountant.history)
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(n for _, _, n in self.accountant.history)
+
+    def backward(self, loss_N: torch.Tensor) -> torch.Tensor:
+        """Backward of per-row losses (N = B*K rows, K views of each example next to each other).
+
+        The rows of one example are averaged; the returned loss (for logging) is the mean over examples.
+        With ghost clipping this runs Opacus' two backward passes (norms, then the clip-weighted loss).
+        """
+        loss_B = loss_N.reshape(-1, self.views).mean(1)
+        if self.ghost:
+            DPTensorFastGradientClipping(self.module, self.optimizer, loss_B, "mean").backward()
+        else:
+            # mean over B examples == mean over N rows; the module rescales backprops per example.
+            # An empty Poisson batch backpropagates an empty sum (zero-size per-example gradients).
+            (loss_B.mean() if loss_B.numel() else loss_N.sum()).backward()
+        return loss_B.detach().mean() if loss_B.numel() else loss_B.detach().sum()
+
+    def physical_batches(self, max_physical_batch_size: int) -> BatchMemoryManager:
+        """Context manager yielding a loader of physical batches; the optimizer steps once per logical
+        (Poisson) batch and skips the other `step()` calls (Opacus' BatchMemoryManager)."""
+        return BatchMemoryManager(data_loader=self.data_loader, optimizer=self.optimizer,
+                                  max_physical_batch_size=max_physical_batch_size)
+
+
+def _guarded_accounting_hook(pt: PrivateTraining) -> Callable[[DPOptimizer], None]:
+    def hook(optim: DPOptimizer) -> None:
+        q = pt.sample_rate * optim.accumulated_iterations  # as Opacus' IAccountant.get_optimizer_hook_fn
+        eps = pt.meter(_append_step(pt.accountant.history, optim.noise_multiplier, q))
+        if eps > pt.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                f"step {pt.steps_taken + 1} would spend epsilon {eps:.4g} > target {pt.target_epsilon:g} "
+                f"(delta {pt.delta:.3g}); stopping before it")
+        pt.accountant.step(noise_multiplier=optim.noise_multiplier, sample_rate=q)
+    return hook
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *,
+                 target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                 max_grad_norm: float, views: int = 1, ghost: bool = False, accountant: str = "rdp",
+                 noise_multiplier: float | None = None, noise_generator: torch.Generator | None = None,
+                 sampling_generator: torch.Generator | None = None,
+                 collate_fn: Callable | None = None, num_workers: int = 0) -> PrivateTraining:
+    """Wrap `model` (trainable parameters already chosen), `optimizer` and `dataset` for DP-SGD.
+
+    `steps` is the number of logical (Poisson) steps the run will take; sigma is calibrated so that
+    exactly those steps spend at most `target_epsilon`. `noise_multiplier` overrides the calibration
+    (tests, audits). Under torch.distributed each process samples its shard at rate q and only rank 0
+    adds noise (Opacus' DistributedDPOptimizer).
+    """
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(f"model is not DP-compatible (Opacus ModuleValidator): {errors[0]}")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if noise_multiplier is None:
+        noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=delta,
+                                           sample_rate=sample_rate, steps=steps, accountant=accountant)
+    inner = DPDDP(model) if distributed else model
+    if ghost:
+        module = ViewsGradSampleModuleGhost(inner, views=views, max_grad_norm=max_grad_norm)
+    else:
+        module = ViewsGradSampleModule(inner, views=views)
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, distributed=distributed,
+                          generator=sampling_generator, collate_fn=collate_fn, num_workers=num_workers)
+    world = torch.distributed.get_world_size() if distributed else 1
+    optim_cls = get_optimizer_class(clipping="flat", distributed=distributed,
+                                    grad_sample_mode="ghost" if ghost else "hooks")
+    dp_optimizer = optim_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                             expected_batch_size=max(1, int(len(dataset) * sample_rate)) / world,  # as PrivacyEngine
+                             loss_reduction="mean", generator=noise_generator)
+    acc = create_accountant(mechanism=accountant)
+    pt = PrivateTraining(module=module, optimizer=dp_optimizer, data_loader=loader, accountant=acc,
+                         noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
+                         target_epsilon=target_epsilon, max_grad_norm=max_grad_norm, views=views, ghost=ghost,
+                         meter=EpsilonMeter(acc, delta))
+    dp_optimizer.attach_step_hook(_guarded_accounting_hook(pt))
+    log.info("DP-SGD: target epsilon %g, delta %.3g, q %.4g, %d steps -> noise multiplier %.4f (%s), "
+             "C %g, %d view(s)%s", target_epsilon, delta, sample_rate, steps, noise_multiplier, accountant,
+             max_grad_norm, views, ", ghost clipping" if ghost else "")
+    return pt
