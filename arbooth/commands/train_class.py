@@ -5,14 +5,16 @@ Examples:
       --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth
   accelerate launch --num_processes 4 -m arbooth.cli train-class --config ... train.batch_size=16
   arbooth train-class --config ... --resume auto            # continue the newest checkpoint of out_dir
+  arbooth train-class --config configs/class/dp/flowers102_lora.yaml --data ... privacy.epsilon=10   # DP-SGD
 Any config field can be overridden as key=value (e.g. optim.lr=2.0e-4 method.name=lntuning).
+A config with a `privacy` section trains with DP-SGD (arbooth/recipes/train_class_dp.py; docs/privacy.md).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
 
-from arbooth.config import load_config
+from arbooth.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbooth.recipes.class_config import ClassTrainConfig
+    from arbooth.recipes import train_class_dp
     from arbooth.recipes.train_class import train
 
-    cfg = load_config(ClassTrainConfig, args.config, args.overrides)
+    cfg = train_class_dp.load_class_config(args.config, args.overrides)
     # paths replace the config's after parsing, so no path is ever read as a YAML scalar
     cfg = replace(cfg, data=replace(cfg.data, root=args.data or cfg.data.root,
                                     manifest=args.manifest or cfg.data.manifest),
                   model=replace(cfg.model, vae_ckpt=args.vae_ckpt or cfg.model.vae_ckpt,
                                 var_ckpt=args.var_ckpt or cfg.model.var_ckpt),
                   train=replace(cfg.train, out_dir=args.out_dir or cfg.train.out_dir))
+    if isinstance(cfg, train_class_dp.ClassDPConfig):
+        if args.resume:
+            raise ConfigError("--resume is not supported for DP runs (the accountant's history is not saved)")
+        for run in train_class_dp.train(cfg):
+            if run.accelerator.is_main_process:
+                r = train_class_dp.privacy_report(run)
+                print(f"done: epsilon {r['epsilon_spent']:.4f} of {r['target_epsilon']:g} "
+                      f"(delta {r['delta']:.3g}), {r['steps']} steps")
+        return 0
     run = train(cfg, resume=args.resume)
     if run.accelerator.is_main_process and run.history:
         last = run.history[-1]

@@ -69,3 +69,17 @@ def test_two_process_cpu_run(tmp_path: Path) -> None:
     assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])
     assert (out / "final" / "privacy.yaml").is_file()
+
+
+def test_train_class_cli_dispatches_on_privacy_section(tmp_path: Path, capsys) -> None:
+    from arbooth.cli import main as cli
+    from arbooth.config import save_config
+
+    data = write_dataset(tmp_path / "data")
+    save_config(tiny_config(data, tmp_path / "out", method="lora"), tmp_path / "plain.yaml")
+    rc = cli(["train-class", "--config", str(tmp_path / "plain.yaml"), "privacy.epsilon=8",
+              "privacy.sample_rate=0.5", "privacy.max_physical_batch_size=4", "privacy.aug_multiplicity=1"])
+    assert rc == 0 and "done: epsilon" in capsys.readouterr().out
+    assert (tmp_path / "out" / "final" / "privacy.yaml").is_file()
+    rc = cli(["train-class", "--config", str(tmp_path / "plain.yaml"), "--resume", "auto", "privacy.epsilon=8"])
+    assert rc == 2  # a clear one-line refusal, not a traceback
