@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, mod_name in _available_commands().items():
         mod = importlib.import_module(mod_name)
         doc = (mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else ""
-        p = sub.add_parser(name, help=doc, description=(mod.__doc__ or "").strip(),
+        # argparse %-formats help strings (not descriptions): a literal "1%" in a docstring must be escaped
+        p = sub.add_parser(name, help=doc.replace("%", "%%"), description=(mod.__doc__ or "").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
