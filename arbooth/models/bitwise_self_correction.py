@@ -1,7 +1,7 @@
 """Infinity's bitwise self-correction (BSC): noisy teacher-forcing inputs with re-quantised labels.
 
 Same math as the released `BitwiseSelfCorrection.flip_requant` (FoundationVision/Infinity
-infinity/models/bitwise_self_correction.py L32-85; the ARBooth fork's copy is identical, and
+infinity/models/bitwise_self_correction.py L32-84; the ARBooth fork's copy is identical, and
 booth_trainer_final.py L177 trains with it: `noise_apply_layers=13`, `noise_apply_strength=0.3`,
 `noise_apply_requant=1`, arg_util.py L184-186). Walking the scales from coarse to fine:
 
@@ -24,12 +24,15 @@ for a debug picture), so here nothing is drawn: inputs and labels are the clean 
 Invariants (tested): `x_BLd == vae.bits_to_var_input(input_bits)`, and label_k == BSQ bits of
 features - sum_{j<k} up(codes(input_j)) down-sampled to scale k.
 
-Differences from the release, all float-rounding level: the fed codes always come from bits
-(`vae.bits_to_codes`, as official `indices_to_codes`), also for unflipped scales, where the release
-without requant (or beyond `apply_layers`) keeps the quantiser's straight-through value
-z + (zhat - z), which equals zhat up to rounding. The flip rate index is drawn with
-`round(100 * strength)` as the upper bound, where the release's `np.random.randint(0, 100 * s + 1)`
-truncates (0.29 would give rates up to 0.28 there). Randomness comes only from `generator`.
+Differences from the release: the fed codes always come from bits (`vae.bits_to_codes`, as official
+`indices_to_codes`), also for unflipped scales, where the release without requant (or beyond
+`apply_layers`) keeps the quantiser's straight-through value z + (zhat - z), equal to zhat up to
+float rounding. The flip-rate index is drawn with `round(100 * strength)` as the upper bound, where
+the release's `np.random.randint(0, 100 * s + 1)` truncates (same for 0.3; 0.29 would stop at 0.28
+there). Randomness comes only from `generator` (the release uses numpy's and torch's global RNGs).
+The residual here is features - (sum of codes), as in the release, while `BSQVAE.quantize`
+subtracts scale by scale; the two agree bit for bit in the tests (1M schedule, 32 bits), and could
+differ only where a residual component is within float rounding of 0.
 
 Shape letters: B batch, d bits per token, H/W last-scale map, h/w one scale's map, L tokens of the
 whole schedule (x_BLd holds the L - 1 tokens after the first scale).
