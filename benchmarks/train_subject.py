@@ -3,8 +3,8 @@ at 1024x1024 (bf16, the default recipe: ca+ffn tuned, teacher + two AdamW steps)
 
     PYTHONPATH=. python benchmarks/train_subject.py [--steps 3] [--size tiny|2b|both] [--out bench.json]
 
-Random text features stand in for T5 (its cost is paid once at setup); random bits stand in for the
-photos (the VAE runs once at setup). Prints a table and writes JSON.
+Random text features stand in for T5 (its cost is paid once at setup); random VAE features stand in for
+the photos (the VAE encoder runs once at setup; bitwise self-correction runs every step). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -44,16 +44,16 @@ def bench(size: str, steps: int) -> dict:
     tuner = SelectiveTuner(model)
     token = SubjectToken(4, C).to(dev)
     opt = torch.optim.AdamW([token.embedding_PC, *tuner.params.values()], lr=cfg.optim.lr, weight_decay=0.005)
-    gt = torch.randint(0, 2, (4, L, d), device=dev, dtype=torch.uint8)
-    var_input = torch.randn(4, L - 1, d, device=dev) / d**0.5
+    _, H, W = schedule[-1]
+    features = torch.randn(4, d, H, W, device=dev)
     mask = torch.ones(1, 12, dtype=torch.bool, device=dev)
     ph = torch.zeros_like(mask)
     ph[0, 3] = True
     feats = torch.randn(1, 12, C, device=dev)
     acc = Accelerator(cpu=not cuda)
-    run = Run(cfg, acc, model, tuner, token, opt, schedule, cfg.loss.weights_for(len(schedule)), var_input, gt,
-              (feats, mask, ph), (feats[:, :8], mask[:, :8]), None, torch.Generator(dev).manual_seed(0), "random",
-              tensors_sha256({}))
+    run = Run(cfg, acc, model, tuner, token, opt, schedule, cfg.loss.weights_for(len(schedule)), vae, features,
+              (feats, mask, ph), (feats[:, :8], mask[:, :8]), None, torch.Generator(dev).manual_seed(0),
+              torch.Generator(dev).manual_seed(1), "random", tensors_sha256({}))
     model.train()
     times = []
     if cuda:

@@ -69,6 +69,19 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class BSCConfig:
+    """Bitwise self-correction of the instance inputs (arbooth/models/bitwise_self_correction.py)."""
+
+    strength: float = 0.3    # largest per-scale flip rate, rates 0, 0.01, ... (noise_apply_strength); 0 = clean
+    apply_layers: int = 13   # flips on the first N scales (noise_apply_layers; 13 = all of the 1M schedule)
+    requant: bool = True     # re-quantise later inputs/labels after the flips (noise_apply_requant); off = no-op
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0 or self.apply_layers < 0:
+            raise ValueError("bsc.strength must be in [0, 1] and bsc.apply_layers >= 0")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     mode: Literal["proper", "arbooth_compat"] = "proper"  # proper: KV-cached sampler; see docs/arbooth.md
     tau: float = 0.5
@@ -95,6 +108,7 @@ class SubjectTrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    bsc: BSCConfig = field(default_factory=BSCConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 500

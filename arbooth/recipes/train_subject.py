@@ -1,7 +1,8 @@
 """ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
 
-setup: subject photos -> bit maps (once; the VAE is frozen), prompts -> T5 features (once; T5 is
-then moved off the accelerator), selective tuning + <S*>, AdamW. Each step: the teacher (base weights
+setup: subject photos -> raw VAE features (once; the VAE is frozen), prompts -> T5 features (once; T5 is
+then moved off the accelerator), selective tuning + <S*>, AdamW. Each step: bitwise self-correction turns the photos' features into
+teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher (base weights
 swapped in) samples class-prompt token maps; the student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
 sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
@@ -35,6 +36,7 @@ from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
+from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity_schedule import image_size, infinity_scale_schedule
 from arbooth.precision import autocast
 from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
@@ -97,12 +99,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: list
     weights: tuple[float, ...]
-    var_input_NLd: torch.Tensor        # teacher-forcing input of every subject photo
-    gt_NLd: torch.Tensor               # their bits (labels)
+    vae: torch.nn.Module               # frozen BSQ-VAE (bitwise self-correction each step)
+    features_NdHW: torch.Tensor        # raw VAE features of every subject photo
     inst: tuple                        # instance prompt: features, mask, placeholder (1, T, ...)
     cls: tuple                         # class prompt: features, mask (1, T, ...)
     val: tuple | None                  # validation prompts: features, mask, placeholder
     generator: torch.Generator         # teacher sampling
+    bsc_generator: torch.Generator     # bit flips of the instance inputs
     base_id: str
     base_tuned_sha256: str
 
@@ -119,12 +122,10 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     cls_noun = subject.info.class_noun
     if not cls_noun:
         raise ConfigError(f"no class noun: pass --class-noun or set class_noun in {cfg.subject}/subject.yaml")
-    # Frozen parts once: bits of the photos, T5 features of the fixed prompts.
+    # Frozen parts once: the photos' raw VAE features (flipped/re-quantised per step), T5 features.
     vae.to(dev)
     with torch.no_grad():
-        bits = vae.encode_bits(subject.images_N3HW.to(dev), schedule)
-        var_input = vae.bits_to_var_input(bits, schedule)
-        gt = torch.cat([b.flatten(1, 2) for b in bits], 1)
+        features = vae.encode_features(subject.images_N3HW.to(dev))
     p = cfg.prompts
     add_placeholder_token(tokenizer, encoder, p.placeholder)
     enc = {"max_length": model.text_maxlen, "placeholder": p.placeholder,
@@ -156,8 +157,18 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     to = lambda xs: tuple(x.to(dev) for x in xs)
     return Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
-               var_input, gt, to(inst), to(cls), to(val) if val else None,
-               torch.Generator(dev).manual_seed(cfg.seed + 1), base_id, tensors_sha256(tuner.originals))
+               vae, features, to(inst), to(cls), to(val) if val else None,
+               torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
+               base_id, tensors_sha256(tuner.originals))
+
+
+def instance_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forcing input (B, L - 1, d) and label bits (B, L, d) of photos `idx`, with bitwise
+    self-correction (booth_trainer_final.py L177; strength 0 gives the clean bits)."""
+    b = run.cfg.bsc
+    r = flip_requant(run.vae, run.features_NdHW[idx], run.schedule, strength=b.strength,
+                     apply_layers=b.apply_layers, requant=b.requant, generator=run.bsc_generator)
+    return r.x_BLd, torch.cat([lb.flatten(1, 2) for lb in r.label_bits], 1)
 
 
 def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
@@ -173,9 +184,9 @@ def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
                                                     top_k=t.top_k, top_p=t.top_p, generator=run.generator)
     # 2. instance loss on the photos, with <S*> spliced into the prompt
     text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
+    x_BLd, gt = instance_batch(run, idx)
     with ctx:
-        logits = run.model(text, mask, run.var_input_NLd[idx], run.schedule)
-    gt = run.gt_NLd[idx]
+        logits = run.model(text, mask, x_BLd, run.schedule)
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
     out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
     total = loss
@@ -227,6 +238,7 @@ def save_outputs(run: Run, step: int) -> Path:
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
                 "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
+                "bsc_generator": run.bsc_generator.get_state(),
                 "rng": torch.get_rng_state()}, out / "train_state.pt")
     return path
 
@@ -242,6 +254,8 @@ def _resume(run: Run) -> int:
             run.tuner.params[k].copy_(v)
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["generator"].cpu())
+    if "bsc_generator" in state:  # states written before bitwise self-correction lack it
+        run.bsc_generator.set_state(state["bsc_generator"].cpu())
     torch.set_rng_state(state["rng"].cpu())
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
@@ -258,14 +272,14 @@ def train(cfg: SubjectTrainConfig) -> Path:
         save_config(cfg, out / "config.yaml")
     start = _resume(run)
     run.model.train()
-    N = run.gt_NLd.shape[0]
+    N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)
     for _ in range(start):  # replay the batch order up to the resumed step
         torch.randint(N, (cfg.batch_size,), generator=order)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="train-subject")
     path = None
     for step in bar:
-        idx = torch.randint(N, (cfg.batch_size,), generator=order).to(run.gt_NLd.device)
+        idx = torch.randint(N, (cfg.batch_size,), generator=order).to(run.features_NdHW.device)
         t0 = time.perf_counter()
         m = train_step(run, idx)
         m["step"], m["time_s"] = step + 1, time.perf_counter() - t0
