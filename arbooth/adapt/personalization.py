@@ -1,0 +1,110 @@
+"""The personalization file: only the tuned tensors and <S*>, applied on top of a base Infinity.
+
+safetensors layout: `model.<name>` for every tuned tensor of the model's state_dict (our names,
+e.g. `model.blocks.3.ca.q.weight`), `subject_token` (P, C). Metadata (strings): `format`,
+`config` (the resolved training config as JSON), `base_model` (how the base was identified: the
+sha256 of the checkpoint file, or the tiny preset and seed), `base_tuned_sha256` (hash of the BASE
+values of the tuned tensors: `apply` refuses a different base model), `placeholder`, `class_noun`,
+`instance_template`.
+
+Generation with it (what `arbooth generate --personalization FILE` does)::
+
+    pers = load_personalization(path)
+    pers.apply(model)                                            # before generating
+    text_BTC, mask_BT = pers.encode(tokenizer, t5_encoder, prompts, max_length=model.text_maxlen)
+    out = model.generate(text_BTC, mask_BT, schedule, ...)
+
+Prompts write the subject as "<S*>" ("a <S*> dog wearing a santa hat"); prompts without it are
+encoded normally.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from arbooth.adapt.selective import tensors_sha256
+from arbooth.adapt.subject_token import PLACEHOLDER, add_placeholder_token, encode_prompts, splice_subject_token
+from arbooth.checkpoint import save_safetensors
+from arbooth.errors import CheckpointError
+
+FORMAT = "arbooth-personalization/1"
+_MODEL_PREFIX = "model."
+
+
+@dataclass
+class Personalization:
+    tensors: dict[str, torch.Tensor]          # model state_dict name -> tuned value
+    subject_token_PC: torch.Tensor
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def placeholder(self) -> str:
+        return self.metadata.get("placeholder", PLACEHOLDER)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.metadata.get("config", "{}"))
+
+    def apply(self, model: nn.Module, *, check_base: bool = True) -> None:
+        """Copy the tuned tensors into `model` (in place). Checks names, shapes and, unless
+        `check_base=False`, that `model` holds the base weights the personalization was trained from."""
+        params = dict(model.named_parameters())
+        missing = [k for k in self.tensors if k not in params]
+        if missing:
+            raise CheckpointError(f"personalization tensors not in the model: {missing[:5]}")
+        shapes = [f"{k}: {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+                  for k, v in self.tensors.items() if v.shape != params[k].shape]
+        if shapes:
+            raise CheckpointError("personalization does not fit the model: " + "; ".join(shapes[:5]))
+        expected = self.metadata.get("base_tuned_sha256")
+        if check_base and expected:
+            current = tensors_sha256({k: params[k].detach().to(self.tensors[k].dtype) for k in self.tensors})
+            if current != expected:
+                raise CheckpointError("this personalization was trained on a different base model (or was "
+                                      "already applied); load the base checkpoint it names: "
+                                      f"{self.metadata.get('base_model', '?')}")
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                params[k].copy_(v)
+
+    def encode(self, tokenizer, encoder: nn.Module, prompts: Sequence[str], *, max_length: int,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """T5-encode `prompts` and splice <S*> where they name it: (text (B, T, C), mask (B, T))."""
+        add_placeholder_token(tokenizer, encoder, self.placeholder)
+        feats, mask, ph = encode_prompts(tokenizer, encoder, prompts, max_length=max_length,
+                                         placeholder=self.placeholder,
+                                         prefix_length=self.subject_token_PC.shape[0], device=device)
+        return splice_subject_token(feats, mask, ph, self.subject_token_PC.to(feats))
+
+
+def save_personalization(path: str | Path, tuned: Mapping[str, torch.Tensor], subject_token_PC: torch.Tensor, *,
+                         base_tuned_sha256: str, metadata: Mapping[str, str]) -> Path:
+    """Write the personalization file atomically; `tuned` maps model names to tensors."""
+    tensors = {_MODEL_PREFIX + k: v for k, v in tuned.items()}
+    tensors["subject_token"] = subject_token_PC
+    meta = {"format": FORMAT, "base_tuned_sha256": base_tuned_sha256, **{k: str(v) for k, v in metadata.items()}}
+    save_safetensors(tensors, path, metadata=meta)
+    return Path(path)
+
+
+def load_personalization(path: str | Path, device: str | torch.device = "cpu") -> Personalization:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"personalization file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise CheckpointError(f"cannot read personalization {path}: {type(e).__name__}: {e}") from e
+    if metadata.get("format") != FORMAT or "subject_token" not in tensors:
+        raise CheckpointError(f"{path} is not an arbooth personalization file (format {metadata.get('format')!r})")
+    token = tensors.pop("subject_token")
+    tuned = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+    return Personalization(tuned, token, metadata)

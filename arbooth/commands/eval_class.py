@@ -1,0 +1,213 @@
+"""Class-conditional generation quality: FID, precision and recall (k=3), optional sFID.
+
+Compares a folder of generated images with a folder of real images (searched recursively), prints a
+Markdown table and saves <out>/eval_class.json and <out>/eval_class.md. Reference features are cached
+under --cache-dir keyed on the SHA-256 of the reference folder's files and the extractor.
+
+  arbooth eval-class --generated gen/ --reference data/test/
+  arbooth eval-class --generated gen/ --reference data/test/ --model var --depth 16 \\
+      --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth --cfg 1.5
+
+With --model, the images are sampled first: as many per class as the reference folder holds in that
+class's subfolder (subfolders sorted = labels 0..C-1), written to --generated with a manifest.jsonl
+(file, label, seed) so an interrupted run resumes where it stopped.
+--random-weights swaps the Inception for a small random CNN: a smoke test, the numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from arbooth.data.images import list_image_files, tensor_to_pil
+from arbooth.errors import ArboothError
+from arbooth.metrics.extractors import DEFAULT, InceptionFID, TinyFIDNet
+from arbooth.metrics.fid import (
+    FrechetDistance,
+    GaussianStats,
+    folder_content_hash,
+    load_cached_features,
+    precision_recall,
+    save_cached_features,
+)
+from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, iter_images, markdown_table, pick_device, write_report
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generated", type=Path, required=True, help="folder of generated images (recursive)")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="folder of real images, e.g. the test split (class subfolders for --model)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: <generated>/eval_class)")
+    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
+    p.add_argument("--sfid", action="store_true", help="also compute sFID (spatial Inception features)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "arbooth" / "fid_ref")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
+    p.add_argument("--inception-weights", default=DEFAULT,
+                   help="FID Inception weights file (torch-fidelity format); default: torch hub cache")
+    p.add_argument("--random-weights", action="store_true",
+                   help="smoke test: small random CNN instead of Inception (meaningless numbers)")
+    g = p.add_argument_group("generation (--model)")
+    g.add_argument("--model", choices=["var"], default=None, help="sample the images first with this model")
+    g.add_argument("--depth", type=int, default=16)
+    g.add_argument("--vae-ckpt", type=Path, default=None)
+    g.add_argument("--var-ckpt", type=Path, default=None)
+    g.add_argument("--cfg", type=float, default=1.5)
+    g.add_argument("--top-k", type=int, default=900)
+    g.add_argument("--top-p", type=float, default=0.96)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--per-class", type=int, default=None, help="images per class (default: as in reference)")
+    g.add_argument("--gen-batch-size", type=int, default=16)
+
+
+# ----------------------------------------------------------------------------- features
+
+def extract_features(folder: Path, extractor: torch.nn.Module, device: torch.device, batch_size: int,
+                     skipped: dict[str, str], desc: str) -> dict[str, np.ndarray]:
+    """Features of every readable image under `folder`; images of one size are batched together
+    (the extractor resizes internally, so sizes may differ between batches)."""
+    feats: dict[str, list[np.ndarray]] = {}
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        with torch.no_grad():
+            out = extractor(torch.stack(batch).to(device))
+        for k, v in out.items():
+            feats.setdefault(k, []).append(v.float().cpu().numpy())
+        batch.clear()
+
+    n_files = len(list_image_files(folder, recursive=True))
+    for _, im in tqdm(iter_images(folder, skipped), total=n_files, desc=desc, unit="img"):
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        if batch and (x.shape != batch[0].shape or len(batch) == batch_size):
+            flush()
+        batch.append(x)
+    flush()
+    if not feats:
+        raise ArboothError(f"no readable image in {folder}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return {k: np.concatenate(v) for k, v in feats.items()}
+
+
+def reference_features(folder: Path, extractor: torch.nn.Module, device: torch.device, batch_size: int,
+                       skipped: dict[str, str], cache_dir: Path | None) -> tuple[dict[str, np.ndarray], str]:
+    files = list_image_files(folder, recursive=True)
+    key = hashlib.sha256((folder_content_hash(files, folder) + "|" + extractor.feature_id).encode()).hexdigest()
+    if cache_dir is not None:
+        cached = load_cached_features(cache_dir, key)
+        if cached is not None:
+            return cached, key
+    feats = extract_features(folder, extractor, device, batch_size, skipped, "reference")
+    if cache_dir is not None:
+        save_cached_features(cache_dir, key, feats)
+    return feats, key
+
+
+# ----------------------------------------------------------------------------- generation
+
+def class_counts(reference: Path) -> dict[int, int]:
+    """Images per class in an ImageFolder-style reference: subfolders in sorted order are labels."""
+    subs = sorted(d for d in reference.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subs:
+        raise ArboothError(f"{reference} has no class subfolders; pass --per-class and use a class-folder "
+                           "reference to sample with --model")
+    return {label: len(list_image_files(d, recursive=True)) for label, d in enumerate(subs)}
+
+
+def generate_class_samples(generate, counts: dict[int, int], out_dir: Path, *, seed: int,
+                           batch_size: int) -> int:
+    """Sample counts[label] images per label with `generate(labels_B, seed) -> (B, 3, H, W) in [0, 1]`.
+
+    Batches are fixed by (counts, batch_size), batch b uses seed + b, and each image is written as
+    <out>/<label>/<label>_<i>.png with a manifest line, so a rerun skips the batches already written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(label, i) for label in sorted(counts) for i in range(counts[label])]
+    manifest = out_dir / "manifest.jsonl"
+    written = 0
+    with open(manifest, "a") as mf:
+        for b, s in enumerate(tqdm(range(0, len(jobs), batch_size), desc="sampling", unit="batch")):
+            chunk = jobs[s:s + batch_size]
+            paths = [out_dir / f"{label:04d}" / f"{label:04d}_{i:05d}.png" for label, i in chunk]
+            if all(p.is_file() for p in paths):
+                continue
+            images_B3HW = generate(torch.tensor([label for label, _ in chunk]), seed + b)
+            for j, ((label, _), p, x) in enumerate(zip(chunk, paths, images_B3HW)):
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tensor_to_pil(x).save(p)
+                mf.write(json.dumps({"file": str(p.relative_to(out_dir)), "label": label, "seed": seed + b,
+                                     "batch": b, "index_in_batch": j, "batch_size": batch_size}) + "\n")
+                written += 1
+    return written
+
+
+def _var_generator(args: argparse.Namespace, device: torch.device):
+    from arbooth.models import load_var  # the public VAR API (arbooth/models/var_loading.py)
+    if args.vae_ckpt is None or args.var_ckpt is None:
+        raise ArboothError("--model var needs --vae-ckpt and --var-ckpt")
+    var = load_var(depth=args.depth, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt).to(device).eval()
+
+    def generate(labels_B: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return var.generate(labels_B.to(device), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=seed)
+    return generate
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    if args.model is not None:
+        counts = class_counts(args.reference)
+        if args.per_class is not None:
+            counts = {label: args.per_class for label in counts}
+        n = generate_class_samples(_var_generator(args, device), counts, args.generated, seed=args.seed,
+                                   batch_size=args.gen_batch_size)
+        log.info("sampled %d new image(s) into %s", n, args.generated)
+    if args.random_weights:
+        log.warning(RANDOM_WEIGHTS_NOTE)
+        extractor = TinyFIDNet()
+    else:
+        extractor = InceptionFID(args.inception_weights, spatial=args.sfid)
+    extractor = extractor.to(device).eval()
+
+    skipped: dict[str, str] = {}
+    cache = None if args.no_cache else args.cache_dir
+    ref, key = reference_features(args.reference, extractor, device, args.batch_size, skipped, cache)
+    gen = extract_features(args.generated, extractor, device, args.batch_size, skipped, "generated")
+
+    fid = FrechetDistance(reference=GaussianStats.from_features(ref["pool"]))
+    fid.update(gen["pool"], real=False)
+    precision, recall = precision_recall(ref["pool"], gen["pool"], k=args.k)
+    result = {"FID": fid.compute(), "precision": precision, "recall": recall,
+              "n_generated": len(gen["pool"]), "n_reference": len(ref["pool"])}
+    if args.sfid and "spatial" in gen and "spatial" in ref:
+        sfid = FrechetDistance(reference=GaussianStats.from_features(ref["spatial"]))
+        sfid.update(gen["spatial"], real=False)
+        result["sFID"] = sfid.compute()
+    elif args.sfid:
+        log.warning("sFID requested but the extractor gives no spatial features")
+
+    report = {"metrics": result, "extractor": extractor.feature_id, "k": args.k,
+              "random_weights": bool(args.random_weights), "generated": str(args.generated),
+              "reference": str(args.reference), "reference_cache_key": key, "skipped": skipped}
+    columns = [c for c in ("FID", "sFID", "precision", "recall", "n_generated", "n_reference") if c in result]
+    md = f"# eval-class ({extractor.feature_id}, k={args.k})\n\n"
+    if args.random_weights:
+        md += f"**{RANDOM_WEIGHTS_NOTE}**\n\n"
+    md += markdown_table([result], columns)
+    if skipped:
+        md += f"\n\nSkipped {len(skipped)} unreadable file(s): see the JSON report."
+    print(md)
+    jpath, mpath = write_report(args.out or args.generated / "eval_class", "eval_class", report, md)
+    print(f"\nsaved {jpath} and {mpath}")
+    return 0

@@ -1,0 +1,208 @@
+"""Subject fidelity of personalized generations: I_DINO, I_CLIP, T_CLIP, DIV and PRES, per prompt and averaged.
+
+  arbooth eval-subject --generated runs/dog/samples --subject subjects/dog --class-noun dog \\
+      --prompts prompts.txt [--class-images runs/dog/class_samples] [--protocol dreammatcher]
+
+--prompts is a file of templates, one per line, with `{}` for the subject phrase (the ViCo lists).
+For the ViCo live/non-live split pass both files as --live-prompts/--object-prompts and say --live
+for live subjects (cats, dogs). Generated images are found through <generated>/manifest.jsonl
+(written by --model sampling: file, prompt, seed) or, as in the ARBooth evaluator, in
+<generated>/prompt_00, prompt_01, ... (one folder per template line, optionally with samples/ inside).
+--class-images holds images the personalized model generated from "a photo of a {class}" (PRES).
+
+Protocols: `dreambooth` (DINO with ImageNet normalisation at 224, CLIP's own preprocessing, T_CLIP on
+the prompt with the class noun) and `dreammatcher` (what the DreamMatcher/ARBooth evaluator computes,
+the ViCo-protocol tables: see docs/metrics.md). Results go to <out>/eval_subject.json and .md.
+--random-weights builds the extractors with random weights: a smoke test, the numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean
+
+from PIL import Image
+from tqdm import tqdm
+
+from arbooth.data.images import read_image, read_image_folder
+from arbooth.errors import ArboothError
+from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
+from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, write_report
+from arbooth.metrics.subject import PROTOCOLS, SubjectEvaluator
+
+log = logging.getLogger(__name__)
+
+METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_template", "DIV")
+# (prompt text, seed) -> image: the interface the ARBooth generator will provide.
+SubjectGenerator = Callable[[str, int], Image.Image]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generated", type=Path, required=True, help="generated images (see layouts above)")
+    p.add_argument("--subject", type=Path, required=True, help="folder of the real subject photos")
+    p.add_argument("--class-noun", required=True, help="the subject's class, e.g. dog (used by T_CLIP)")
+    p.add_argument("--prompts", type=Path, default=None, help="prompt templates, one per line, `{}` = subject")
+    p.add_argument("--live-prompts", type=Path, default=None, help="ViCo live-subject prompt file")
+    p.add_argument("--object-prompts", type=Path, default=None, help="ViCo object prompt file")
+    p.add_argument("--live", action="store_true", help="the subject is live: use --live-prompts")
+    p.add_argument("--class-images", type=Path, default=None,
+                   help="images generated from the plain class prompt by the personalized model (PRES)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="dreammatcher")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: <generated>/eval_subject)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--dino-weights", default=DEFAULT, help="DINO ViT-S/16 weights file (default: HF cache)")
+    p.add_argument("--clip-weights", default=DEFAULT, help="open_clip ViT-B-32 OpenAI weights (default: HF cache)")
+    p.add_argument("--lpips-backbone", default=DEFAULT, help="torchvision AlexNet weights (default: torch hub cache)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="smoke test: random-weight extractors (meaningless numbers)")
+    g = p.add_argument_group("generation (--model)")
+    g.add_argument("--model", type=Path, default=None, help="personalized ARBooth checkpoint to sample first")
+    g.add_argument("--subject-phrase", default=None, help="text put in `{}` when sampling, e.g. '<sks> dog'")
+    g.add_argument("--images-per-prompt", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (as ARBooth)")
+
+
+def read_templates(args: argparse.Namespace) -> list[str]:
+    path = args.prompts
+    if path is None:
+        path = args.live_prompts if args.live else args.object_prompts
+    if path is None:
+        raise ArboothError("give --prompts FILE, or --live-prompts/--object-prompts (with --live for live subjects)")
+    if not Path(path).is_file():
+        raise ArboothError(f"prompt file {path} not found")
+    templates = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not templates:
+        raise ArboothError(f"prompt file {path} is empty")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ArboothError(f"{path}: prompt(s) without the `{{}}` subject placeholder: {bad[:3]}")
+    return templates
+
+
+def generated_groups(generated: Path, templates: list[str]) -> list[tuple[str, list[Path] | Path]]:
+    """(template, folder or file list) per prompt: from manifest.jsonl, else prompt_XX folders."""
+    manifest = generated / "manifest.jsonl"
+    if manifest.is_file():
+        by_prompt: dict[str, list[Path]] = {}
+        for line in manifest.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_prompt.setdefault(rec["prompt"], []).append(generated / rec["file"])
+        return [(t, by_prompt.get(t, [])) for t in templates]
+    groups = []
+    for i, t in enumerate(templates):
+        d = generated / f"prompt_{i:02d}"
+        groups.append((t, d / "samples" if (d / "samples").is_dir() else d))
+    if not any(isinstance(d, Path) and d.is_dir() for _, d in groups):
+        raise ArboothError(f"{generated}: neither manifest.jsonl nor prompt_00/ ... folders found")
+    return groups
+
+
+def generate_subject_samples(generator: SubjectGenerator, templates: list[str], subject_phrase: str,
+                             out_dir: Path, *, n_per_prompt: int, seed: int) -> int:
+    """Write <out>/prompt_XX/NN.png and manifest.jsonl (file, prompt template, text, seed); resumable:
+    images already on disk are kept. Image i of every prompt uses seed + i, as ARBooth's
+    tools/run_arbooth_for_eval.py does."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(out_dir / "manifest.jsonl", "a") as mf:
+        for p_idx, template in enumerate(tqdm(templates, desc="sampling", unit="prompt")):
+            text = template.replace("{}", subject_phrase)
+            for i in range(n_per_prompt):
+                path = out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png"
+                if path.is_file():
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                generator(text, seed + i).convert("RGB").save(path)
+                mf.write(json.dumps({"file": str(path.relative_to(out_dir)), "prompt": template, "text": text,
+                                     "seed": seed + i}) + "\n")
+                written += 1
+    return written
+
+
+def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
+    """Hook for the ARBooth (Infinity) generator: returns (prompt, seed) -> PIL image.
+
+    Not available yet: the ARBooth subject trainer/sampler lands in a later issue; it only has to
+    provide this function. Until then, sample with it yourself and pass the folder as --generated."""
+    raise ArboothError(f"eval-subject --model {checkpoint}: sampling from an ARBooth model is not "
+                       "implemented yet; generate the images first and pass them with --generated")
+
+
+def _read(source: list[Path] | Path, skipped: dict[str, str]) -> list[Image.Image]:
+    if isinstance(source, Path):
+        if not source.is_dir():
+            return []
+        res = read_image_folder(source, require_any=False)
+        skipped.update({str(k): v for k, v in res.skipped.items()})
+        return res.images
+    images = []
+    for p in source:
+        try:
+            images.append(read_image(p))
+        except ArboothError as e:
+            log.warning("skipping %s", e)
+            skipped[str(p)] = str(e)
+    return images
+
+
+def main(args: argparse.Namespace) -> int:
+    templates = read_templates(args)
+    device = pick_device(args.device)
+    if args.model is not None:
+        generator = load_subject_generator(args.model, str(device))
+        generate_subject_samples(generator, templates, args.subject_phrase or f"<sks> {args.class_noun}",
+                                 args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed)
+    if args.random_weights:
+        log.warning(RANDOM_WEIGHTS_NOTE)
+
+    def w(value: str) -> str | None:
+        return None if args.random_weights else value
+
+    ev = SubjectEvaluator(DinoViT(w(args.dino_weights)), OpenClip(w(args.clip_weights)),
+                          build_lpips(w(args.lpips_backbone)), args.protocol, device, args.batch_size)
+
+    skipped: dict[str, str] = {}
+    subject = read_image_folder(args.subject)
+    skipped.update({str(k): v for k, v in subject.skipped.items()})
+    subj_dino, subj_clip = ev.dino_features(subject.images), ev.clip_features(subject.images)
+
+    rows = []
+    for template, source in tqdm(generated_groups(args.generated, templates), desc="prompts", unit="prompt"):
+        images = _read(source, skipped)
+        if not images:
+            log.warning("no generated image for prompt %r", template)
+            rows.append({"prompt": template, "n_images": 0})
+            continue
+        rows.append({"prompt": template, **ev.prompt_metrics(images, template, args.class_noun, subj_dino, subj_clip)})
+    scored = [r for r in rows if r["n_images"]]
+    if not scored:
+        raise ArboothError(f"no readable generated image under {args.generated}")
+    avg = {"prompt": "mean over prompts", "n_images": sum(r["n_images"] for r in scored)}
+    for m in METRICS:
+        vals = [r[m] for r in scored if r.get(m) is not None]
+        avg[m] = mean(vals) if vals else None
+    if args.class_images is not None:
+        cls = read_image_folder(args.class_images, recursive=True)
+        skipped.update({str(k): v for k, v in cls.skipped.items()})
+        avg["PRES"] = ev.pres(subj_dino, cls.images)
+
+    report = {"protocol": args.protocol, "class_noun": args.class_noun, "random_weights": bool(args.random_weights),
+              "t_clip_text": "raw template line" if args.protocol == "dreammatcher" else "prompt with class noun",
+              "subject": str(args.subject), "n_subject_images": len(subject.images),
+              "generated": str(args.generated), "average": avg, "per_prompt": rows, "skipped": skipped}
+    md = f"# eval-subject (protocol: {args.protocol})\n\n"
+    if args.random_weights:
+        md += f"**{RANDOM_WEIGHTS_NOTE}**\n\n"
+    md += "## Averaged\n\n" + markdown_table([avg], [c for c in ("PRES", *METRICS, "n_images") if c in avg])
+    md += "\n\n## Per prompt\n\n" + markdown_table(rows, ["prompt", *METRICS, "n_images"])
+    if skipped:
+        md += f"\n\nSkipped {len(skipped)} unreadable file(s): see the JSON report."
+    print(md)
+    jpath, mpath = write_report(args.out or args.generated / "eval_subject", "eval_subject", report, md)
+    print(f"\nsaved {jpath} and {mpath}")
+    return 0

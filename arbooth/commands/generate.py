@@ -1,0 +1,104 @@
+"""Generate images from text prompts with Infinity (the 2B release, its d32 BSQ-VAE and flan-t5-xl).
+
+Example:
+  arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_2b_reg.pth \\
+      --vae-ckpt weights/infinity_vae_d32_reg.pth --t5 weights/flan-t5-xl --out corgi.png
+
+Defaults are the released inference settings (scripts/infer.sh): 1024x1024, cfg 4, tau 0.5,
+top-k 900, top-p 0.97. With several images, `--out x.png` writes x_000.png, ... and the grid x.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from arbooth.data.images import save_grid, tensor_to_pil
+from arbooth.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float] | float:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    p.add_argument("--model-ckpt", required=True, help="Infinity weights, e.g. infinity_2b_reg.pth")
+    p.add_argument("--vae-ckpt", required=True, help="BSQ-VAE weights, e.g. infinity_vae_d32_reg.pth")
+    p.add_argument("--t5", default="google/flan-t5-xl", help="T5 folder, or a hub name in the local HF cache")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--cfg", type=_floats, default=4.0, help="guidance scale, or one per scale (comma list)")
+    p.add_argument("--tau", type=_floats, default=0.5, help="temperature, or one per scale")
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.97)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio (nearest template is used)")
+    p.add_argument("--pn", default="1M", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on the GPU")
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every scale (slow reference)")
+    p.add_argument("--lvl-embed-every-chunk", action="store_true", help="ARBooth fork behaviour")
+    p.add_argument("--next-scale-mode", default="trilinear", choices=["trilinear", "area"],
+                   help="next-scale interpolation ('area': ARBooth fork)")
+    p.add_argument("--model-kwargs", type=_json_dict, default={}, help="Infinity constructor overrides (JSON)")
+    p.add_argument("--vae-kwargs", type=_json_dict, default={}, help="BSQVAE constructor overrides (JSON)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from arbooth.models import T5TextEncoder, infinity_scale_schedule, load_infinity
+
+    if args.n < 1 or args.batch_size < 1:
+        raise ConfigError("--n and --batch-size must be at least 1")
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must end in .png, got {args.out}")
+    device = torch.device(args.device)
+    model_kwargs = {"lvl_embed_every_chunk": args.lvl_embed_every_chunk, **args.model_kwargs}
+    _, model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs,
+                             model_kwargs=model_kwargs)
+    t5 = T5TextEncoder(args.t5, dtype="fp32" if device.type == "cpu" else "fp16", device=device)
+    if t5.dim != model.text_channels:
+        raise ConfigError(f"T5 width {t5.dim} does not match the model's text_channels {model.text_channels}")
+    schedule = infinity_scale_schedule(args.h_div_w, args.pn)
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = []
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
+        text, mask = t5(prompts[i: i + args.batch_size])
+        out = model.generate(text, mask, schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+                             generator=generator, use_cache=not args.no_cache, next_scale_mode=args.next_scale_mode,
+                             dtype=args.dtype)
+        images.append(out.images.cpu())
+    images = torch.cat(images)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        tensor_to_pil(images[0]).save(args.out)
+    else:
+        for j, im in enumerate(images):
+            tensor_to_pil(im).save(args.out.with_name(f"{args.out.stem}_{j:03d}.png"))
+        save_grid(images, args.out, nrow=math.ceil(math.sqrt(len(images))))
+    log.info("wrote %d image(s) to %s", len(images), args.out)
+    return 0

@@ -1,0 +1,193 @@
+"""Class-conditional generation quality: FID, sFID, precision and recall.
+
+- FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule..."): the Frechet distance
+  between Gaussians fitted to Inception pool3 features of real and generated images,
+  ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2}). Statistics are kept in float64; the matrix
+  square root follows pytorch-fid / clean-fid (scipy sqrtm, with an eps-offset retry).
+- sFID (Nash et al. 2021): the same distance on spatial features (see extractors.InceptionFID).
+- Precision / recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+  Generative Models"): k-NN balls (k=3) around each real (generated) feature approximate the real
+  (generated) manifold; precision is the fraction of generated samples inside the real manifold,
+  recall the fraction of real samples inside the generated one.
+
+Shapes: N, M sample counts, D feature dimension.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from arbooth.errors import ArboothError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GaussianStats:
+    """Mean (D,) and unbiased covariance (D, D) of a feature set, float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    @classmethod
+    def from_features(cls, feats_ND: np.ndarray | torch.Tensor) -> GaussianStats:
+        acc = _MomentAccumulator()
+        acc.update(feats_ND)
+        return acc.stats()
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)), as pytorch-fid's calculate_frechet_distance."""
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise ArboothError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma.dot(b.sigma))
+    if not np.isfinite(covmean).all():
+        # Near-singular product (few samples): offset the diagonals, as pytorch-fid does.
+        log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
+        offset = np.eye(a.sigma.shape[0]) * eps
+        covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ArboothError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * np.trace(covmean))
+
+
+class _MomentAccumulator:
+    """Running sum and sum of outer products in float64, so statistics stream over batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_D: np.ndarray | None = None
+        self.outer_DD: np.ndarray | None = None
+
+    def update(self, feats_ND: np.ndarray | torch.Tensor) -> None:
+        f = feats_ND.detach().cpu().double().numpy() if isinstance(feats_ND, torch.Tensor) \
+            else np.asarray(feats_ND, dtype=np.float64)
+        if f.ndim != 2:
+            raise ArboothError(f"features must be (N, D), got {f.shape}")
+        if self.sum_D is None:
+            self.sum_D = np.zeros(f.shape[1])
+            self.outer_DD = np.zeros((f.shape[1], f.shape[1]))
+        self.n += f.shape[0]
+        self.sum_D += f.sum(0)
+        self.outer_DD += f.T @ f
+
+    def stats(self) -> GaussianStats:
+        if self.n < 2:
+            raise ArboothError(f"need at least 2 samples for a covariance, got {self.n}")
+        mu = self.sum_D / self.n
+        sigma = (self.outer_DD - self.n * np.outer(mu, mu)) / (self.n - 1)  # unbiased, as np.cov
+        return GaussianStats(mu=mu, sigma=sigma, n=self.n)
+
+
+class FrechetDistance:
+    """FID (or sFID) from features: update(feats, real=...) for both sets, then compute().
+
+    `reference` may be given as precomputed statistics (the cached real-data statistics)."""
+
+    def __init__(self, reference: GaussianStats | None = None) -> None:
+        self.reference = reference
+        self._real = _MomentAccumulator()
+        self._fake = _MomentAccumulator()
+
+    def update(self, feats_ND: np.ndarray | torch.Tensor, *, real: bool) -> None:
+        if real and self.reference is not None:
+            raise ArboothError("reference statistics were given; do not add real features too")
+        (self._real if real else self._fake).update(feats_ND)
+
+    def compute(self) -> float:
+        ref = self.reference if self.reference is not None else self._real.stats()
+        return frechet_distance(ref, self._fake.stats())
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+def _kth_nn_radii(x_ND: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """Distance of each row to its k-th nearest neighbour in the same set (itself excluded)."""
+    if x_ND.shape[0] <= k:
+        raise ArboothError(f"precision/recall with k={k} needs more than {k} samples, got {x_ND.shape[0]}")
+    out = []
+    for i in range(0, x_ND.shape[0], batch):
+        d_bN = torch.cdist(x_ND[i:i + batch], x_ND)
+        # The smallest distance is the point to itself (0); the (k+1)-th smallest is the k-th NN,
+        # as in the reference code (NVlabs/stylegan2-ada-pytorch metrics/precision_recall.py).
+        out.append(d_bN.kthvalue(k + 1, dim=1).values)
+    return torch.cat(out)
+
+
+def _coverage(manifold_ND: torch.Tensor, radii_N: torch.Tensor, probes_MD: torch.Tensor, batch: int) -> float:
+    """Fraction of probes inside at least one ball (centre manifold_n, radius radii_n)."""
+    inside = []
+    for i in range(0, probes_MD.shape[0], batch):
+        d_bN = torch.cdist(probes_MD[i:i + batch], manifold_ND)
+        inside.append((d_bN <= radii_N[None, :]).any(dim=1))
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real_ND: np.ndarray | torch.Tensor, fake_MD: np.ndarray | torch.Tensor, *,
+                     k: int = 3, batch: int = 4096) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN radii; float64 distances."""
+    real = torch.as_tensor(np.asarray(real_ND) if not isinstance(real_ND, torch.Tensor) else real_ND).double()
+    fake = torch.as_tensor(np.asarray(fake_MD) if not isinstance(fake_MD, torch.Tensor) else fake_MD).double()
+    precision = _coverage(real, _kth_nn_radii(real, k, batch), fake, batch)
+    recall = _coverage(fake, _kth_nn_radii(fake, k, batch), real, batch)
+    return precision, recall
+
+
+class PrecisionRecall:
+    """update(feats, real=...) for both sets, then compute() -> {"precision": p, "recall": r}."""
+
+    def __init__(self, k: int = 3) -> None:
+        self.k = k
+        self._real: list[torch.Tensor] = []
+        self._fake: list[torch.Tensor] = []
+
+    def update(self, feats_ND: np.ndarray | torch.Tensor, *, real: bool) -> None:
+        (self._real if real else self._fake).append(torch.as_tensor(np.asarray(feats_ND, dtype=np.float64)))
+
+    def compute(self) -> dict[str, float]:
+        p, r = precision_recall(torch.cat(self._real), torch.cat(self._fake), k=self.k)
+        return {"precision": p, "recall": r}
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+def folder_content_hash(files: list[Path], root: Path) -> str:
+    """SHA-256 over (relative path, bytes) of every file: changes when any image changes."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_cached_features(cache_dir: Path, key: str) -> dict[str, np.ndarray] | None:
+    path = Path(cache_dir) / f"{key}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        log.info("using cached reference features %s", path)
+        return {k: z[k] for k in z.files}
+
+
+def save_cached_features(cache_dir: Path, key: str, feats: dict[str, np.ndarray]) -> Path:
+    """Atomic write of the reference features (float32) for `key`."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{key}.npz"
+    tmp = cache_dir / f".{key}.tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in feats.items()})
+    tmp.replace(path)
+    return path

@@ -1,0 +1,419 @@
+"""Infinity: bitwise next-scale text-to-image transformer (FoundationVision/Infinity, 2B release).
+
+Same math as infinity/models/infinity.py + basic.py at commit 4c27bbb with the released inference
+flags (shared AdaLN, cosine self-attention with 2-D RoPE `rope2d_normalized_by_hw=2` in every block,
+cross-attention to T5 features, plain GELU-tanh FFN, AdaLN before the head, bit labels), in eval and
+train mode, without flash-attn: every attention is `F.scaled_dot_product_attention`, and text of
+different lengths is a padded batch with a bool mask (the release packs it for a varlen kernel).
+
+Internal names differ from the release where Opacus/peft need plain layers: q/k/v are separate
+nn.Linear (the release fuses them with loose bias tensors) and blocks are `blocks.{i}` (the release:
+`block_chunks.{c}.module.{j}`). `load_state_dict` accepts the released layout;
+`arbooth.models.infinity_loading.official_state_dict` gives it back.
+
+Shape letters: B batch (2B with classifier-free guidance), L tokens of a schedule, l tokens of one
+scale, C model width, D condition width (= C), T text tokens, Ct text width, H heads, c head width,
+d bits per token; V = 2d logits per token, a (bit = 0, bit = 1) pair per bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from arbooth.errors import ConfigError
+from arbooth.models.infinity_loading import from_official_keys
+from arbooth.models.infinity_schedule import Schedule, rope_grid_size
+from arbooth.precision import autocast
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rope_cos_sin(schedule: Schedule, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, c/2) of the released 2-D RoPE (basic.py precompute_rope2d_freqs_grid, mode 2):
+    each scale's (h, w) grid is spread over the template's final 1M map by rounded index striding;
+    the first c/4 rotation pairs encode the row, the last c/4 the column."""
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.int64).float() / (head_dim // 2)))
+    uph, upw = rope_grid_size(schedule)
+    parts = []
+    for _, ph, pw in schedule:
+        rows = (torch.arange(ph) * (uph / ph)).round().int().float()
+        cols = (torch.arange(pw) * (upw / pw)).round().int().float()
+        ang_h = torch.outer(rows, inv_freq)[:, None, :].expand(ph, pw, quarter)
+        ang_w = torch.outer(cols, inv_freq)[None, :, :].expand(ph, pw, quarter)
+        parts.append(torch.cat([ang_h, ang_w], -1).reshape(ph * pw, 2 * quarter))
+    ang = torch.cat(parts)
+    return ang.cos().to(device), ang.sin().to(device)
+
+
+def apply_rope(x_BHLc: torch.Tensor, cos_Lc: torch.Tensor, sin_Lc: torch.Tensor) -> torch.Tensor:
+    x = x_BHLc.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([cos_Lc * x0 - sin_Lc * x1, sin_Lc * x0 + cos_Lc * x1], -1).flatten(-2)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class RMSNorm(nn.Module):
+    """basic.py FastRMSNorm (pure-torch fallback), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
+
+
+def _ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    # fused_op.py fused_ada_layer_norm: non-affine LayerNorm in fp32, then (1 + scale), + shift.
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
+
+
+# ----------------------------------------------------------------------------- attention, blocks
+
+
+class SelfAttention(nn.Module):
+    """Cosine attention: q, k l2-normalised, q scaled by a learnt per-head exp(scale_mul) <= 100."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_scale_mul = math.log(100)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: list | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        q, k, v = (f(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+        k = F.normalize(k, dim=-1, eps=1e-12)
+        q, k = apply_rope(q, cos_Lc, sin_Lc), apply_rope(k, cos_Lc, sin_Lc)
+        if cache is not None:  # generation: earlier scales' keys/values (RoPE already applied)
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask_LL, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys/values from the (padded) text tokens."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(kv_dim, dim, bias=False), nn.Linear(kv_dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def attend(self, q_BHlc: torch.Tensor, kv_BTC: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+        B, T, _ = kv_BTC.shape
+        k = self.k(kv_BTC).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(kv_BTC).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q_BHlc.to(v.dtype), k.to(v.dtype), v, attn_mask=mask_BT[:, None, None, :])
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x_BLC, kv_BTC, mask_BT) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        return self.attend(self.q(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2), kv_BTC, mask_BT)
+
+
+class TextAttentivePool(CrossAttention):
+    """One learnt query attends over the text: the pooled condition (and start token). Released head
+    width: 128 (64 when D > 4096), heads = Ct // head width."""
+
+    def __init__(self, text_dim: int, dim: int):
+        head_width = 64 if dim > 4096 else 128
+        if text_dim % head_width or dim % (text_dim // head_width):
+            raise ConfigError(f"text_channels must be a multiple of {head_width} whose quotient divides "
+                              f"embed_dim, got text_channels={text_dim}, embed_dim={dim}")
+        super().__init__(dim, text_dim, text_dim // head_width)
+        del self.q
+        self.query = nn.Parameter(torch.empty(1, self.num_heads, self.head_dim))
+        nn.init.trunc_normal_(self.query, std=math.sqrt(1 / dim / 3))
+
+    def forward(self, kv_BTC, mask_BT) -> torch.Tensor:
+        q = self.query.expand(kv_BTC.shape[0], -1, -1).unsqueeze(2)  # B H 1 c
+        return self.attend(q, kv_BTC, mask_BT).squeeze(1)
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CrossAttnBlock(nn.Module):
+    """AdaLN self-attention, LayerNorm cross-attention, AdaLN FFN (basic.py CrossAttnBlock, fused-norm
+    branch). `ada_gss` is added to the shared AdaLN output: gamma1, gamma2, scale1, scale2, shift1, shift2."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, eps: float):
+        super().__init__()
+        self.eps, self.drop_path = eps, drop_path
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+        self.sa = SelfAttention(dim, num_heads)
+        self.ca = CrossAttention(dim, dim, num_heads)
+        self.ffn = FFN(dim, round(dim * mlp_ratio / 256) * 256)
+        self.ca_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x_BLC, gss_B16C, kv_BTC, kv_mask_BT, cos_Lc, sin_Lc, mask_LL=None, cache=None):
+        g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).unbind(2)  # B1C each
+        h = self.sa(_ada_layer_norm(x_BLC, s1, b1, self.eps), cos_Lc, sin_Lc, mask_LL, cache)
+        x_BLC = x_BLC + drop_path(h.mul(g1), self.drop_path, self.training)
+        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BTC, kv_mask_BT).float()
+        h = self.ffn(_ada_layer_norm(x_BLC, s2, b2, self.eps))
+        return x_BLC + drop_path(h.mul(g2), self.drop_path, self.training)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, cond_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, x_BLC.shape[-1]).unbind(2)
+        return _ada_layer_norm(x_BLC, scale, shift, self.eps)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class TextCond:
+    """The text condition every block sees: pooled `cond_BD` (also the start token), shared AdaLN
+    `gss_B16C`, projected cross-attention features `kv_BTC` and their bool mask `mask_BT`."""
+
+    cond_BD: torch.Tensor
+    gss_B16C: torch.Tensor
+    kv_BTC: torch.Tensor
+    mask_BT: torch.Tensor
+
+
+@dataclass
+class InfinityOutput:
+    images: torch.Tensor                # (B, 3, H, W) in [0, 1]
+    bits: list[torch.Tensor]            # per scale (B, h, w, d) in {0, 1}
+    summed_codes: torch.Tensor          # (B, d, H/16, W/16), the VAE decoder's input
+    logits: list[torch.Tensor] | None   # per scale (B or 2B, l, 2d) before tau and guidance, if asked
+
+
+class Infinity(nn.Module):
+    """Defaults build the released Infinity-2B (`infinity_2b_reg.pth`).
+
+    `vae` gives the bit depth and decodes in `generate`; it is kept out of this module's parameters
+    and state_dict (the release's state_dict has none of it; optimisers must not see it).
+    `lvl_embed_every_chunk=True` adds the level embedding before every block chunk, as the ARBooth
+    fork does (official: before the first block only). `checkpointing` recomputes blocks in backward.
+    `cond_drop_rate` is the train-mode probability of replacing a prompt by `cfg_uncond`.
+    """
+
+    def __init__(self, vae: nn.Module, depth: int = 32, embed_dim: int = 2048, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, text_channels: int = 2048, text_maxlen: int = 512, block_chunks: int = 8,
+                 norm_eps: float = 1e-6, drop_path_rate: float = 0.1, cond_drop_rate: float = 0.1,
+                 lvl_embed_every_chunk: bool = False, checkpointing: bool = False):
+        super().__init__()
+        if depth % block_chunks or embed_dim % num_heads or (embed_dim // num_heads) % 4:
+            raise ConfigError(f"need depth % block_chunks == 0 and head width % 4 == 0, got depth={depth}, "
+                              f"block_chunks={block_chunks}, embed_dim={embed_dim}, num_heads={num_heads}")
+        object.__setattr__(self, "vae", vae)  # deliberately unregistered, see the class docstring
+        self.d, self.C, self.depth, self.num_heads = vae.codebook_dim, embed_dim, depth, num_heads
+        self.text_channels, self.text_maxlen, self.block_chunks = text_channels, text_maxlen, block_chunks
+        self.cond_drop_rate, self.lvl_embed_every_chunk, self.checkpointing = cond_drop_rate, lvl_embed_every_chunk, checkpointing
+        C, init_std = embed_dim, math.sqrt(1 / embed_dim / 3)
+        # 1. text conditioning. cfg_uncond: fixed-seed init, as released (infinity.py __init__)
+        uncond = torch.empty(text_maxlen, text_channels, device="cpu")  # CPU generator, any default device
+        nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
+        self.cfg_uncond = nn.Parameter((uncond / text_channels**0.5).to(torch.empty(0).device))
+        self.pos_start = nn.Parameter(torch.empty(1, 1, C))  # start token = pooled text + pos_start
+        nn.init.trunc_normal_(self.pos_start, std=init_std)
+        self.text_norm = RMSNorm(text_channels, eps=norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(text_channels, C)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(text_channels, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        # 2. input: level embedding, bit-code embedding, shared AdaLN
+        self.lvl_embed = nn.Embedding(15, C)
+        nn.init.trunc_normal_(self.lvl_embed.weight, std=init_std)
+        self.word_embed = nn.Linear(self.d, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        # 3. backbone and head
+        self.head_nm = AdaLNBeforeHead(C, C, norm_eps)
+        self.head = nn.Linear(C, 2 * self.d)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth, as released
+        self.blocks = nn.ModuleList(CrossAttnBlock(C, num_heads, mlp_ratio, dpr[i], norm_eps) for i in range(depth))
+        self.register_load_state_dict_pre_hook(self._load_official)
+
+    # ---- text ----
+    def encode_text(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor,
+                    drop_B: torch.Tensor | None = None) -> TextCond:
+        """T5 features (padded, with a bool mask of real tokens) -> TextCond. Rows of `drop_B` (bool)
+        are replaced by `cfg_uncond`, the unconditional prompt of classifier-free guidance."""
+        if text_BTC.ndim != 3 or text_BTC.shape[-1] != self.text_channels or text_mask_BT.shape != text_BTC.shape[:2]:
+            raise ConfigError(f"expected text (B, T, {self.text_channels}) and mask (B, T), got "
+                              f"{tuple(text_BTC.shape)} and {tuple(text_mask_BT.shape)}")
+        mask = text_mask_BT.bool()
+        T = int(mask.sum(1).max())
+        if T == 0 or not mask[:, 0].all():
+            raise ConfigError("every prompt needs at least one token, starting at position 0")
+        text, mask = text_BTC[:, :T].float(), mask[:, :T]
+        if drop_B is not None and bool(drop_B.any()):
+            if T > self.text_maxlen:
+                raise ConfigError(f"prompt of {T} tokens is longer than text_maxlen={self.text_maxlen}")
+            text = torch.where(drop_B.view(-1, 1, 1).bool(), self.cfg_uncond[:T].to(text), text)
+        with torch.autocast(text.device.type, enabled=False):  # the release runs this part in fp32
+            kv = self.text_norm(text)
+            cond = self.text_proj_for_sos(kv, mask).float()
+            gss = self.shared_ada_lin(cond).view(-1, 1, 6, self.C)
+        return TextCond(cond, gss, self.text_proj_for_ca(kv), mask)
+
+    # ---- backbone ----
+    def _scale_ids(self, schedule: Schedule, device) -> torch.Tensor:
+        return torch.cat([torch.full((h * w,), i, device=device) for i, (_, h, w) in enumerate(schedule)])
+
+    def run_blocks(self, x_BLC, tc: TextCond, lvl_L: torch.Tensor, cos_Lc, sin_Lc, mask_LL=None, caches=None):
+        """Blocks with the level embedding (ids `lvl_L`) added before the first (or every) chunk."""
+        lvl_LC, per_chunk = self.lvl_embed(lvl_L), self.depth // self.block_chunks
+        for i, block in enumerate(self.blocks):
+            if i % per_chunk == 0 and (i == 0 or self.lvl_embed_every_chunk):
+                x_BLC = x_BLC + lvl_LC
+            args = (x_BLC, tc.gss_B16C, tc.kv_BTC, tc.mask_BT, cos_Lc, sin_Lc, mask_LL)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x_BLC = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x_BLC = block(*args, cache=None if caches is None else caches[i])
+        return x_BLC
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h_BLC.device.type, enabled=False):  # the release's head runs in fp32
+            return self.head(self.head_nm(h_BLC.float(), cond_BD.float()))
+
+    def forward(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, x_BLC: torch.Tensor,
+                schedule: Schedule, cond_drop_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, 2d). `x_BLC` (B, L - 1, d) is `BSQVAE.bits_to_var_input`.
+        In train mode prompts are dropped with `cond_drop_rate` unless `cond_drop_B` decides."""
+        L = sum(h * w for _, h, w in schedule)
+        if x_BLC.shape[1:] != (L - 1, self.d):
+            raise ConfigError(f"x_BLC must be (B, {L - 1}, {self.d}) for this schedule, got {tuple(x_BLC.shape)}")
+        if cond_drop_B is None and self.training and self.cond_drop_rate > 0:
+            cond_drop_B = torch.rand(x_BLC.shape[0], device=x_BLC.device) < self.cond_drop_rate
+        tc = self.encode_text(text_BTC, text_mask_BT, cond_drop_B)
+        sos = tc.cond_BD.unsqueeze(1) + self.pos_start
+        x = torch.cat([sos, self.word_embed(x_BLC.float())], 1)
+        ids = self._scale_ids(schedule, x.device)
+        cos, sin = rope_cos_sin(schedule, self.C // self.num_heads, x.device)
+        h = self.run_blocks(x, tc, ids, cos, sin, mask_LL=ids[:, None] >= ids[None, :])
+        return self.get_logits(h, tc.cond_BD)
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def generate(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, schedule: Schedule,
+                 cfg: float | list[float] = 4.0, tau: float | list[float] = 0.5, top_k: int = 900,
+                 top_p: float = 0.97, seed: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True, next_scale_mode: str = "trilinear", dtype: str = "bf16",
+                 return_logits: bool = False) -> InfinityOutput:
+        """Sample images scale by scale (infinity.py autoregressive_infer_cfg, cfg on logits).
+
+        Defaults are the released inference settings (scripts/infer.sh, tools/run_infinity.py):
+        cfg 4, tau 0.5, top_k 900 (no-op on bit pairs), top_p 0.97. `cfg`/`tau` may be per-scale
+        lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
+        the global RNG. `use_cache=False` recomputes the whole prefix every scale (reference path).
+        `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
+        dtype on the GPU; the CPU always runs fp32.
+        """
+        n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
+        cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
+        if generator is None and seed is not None:
+            generator = torch.Generator(dev).manual_seed(seed)
+        guided = any(c != 1 for c in cfgs)
+        if guided:  # second half of the batch: the unconditional prompt
+            drop = torch.arange(2 * B, device=dev) >= B
+            text_BTC, text_mask_BT = torch.cat([text_BTC, text_BTC]), torch.cat([text_mask_BT, text_mask_BT])
+        tc = self.encode_text(text_BTC, text_mask_BT, drop if guided else None)
+        full, d = tuple(schedule[-1]), self.d
+        caches = [[] for _ in self.blocks] if use_cache else None
+        cos_all, sin_all = rope_cos_sin(schedule, self.C // self.num_heads, dev)
+        ids_all, start = self._scale_ids(schedule, dev), 0
+        x_inputs = [tc.cond_BD.unsqueeze(1) + self.pos_start]  # one entry per scale, (2B or B, l, C)
+        bits, all_logits, summed = [], [], 0.0
+        with autocast(dtype if dev.type == "cuda" else "fp32", dev):
+            for si, (_, h, w) in enumerate(schedule):
+                end = start + h * w
+                if use_cache:  # this scale's queries; keys/values of earlier scales come from the caches
+                    x, rows, mask = x_inputs[-1], slice(start, end), None
+                else:  # the whole prefix with the block-causal mask; the last scale's rows are kept
+                    x, rows = torch.cat(x_inputs, 1), slice(0, end)
+                    mask = ids_all[rows, None] >= ids_all[None, rows]
+                start = end
+                hid = self.run_blocks(x, tc, ids_all[rows], cos_all[rows], sin_all[rows], mask, caches)[:, -h * w:]
+                if guided and cfgs[si] != 1:
+                    logits = self.get_logits(hid, tc.cond_BD)
+                else:
+                    logits = self.get_logits(hid[:B], tc.cond_BD[:B])
+                if return_logits:
+                    all_logits.append(logits)
+                logits = logits.mul(1 / taus[si])
+                if logits.shape[0] != B:  # guidance on the logits (cfg_insertion_layer=[0], as released)
+                    logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
+                b = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, generator).reshape(B, h, w, d)
+                bits.append(b.to(torch.uint8))
+                codes = self.vae.bits_to_codes(b)  # B d 1 h w
+                if si == n - 1:
+                    summed = summed + codes
+                    break
+                summed = summed + F.interpolate(codes, size=full, mode=self.vae.up_mode)
+                nxt = F.interpolate(summed, size=tuple(schedule[si + 1]), mode=next_scale_mode)
+                nxt = self.word_embed(nxt.flatten(2).transpose(1, 2))
+                x_inputs.append(nxt.repeat(x_inputs[0].shape[0] // B, 1, 1))
+            images = self.vae.decode(summed.squeeze(2).float())
+        return InfinityOutput(images.float().add(1).div(2), bits, summed.squeeze(2), all_logits if return_logits else None)
+
+    # ---- checkpoints ----
+    def _load_official(self, module, state_dict, prefix, *args) -> None:
+        """Load-time hook: accept the released layout (see the module docstring)."""
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        converted = from_official_keys({k[len(prefix):]: state_dict.pop(k) for k in keys},
+                                       self.depth // self.block_chunks)
+        old = converted.get("cfg_uncond")
+        if old is not None and old.shape[0] != self.text_maxlen:  # released load_state_dict: fit text_maxlen
+            new = self.cfg_uncond.detach()
+            converted["cfg_uncond"] = old[: self.text_maxlen] if old.shape[0] > self.text_maxlen else \
+                torch.cat([old.to(new), new[old.shape[0]:]])
+        state_dict.update({prefix + k: v for k, v in converted.items()})
+
+
+def _per_scale(value, n: int, name: str) -> list[float]:
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) < n:
+        raise ConfigError(f"{name} has {len(values)} entries for {n} scales")
+    return values
+
+
+def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Top-k / top-p filtering and one multinomial draw per row (infinity.py
+    sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls)."""
+    B, l, V = logits_BlV.shape
+    logits = logits_BlV.float().clone()
+    if 0 < top_k < V:
+        logits.masked_fill_(logits < logits.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    return torch.multinomial(logits.softmax(-1).view(-1, V), 1, replacement=True, generator=generator).view(B, l)

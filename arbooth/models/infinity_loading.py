@@ -1,0 +1,120 @@
+"""Released Infinity checkpoints <-> our module names, and `load_infinity` for the CLI.
+
+The release (infinity/models/infinity.py, basic.py) fuses q/k/v into `mat_qkv` (cross-attention:
+`mat_kv`) with loose `q_bias`/`v_bias` tensors and an all-zero `zero_k_bias` buffer, names the
+attention-pool query `text_proj_for_sos.ca.mat_q`, and registers blocks as
+`block_chunks.{c}.module.{j}`. We use plain nn.Linear q/k/v (peft/Opacus friendly) and `blocks.{i}`.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from arbooth.checkpoint import read_state_dict
+from arbooth.errors import CheckpointError
+
+_CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> dict[str, torch.Tensor]:
+    """Released key layout -> ours. Keys already in our layout pass through unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        m = _CHUNK.match(key)
+        if m:
+            key = f"blocks.{int(m[1]) * blocks_per_chunk + int(m[2])}." + key[m.end():]
+        key = key.replace("text_proj_for_sos.ca.mat_q", "text_proj_for_sos.query").replace("text_proj_for_sos.ca.", "text_proj_for_sos.")
+        base, _, leaf = key.rpartition(".")
+        if leaf == "zero_k_bias":
+            if value.count_nonzero() != 0:
+                raise CheckpointError(f"{key} is not all zero; cannot drop it")
+            continue
+        if key.endswith(".mat_qkv.weight"):
+            owner = key[: -len(".mat_qkv.weight")]
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{owner}.{name}.weight"] = part
+        elif key.endswith(".mat_kv.weight"):
+            owner = key[: -len(".mat_kv.weight")]
+            out[f"{owner}.k.weight"], out[f"{owner}.v.weight"] = value.chunk(2)
+        elif leaf in ("q_bias", "v_bias"):
+            out[f"{base}.{leaf[0]}.bias"] = value
+        elif key.endswith((".mat_q.weight", ".mat_q.bias")):
+            out[key.replace(".mat_q.", ".q.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One attention module's entries in the released names and order (basic.py)."""
+    zeros = torch.zeros_like(m.v.bias)
+    proj = {f"{name}.proj.weight": m.proj.weight, f"{name}.proj.bias": m.proj.bias}
+    if hasattr(m, "scale_mul_1H11"):  # self-attention
+        qkv = torch.cat([m.q.weight, m.k.weight, m.v.weight])
+        return {f"{name}.scale_mul_1H11": m.scale_mul_1H11, f"{name}.q_bias": m.q.bias, f"{name}.v_bias": m.v.bias,
+                f"{name}.zero_k_bias": zeros, f"{name}.mat_qkv.weight": qkv, **proj}
+    kv = {f"{name}.mat_kv.weight": torch.cat([m.k.weight, m.v.weight])}
+    if hasattr(m, "query"):  # text attention pool
+        return {f"{name}.mat_q": m.query, f"{name}.v_bias": m.v.bias, f"{name}.zero_k_bias": zeros, **kv, **proj}
+    return {f"{name}.v_bias": m.v.bias, f"{name}.zero_k_bias": zeros, f"{name}.mat_q.weight": m.q.weight,
+            f"{name}.mat_q.bias": m.q.bias, **kv, **proj}
+
+
+def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights in the released layout and order of keys (see the module docstring)."""
+    from arbooth.models.infinity import CrossAttention, SelfAttention
+
+    per_chunk = model.depth // model.block_chunks
+    attn = {n: m for n, m in model.named_modules() if isinstance(m, (SelfAttention, CrossAttention))}
+
+    def rename(key: str) -> str:
+        m = _BLOCK.match(key)
+        if m:
+            i = int(m[1])
+            return f"block_chunks.{i // per_chunk}.module.{i % per_chunk}." + key[m.end():]
+        return key.replace("text_proj_for_sos.", "text_proj_for_sos.ca.", 1)
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=False).items():
+        owner = next((n for n in attn if key.startswith(n + ".")), None)
+        if owner is None:
+            out[rename(key)] = value
+        elif rename(owner) + ".proj.bias" not in out:
+            out.update({rename(k): v.detach() for k, v in _official_attention(owner, attn[owner]).items()})
+    return out
+
+
+def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None):
+    """Build BSQVAE + Infinity (the d32 / 2B releases unless kwargs say otherwise) and load both
+    checkpoints strictly. Builds on the meta device, so no memory is spent on random weights."""
+    from arbooth.models.bsq_vae import BSQVAE
+    from arbooth.models.infinity import Infinity
+
+    vae_sd, sd = _read_vae(vae_ckpt), read_state_dict(model_ckpt)
+    with torch.device("meta"):
+        vae = BSQVAE(**(vae_kwargs or {}))
+        model = Infinity(vae, **(model_kwargs or {}))
+    for name, module, weights in (("VAE", vae, vae_sd), ("Infinity", model, sd)):
+        try:
+            module.load_state_dict(weights, strict=True, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{name} checkpoint does not match the model: {e}") from e
+    vae.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return vae.to(device), model.to(device)
+
+
+def _read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The released VAE file is {'vae': state_dict, ...} (bsq_vae/vae.py vae_model reads ckpt['vae'])."""
+    if str(path).endswith(".pth") and os.path.isfile(path):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        if isinstance(raw, dict) and isinstance(raw.get("vae"), dict):
+            return raw["vae"]
+    return read_state_dict(path)

@@ -1,0 +1,285 @@
+"""ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
+
+setup: subject photos -> bit maps (once; the VAE is frozen), prompts -> T5 features (once; T5 is
+then moved off the accelerator), selective tuning + <S*>, AdamW. Each step: the teacher (base weights
+swapped in) samples class-prompt token maps; the student's scale-weighted instance loss; the
+prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
+sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
+`config.yaml` and a resumable `train_state.pt` in `out_dir`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from arbooth.adapt.personalization import save_personalization
+from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
+from arbooth.adapt.subject_token import (
+    SubjectToken,
+    add_placeholder_token,
+    class_noun_features,
+    encode_prompts,
+    init_subject_token,
+    instance_prompt,
+)
+from arbooth.checkpoint import save_torch
+from arbooth.config import save_config, to_dict
+from arbooth.data.images import save_grid
+from arbooth.data.subject import load_subject
+from arbooth.errors import ArboothError, CheckpointError, ConfigError
+from arbooth.models.infinity_schedule import image_size, infinity_scale_schedule
+from arbooth.precision import autocast
+from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
+from arbooth.recipes.subject_config import SubjectTrainConfig
+from arbooth.recipes.subject_teacher import teacher_targets
+
+log = logging.getLogger(__name__)
+
+TINY = dict(vae=dict(codebook_dim=8, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)),
+            model=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2.0, text_channels=128, text_maxlen=32,
+                       block_chunks=1))
+
+
+def build_models(cfg: SubjectTrainConfig):
+    """(vae, model, tokenizer, t5_encoder, base_id) on the CPU; frozen, eval mode."""
+    from arbooth.models import BSQVAE, Infinity
+    m = cfg.model
+    kw = dict(drop_path_rate=m.drop_path_rate, cond_drop_rate=m.cond_drop_rate,
+              lvl_embed_every_chunk=m.lvl_embed_every_chunk, checkpointing=cfg.gradient_checkpointing)
+    if m.preset == "tiny":
+        from arbooth.recipes.subject_tiny import build_tiny_t5
+        torch.manual_seed(m.seed)
+        vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
+        model = Infinity(vae, **TINY["model"], **kw).eval().requires_grad_(False)
+        tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=m.seed)
+        return vae, model, tokenizer, encoder, f"tiny-random seed={m.seed}"
+    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(m, k)]
+    if missing:
+        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {m.preset} "
+                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from arbooth.models.infinity_loading import load_infinity
+    vae, model = load_infinity(m.model_ckpt, m.vae_ckpt, model_kwargs=kw)
+    if not Path(m.t5).is_dir():
+        raise CheckpointError(f"T5 folder not found: {m.t5} (download google/flan-t5-xl)")
+    tokenizer = AutoTokenizer.from_pretrained(m.t5, legacy=True)
+    encoder = T5EncoderModel.from_pretrained(m.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+    return vae, model, tokenizer, encoder, f"{Path(m.model_ckpt).name} sha256={_file_sha256(m.model_ckpt)}"
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Run:
+    """Everything the step function needs."""
+
+    cfg: SubjectTrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tuner: SelectiveTuner
+    token: SubjectToken
+    optimizer: torch.optim.Optimizer
+    schedule: list
+    weights: tuple[float, ...]
+    var_input_NLd: torch.Tensor        # teacher-forcing input of every subject photo
+    gt_NLd: torch.Tensor               # their bits (labels)
+    inst: tuple                        # instance prompt: features, mask, placeholder (1, T, ...)
+    cls: tuple                         # class prompt: features, mask (1, T, ...)
+    val: tuple | None                  # validation prompts: features, mask, placeholder
+    generator: torch.Generator         # teacher sampling
+    base_id: str
+    base_tuned_sha256: str
+
+
+def setup(cfg: SubjectTrainConfig) -> Run:
+    if cfg.model.tuned_dtype == "bf16" and cfg.dtype != "bf16":
+        raise ConfigError("model.tuned_dtype=bf16 needs dtype=bf16 (autocast); use both fp32 or both bf16")
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    dev = accelerator.device
+    set_seed(cfg.seed)
+    schedule = [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+    vae, model, tokenizer, encoder, base_id = build_models(cfg)
+    subject = load_subject(cfg.subject, image_size(schedule)[0], class_noun=cfg.class_noun or None)
+    cls_noun = subject.info.class_noun
+    if not cls_noun:
+        raise ConfigError(f"no class noun: pass --class-noun or set class_noun in {cfg.subject}/subject.yaml")
+    # Frozen parts once: bits of the photos, T5 features of the fixed prompts.
+    vae.to(dev)
+    with torch.no_grad():
+        bits = vae.encode_bits(subject.images_N3HW.to(dev), schedule)
+        var_input = vae.bits_to_var_input(bits, schedule)
+        gt = torch.cat([b.flatten(1, 2) for b in bits], 1)
+    p = cfg.prompts
+    add_placeholder_token(tokenizer, encoder, p.placeholder)
+    enc = dict(max_length=model.text_maxlen, placeholder=p.placeholder, prefix_length=cfg.tuning.text_prefix_length)
+    inst = encode_prompts(tokenizer, encoder, [instance_prompt(p.instance_template, cls_noun, p.placeholder)], **enc)
+    cls_prompt = p.class_template.format(cls=cls_noun)
+    cls = encode_prompts(tokenizer, encoder, [cls_prompt], **enc)[:2]
+    subject_phrase = f"{p.placeholder} {cls_noun}"
+    val = encode_prompts(tokenizer, encoder, [v.format(subject_phrase) for v in p.validation], **enc) \
+        if p.validation and cfg.validate_every else None
+    token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)
+    init_subject_token(token, cfg.tuning.token_init, class_noun_features(tokenizer, encoder, cls_prompt, cls_noun)
+                       if cfg.tuning.token_init == "class_noun" else None)
+    del encoder  # T5 is not needed any more
+    # Model: blocks in the tuned dtype (the authors cast blocks to bf16), then the tuner.
+    model.to(dev)
+    if cfg.model.tuned_dtype == "bf16":
+        model.blocks.to(torch.bfloat16)
+    t = cfg.tuning
+    tuner = SelectiveTuner(model, tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers))
+    token.to(dev)
+    log.info("%s; + <S*> %s", tuner.summary(), tuple(token.embedding_PC.shape))
+    mem = tuner.teacher_memory()
+    log.info("teacher keeps %.1f MB of original weights instead of a %.1f MB model copy (saves %.1f MB)",
+             mem["teacher_bytes"] / 2**20, mem["full_copy_bytes"] / 2**20, mem["saved_bytes"] / 2**20)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([token.embedding_PC, *tuner.params.values()], lr=o.lr, betas=o.betas, eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    to = lambda xs: tuple(x.to(dev) for x in xs)  # noqa: E731
+    return Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
+               var_input, gt, to(inst), to(cls), to(val) if val else None,
+               torch.Generator(dev).manual_seed(cfg.seed + 1), base_id, tensors_sha256(tuner.originals))
+
+
+def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
+    cfg, model, opt = run.cfg, run.accelerator.unwrap_model(run.model), run.optimizer
+    B, ctx = len(idx), autocast(cfg.dtype, run.accelerator.device)
+    params = [run.token.embedding_PC, *run.tuner.params.values()]
+    cls_text, cls_mask = (x.expand(B, *x.shape[1:]) for x in run.cls)
+    # 1. the teacher first, while no graph holds the student's weights (see SelectiveTuner)
+    if cfg.loss.prior:
+        with run.tuner.teacher(), ctx:
+            t = cfg.teacher
+            x_cls, teacher_logits = teacher_targets(model, cls_text, cls_mask, run.schedule, mode=t.mode, tau=t.tau,
+                                                    top_k=t.top_k, top_p=t.top_p, generator=run.generator)
+    # 2. instance loss on the photos, with <S*> spliced into the prompt
+    text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
+    with ctx:
+        logits = run.model(text, mask, run.var_input_NLd[idx], run.schedule)
+    gt = run.gt_NLd[idx]
+    loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
+    out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
+    total = loss
+    if cfg.optim.step_mode == "two_steps" and cfg.loss.prior:  # authors: step on the instance loss first
+        _step(run, loss, params)
+        total = 0.0
+    # 3. prior distillation on the teacher's class maps
+    if cfg.loss.prior:
+        with ctx:
+            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule)
+        lo = cfg.loss
+        reg = lo.reg_lambda * distill_loss(student_logits, teacher_logits, kind=lo.distill_type,
+                                           temperature=lo.distill_temperature, softmax_over=lo.distill_softmax)
+        out["distill"] = reg.item()
+        total = total + reg
+    _step(run, total, params)
+    return out
+
+
+def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+    run.accelerator.backward(loss)
+    if run.cfg.optim.grad_clip > 0:
+        run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def validate(run: Run, step: int) -> Path | None:
+    if run.val is None:
+        return None
+    model = run.accelerator.unwrap_model(run.model)
+    was = model.training
+    model.eval()
+    feats, mask, ph = run.val
+    text, tmask = run.token(feats, mask, ph)
+    out = model.generate(text, tmask, run.schedule, cfg=run.cfg.val_cfg, tau=run.cfg.val_tau, seed=run.cfg.seed)
+    model.train(was)
+    return save_grid(out.images, Path(run.cfg.out_dir) / "val" / f"step_{step:06d}.png", nrow=len(out.images))
+
+
+def save_outputs(run: Run, step: int) -> Path:
+    """The personalization file (tuned tensors + <S*>) and the resumable training state."""
+    out = Path(run.cfg.out_dir)
+    meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
+            "placeholder": run.cfg.prompts.placeholder, "class_noun": run.cfg.class_noun,
+            "instance_template": run.cfg.prompts.instance_template}
+    path = save_personalization(out / "personalization.safetensors", run.tuner.tuned_state_dict(),
+                                run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+    save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
+                "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
+                "rng": torch.get_rng_state()}, out / "train_state.pt")
+    return path
+
+
+def _resume(run: Run) -> int:
+    path = Path(run.cfg.out_dir) / "train_state.pt"
+    if not run.cfg.resume or not path.is_file():
+        return 0
+    state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
+    with torch.no_grad():
+        run.token.embedding_PC.copy_(state["token"])
+        for k, v in state["tuned"].items():
+            run.tuner.params[k].copy_(v)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["rng"].cpu())
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def train(cfg: SubjectTrainConfig) -> Path:
+    """Run the recipe; returns the personalization file's path."""
+    if not cfg.subject:
+        raise ConfigError("no subject folder given (--subject or subject=...)")
+    out = Path(cfg.out_dir)
+    run = setup(cfg)
+    main = run.accelerator.is_main_process
+    if main:
+        save_config(cfg, out / "config.yaml")
+    start = _resume(run)
+    run.model.train()
+    N = run.gt_NLd.shape[0]
+    order = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(start):  # replay the batch order up to the resumed step
+        torch.randint(N, (cfg.batch_size,), generator=order)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="train-subject")
+    path = None
+    for step in bar:
+        idx = torch.randint(N, (cfg.batch_size,), generator=order).to(run.gt_NLd.device)
+        t0 = time.perf_counter()
+        m = train_step(run, idx)
+        m["step"], m["time_s"] = step + 1, time.perf_counter() - t0
+        if main:
+            bar.set_postfix(loss=f"{m['loss']:.4f}", distill=f"{m.get('distill', 0.0):.4f}",
+                            acc="/".join(f"{a:.2f}" for a in m["acc"]))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if not (m["loss"] == m["loss"]):
+                raise ArboothError(f"loss became NaN at step {step + 1}")
+            if cfg.validate_every and (step + 1) % cfg.validate_every == 0:
+                validate(run, step + 1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                path = save_outputs(run, step + 1)
+    if main:
+        path = save_outputs(run, cfg.steps)
+        log.info("wrote %s", path)
+    return path

@@ -1,0 +1,90 @@
+"""<S*> splice against the authors' tensors in arbooth_tiny.pt, and prompt encoding with a tiny T5."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from arbooth.adapt.subject_token import (
+    PLACEHOLDER,
+    SubjectToken,
+    add_placeholder_token,
+    class_noun_features,
+    encode_prompts,
+    init_subject_token,
+    instance_prompt,
+    pack_text,
+    splice_subject_token,
+)
+from arbooth.errors import ArboothError
+from arbooth.recipes.subject_tiny import build_tiny_t5
+
+
+def test_splice_matches_the_authors(shared_dir: Path) -> None:
+    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
+    inp, txt = g["inputs"], g["config"]["text"]
+    token_PC = g["infinity_state_dict"]["special_token"]
+    placeholder_BT = inp["input_ids"] == txt["special_token_id"]
+    assert placeholder_BT.nonzero()[:, 1].tolist() == txt["placeholder_pos"]
+    mask_BT = inp["attention_mask"].bool()
+    out_BTC, out_mask_BT = splice_subject_token(inp["text_features"], mask_BT, placeholder_BT, token_PC)
+    packed, lens = pack_text(out_BTC, out_mask_BT)
+    kv_compact, ref_lens, cu_seqlens, max_len = inp["text_cond_infer"]
+    assert lens == list(ref_lens) and out_BTC.shape[1] == max_len
+    torch.testing.assert_close(packed, kv_compact, rtol=0, atol=0)
+    assert torch.equal(g["inputs"]["text_cond_train"][0], kv_compact)  # the training splice is the same
+
+
+def test_splice_is_differentiable_and_leaves_other_prompts_alone() -> None:
+    tok = SubjectToken(3, 4)
+    torch.nn.init.normal_(tok.embedding_PC)
+    text = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    ph = torch.zeros(2, 5, dtype=torch.bool)
+    ph[0, 1] = True
+    out, out_mask = tok(text, mask, ph)
+    assert out.shape == (2, 6, 4) and out_mask.sum(1).tolist() == [6, 3]
+    assert torch.equal(out[0, 1:4], tok.embedding_PC.detach()) and torch.equal(out[0, 4:6], text[0, 2:4])
+    assert torch.equal(out[1, :3], text[1, :3]) and not out[1, 3:].any()
+    out.sum().backward()
+    assert torch.equal(tok.embedding_PC.grad, torch.ones(3, 4))
+    ph[0, 2] = True
+    with pytest.raises(ArboothError, match="at most once"):
+        tok(text, mask, ph)
+
+
+def test_encode_prompts_with_tiny_t5() -> None:
+    tokenizer, encoder = build_tiny_t5(16)
+    token_id = add_placeholder_token(tokenizer, encoder)
+    assert token_id < encoder.get_input_embeddings().weight.shape[0]  # spare row used, no resize
+    assert add_placeholder_token(tokenizer, encoder) == token_id  # idempotent
+    prompts = [instance_prompt("a photo of {token} {cls}", "dog"), "a photo of dog"]
+    assert prompts[0] == f"a photo of {PLACEHOLDER} dog"
+    feats, mask, ph = encode_prompts(tokenizer, encoder, prompts, max_length=16)
+    assert feats.shape == (2, 6, 16) and mask.sum(1).tolist() == [6, 5] and ph.nonzero().tolist() == [[0, 3]]
+    token = SubjectToken(4, 16)
+    cls = class_noun_features(tokenizer, encoder, prompts[1], "dog")
+    torch.testing.assert_close(cls, feats[1, 3])  # "dog" is one token at position 3
+    init_subject_token(token, "class_noun", cls)
+    spliced, smask = token(feats, mask, ph)
+    assert smask.sum(1).tolist() == [9, 5] and torch.equal(spliced[0, 3:7], cls.expand(4, -1))
+    init_subject_token(token, "zeros")
+    assert not token.embedding_PC.any()
+    with pytest.raises(ArboothError, match="not found"):
+        class_noun_features(tokenizer, encoder, prompts[1], "teapot")
+
+
+def test_placeholder_gets_a_row_when_the_table_is_full() -> None:
+    tokenizer, encoder = build_tiny_t5(8)
+    encoder.resize_token_embeddings(len(tokenizer))
+    token_id = add_placeholder_token(tokenizer, encoder)
+    table = encoder.get_input_embeddings().weight
+    assert table.shape[0] == token_id + 1
+    torch.testing.assert_close(table[token_id], table[:token_id].mean(0))
+
+
+def test_placeholder_missing_from_tokenizer_is_an_error() -> None:
+    tokenizer, encoder = build_tiny_t5(8)
+    with pytest.raises(ArboothError, match="add_placeholder_token"):
+        encode_prompts(tokenizer, encoder, [f"a {PLACEHOLDER} dog"], max_length=16)

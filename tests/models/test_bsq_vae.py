@@ -1,0 +1,95 @@
+"""BSQ-VAE against the official golden (../shared/golden/infinity/infinity_tiny.pt) and the d32 manifest."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models import BSQVAE, infinity_scale_schedule
+from arbooth.models.bsq_vae import official_vae_state_dict
+
+
+@pytest.fixture(scope="module")
+def golden(shared_dir):
+    return torch.load(shared_dir / "golden/infinity/infinity_tiny.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def vae(golden):
+    v = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
+    v.load_state_dict(dict(golden["vae_state_dict"]), strict=True)
+    return v
+
+
+def _close(a, b, tol):
+    assert a.shape == b.shape
+    assert (a.float() - b.float()).abs().max().item() <= tol
+
+
+@torch.no_grad()
+def test_encode_matches_golden(golden, vae):
+    ref = golden["vae"]
+    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
+    h = vae.encode_features(golden["inputs"]["image"])
+    _close(h, ref["raw_features"], 1e-4)
+    z, bits, var_inputs = vae.quantize(ref["raw_features"], schedule)  # from the golden features: bits exact
+    _close(z, ref["encode_z"], 1e-4)
+    assert len(bits) == len(schedule)
+    for b, rb in zip(bits, ref["encode_bit_indices"]):
+        assert torch.equal(b, rb[:, 0].to(b.dtype))
+    for v, rv in zip(var_inputs, ref["encode_var_inputs"]):
+        _close(v, rv, 1e-4)
+    _close(vae.bits_to_var_input(bits, schedule), golden["train"]["x_BLC_wo_prefix"], 1e-5)
+    _close(vae.decode(z), ref["recon"], 1e-4)
+    _close(vae.decode_bits(bits, schedule), ref["recon"], 1e-4)
+
+
+def test_official_layout_round_trip(golden, vae):
+    sd = official_vae_state_dict(vae)
+    assert list(sd) == list(golden["vae_state_dict"])
+    for k, v in golden["vae_state_dict"].items():
+        assert torch.equal(sd[k], v), k
+    fresh = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2))
+    fresh.load_state_dict(vae.state_dict(), strict=True)  # our own layout loads too
+    bad = dict(golden["vae_state_dict"])
+    bad["quantize.lfq.mask"] = bad["quantize.lfq.mask"].flip(0)
+    with pytest.raises(CheckpointError, match="lfq.mask"):
+        fresh.load_state_dict(bad)
+
+
+@torch.no_grad()
+def test_other_aspect_ratio_round_trip():
+    torch.manual_seed(0)
+    vae = BSQVAE(codebook_dim=8, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 1, 1, 1)).eval()
+    schedule = infinity_scale_schedule(h_div_w=0.5, pn="0.06M")  # 1:2 template, last map 11 x 22
+    assert schedule[-1] == (1, 11, 22)
+    img = torch.rand(1, 3, 11 * 16, 22 * 16) * 2 - 1
+    z, bits, _ = vae.quantize(vae.encode_features(img), schedule)
+    assert [tuple(b.shape) for b in bits] == [(1, h, w, 8) for _, h, w in schedule]
+    assert set(torch.cat([b.flatten() for b in bits]).tolist()) <= {0, 1}
+    # the quantizer's output is exactly the sum of its bits' codes
+    _close(vae.summed_codes(bits, schedule).squeeze(2), z, 1e-6)
+    x = vae.bits_to_var_input(bits, schedule)
+    assert x.shape == (1, sum(h * w for _, h, w in schedule) - 1, 8)
+    assert vae.decode_bits(bits, schedule).shape == img.shape
+
+
+def test_bad_inputs():
+    vae = BSQVAE(codebook_dim=8, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 1, 1, 1))
+    with pytest.raises(ConfigError):
+        vae.encode_features(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ConfigError, match="last scale"):
+        vae.quantize(torch.zeros(1, 8, 4, 4), [(1, 1, 1), (1, 2, 2)])
+    with pytest.raises(ConfigError):
+        BSQVAE(patch_size=12)
+
+
+def test_d32_meta_matches_manifest(shared_dir):
+    manifest = json.loads((shared_dir / "golden/infinity/infinity_vae_d32.manifest.json").read_text())
+    with torch.device("meta"):
+        vae = BSQVAE()
+    got = {k: list(v.shape) for k, v in official_vae_state_dict(vae).items()}
+    assert got == {e["key"]: e["shape"] for e in manifest["entries"]}
+    assert sum(p.numel() for p in vae.parameters()) == manifest["num_parameters"]

@@ -1,0 +1,190 @@
+"""Infinity transformer against the official golden (../shared/golden/infinity/infinity_tiny.pt),
+the 2B manifest, and its own invariants (cached == no-cache sampling, batching, switches)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arbooth.errors import ConfigError
+from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
+from arbooth.models.infinity_loading import official_state_dict
+
+
+def unpack_text(text_cond_tuple):
+    """Official packed form (kv_compact, lens, cu_seqlens_k, max_seqlen_k) -> padded features + mask."""
+    kv, lens, cu, _ = text_cond_tuple
+    text = kv.new_zeros(len(lens), max(lens), kv.shape[1])
+    mask = torch.zeros(len(lens), max(lens), dtype=torch.bool)
+    for i, (start, n) in enumerate(zip(cu[:-1].tolist(), lens)):
+        text[i, :n], mask[i, :n] = kv[start:start + n], True
+    return text, mask
+
+
+@pytest.fixture(scope="module")
+def golden(shared_dir):
+    return torch.load(shared_dir / "golden/infinity/infinity_tiny.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def models(golden):
+    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
+    vae.load_state_dict(dict(golden["vae_state_dict"]))
+    kw = golden["config"]["infinity"]["constructor_kwargs"]
+    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                     mlp_ratio=kw["mlp_ratio"], text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
+                     block_chunks=kw["block_chunks"]).eval()
+    model.load_state_dict(dict(golden["infinity_state_dict"]), strict=True)
+    return vae, model
+
+
+def tiny(lvl_every_chunk=False, d=8, text_channels=128, seed=0):
+    torch.manual_seed(seed)
+    vae = BSQVAE(codebook_dim=d, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 1, 1, 1)).eval()
+    model = Infinity(vae, depth=2, embed_dim=64, num_heads=4, text_channels=text_channels, text_maxlen=8,
+                     block_chunks=2, lvl_embed_every_chunk=lvl_every_chunk).eval()
+    return vae, model
+
+
+def test_scale_schedule_table():
+    s = infinity_scale_schedule(1.0, "0.06M")
+    assert s == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8), (1, 12, 12), (1, 16, 16)]
+    assert [len(infinity_scale_schedule(1.0, pn)) for pn in ("0.06M", "0.25M", "0.60M", "1M")] == [7, 10, 12, 13]
+    assert infinity_scale_schedule(1.0)[-1] == (1, 64, 64)
+    assert infinity_scale_schedule(2.9, "1M")[-1] == (1, 111, 37)  # nearest template 3:1
+    assert infinity_scale_schedule(0.34, "1M")[-1] == (1, 37, 111)  # and its transpose
+    assert infinity_scale_schedule(0.8, "0.25M")[-1] == (1, 28, 35)  # 4:5, transposed 5:4 table
+    with pytest.raises(ConfigError):
+        infinity_scale_schedule(1.0, "2M")
+
+
+@torch.no_grad()
+def test_teacher_forced_logits_match_golden(golden, models):
+    _, model = models
+    text, mask = unpack_text(golden["inputs"]["text_cond_tuple"])
+    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
+    ref = golden["train"]["intermediates"]
+    tc = model.encode_text(text, mask)
+    torch.testing.assert_close(tc.cond_BD, ref["cond_BD"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tc.gss_B16C, ref["cond_BD_or_gss"], atol=1e-5, rtol=0)
+    logits = model(text, mask, golden["train"]["x_BLC_wo_prefix"], schedule)
+    assert (logits - golden["train"]["logits"]).abs().max().item() <= 1e-5
+    # bitwise cross-entropy, averaged over the bits of a token (official bitloss_type='mean')
+    B, L, _ = logits.shape
+    gt = golden["train"]["gt_BL"].long()
+    loss = torch.nn.functional.cross_entropy(logits.view(B, L, -1, 2).permute(0, 3, 1, 2), gt, reduction="none")
+    torch.testing.assert_close(loss.mean(-1), golden["train"]["loss_per_token"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_generation_matches_golden(golden, models, mode):
+    _, model = models
+    text, mask = unpack_text(golden["inputs"]["text_cond_tuple"])
+    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
+    gen, ref = golden["config"]["generation"], golden["generate"][mode]
+    out = model.generate(text, mask, schedule, cfg=gen["cfg_list"], tau=gen["tau_list"], top_k=gen[mode]["top_k"],
+                         top_p=gen[mode]["top_p"], seed=gen[mode]["g_seed"], return_logits=True)
+    for bits, ref_bits in zip(out.bits, ref["bits_per_scale"], strict=True):
+        assert torch.equal(bits, ref_bits.to(bits.dtype))
+    for logits, ref_logits in zip(out.logits, ref["logits_per_scale"], strict=True):
+        assert (logits - ref_logits).abs().max().item() <= 1e-5
+    assert (out.summed_codes - ref["summed_codes"]).abs().max().item() <= 1e-5
+    assert (out.images * 2 - 1 - ref["image_float"]).abs().max().item() <= 1e-4
+
+
+def test_official_layout_round_trip(golden, models):
+    _, model = models
+    sd = official_state_dict(model)
+    assert list(sd) == list(golden["infinity_state_dict"])
+    assert all(torch.equal(sd[k], v) for k, v in golden["infinity_state_dict"].items())
+    _vae, fresh = tiny(d=16, text_channels=256)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # strict: a different architecture is an error
+        fresh.load_state_dict(sd)
+
+
+def test_2b_meta_matches_manifest(shared_dir):
+    manifest = json.loads((shared_dir / "golden/infinity/infinity_2b.manifest.json").read_text())
+    with torch.device("meta"):
+        vae = BSQVAE(codebook_dim=32, base_ch=128, num_res_blocks=2, ch_mult=(1, 2, 4, 4, 4))
+        model = Infinity(vae, depth=32, embed_dim=2048, num_heads=16, mlp_ratio=4.0,
+                         text_channels=2048, text_maxlen=512, block_chunks=8)
+    got = {k: list(v.shape) for k, v in official_state_dict(model).items()}
+    assert got == {e["key"]: e["shape"] for e in manifest["entries"]}
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"] == 2_204_564_032
+    assert "vae" not in dict(model.named_children())  # the tokenizer is not part of the transformer
+    assert isinstance(model.blocks[0].sa.q, torch.nn.Linear)  # peft/Opacus can target q/k/v
+
+
+@pytest.mark.parametrize("lvl_every_chunk,mode", [(False, "trilinear"), (True, "area")])
+def test_cached_equals_no_cache_on_a_wide_schedule(lvl_every_chunk, mode):
+    _, model = tiny(lvl_every_chunk)
+    schedule = infinity_scale_schedule(0.5, "0.06M")  # 1:2, 7 scales, L = 451
+    text, mask = torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    kw = {"cfg": [1.0, 3.0, 3, 3, 3, 3, 3], "tau": 0.7, "top_k": 1, "top_p": 0.0, "next_scale_mode": mode, "return_logits": True}
+    a = model.generate(text, mask, schedule, use_cache=True, **kw)
+    b = model.generate(text, mask, schedule, use_cache=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-4
+    assert a.images.shape == (2, 3, 11 * 16, 22 * 16) and 0 <= a.images.min() and a.images.max() <= 1
+
+
+def test_batch_items_are_independent():
+    """Padding masks: a prompt's result does not depend on its batch neighbours (greedy)."""
+    _, model = tiny()
+    schedule = infinity_scale_schedule(1.0, "0.06M")[:5]
+    text, mask = torch.randn(2, 6, 128), torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    both = model.generate(text, mask, schedule, top_k=1, top_p=0.0, return_logits=True)
+    alone = model.generate(text[:1, :3], mask[:1, :3], schedule, top_k=1, top_p=0.0, return_logits=True)
+    assert all(torch.equal(x[:1], y) for x, y in zip(both.bits, alone.bits))
+    torch.testing.assert_close(both.images[:1], alone.images, atol=1e-5, rtol=0)
+
+
+def test_switches_and_teacher_forcing_consistency():
+    vae, model = tiny()
+    schedule = infinity_scale_schedule(1.0, "0.06M")[:4]
+    text, mask = torch.randn(1, 3, 128), torch.ones(1, 3, dtype=torch.bool)
+    out = model.generate(text, mask, schedule, cfg=1.0, top_k=1, top_p=0.0, return_logits=True)
+    with torch.no_grad():  # teacher forcing on the sampled bits reproduces the sampler's logits
+        logits = model(text, mask, vae.bits_to_var_input(out.bits, schedule), schedule)
+    torch.testing.assert_close(logits, torch.cat(out.logits, 1), atol=1e-5, rtol=0)
+    x = vae.bits_to_var_input(out.bits, schedule)
+    _, model_fork = tiny(lvl_every_chunk=True)
+    with torch.no_grad():
+        assert not torch.allclose(model_fork(text, mask, x, schedule), logits)
+
+
+def test_train_mode_condition_drop_and_checkpointing():
+    _, model = tiny()
+    model.train()
+    for b in model.blocks:
+        b.drop_path = 0.0
+    schedule = infinity_scale_schedule(1.0, "0.06M")[:3]
+    text, mask = torch.randn(2, 4, 128), torch.ones(2, 4, dtype=torch.bool)
+    x = torch.randn(2, sum(h * w for _, h, w in schedule) - 1, 8)
+    dropped = model(text, mask, x, schedule, cond_drop_B=torch.tensor([True, False]))
+    uncond_text = text.clone()
+    uncond_text[0] = model.cfg_uncond[:4].detach()
+    kept = model(uncond_text, mask, x, schedule, cond_drop_B=torch.tensor([False, False]))
+    torch.testing.assert_close(dropped, kept)
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.checkpointing = flag
+        model(text, mask, x, schedule, cond_drop_B=torch.zeros(2, dtype=torch.bool)).square().mean().backward()
+        grads.append(model.blocks[1].ffn.fc1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_inputs():
+    _, model = tiny()
+    schedule = infinity_scale_schedule(1.0, "0.06M")[:3]
+    text, mask = torch.randn(1, 3, 128), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ConfigError, match="x_BLC"):
+        model(text, mask, torch.zeros(1, 4, 8), schedule)
+    with pytest.raises(ConfigError, match="text"):
+        model.generate(torch.randn(1, 3, 16), mask, schedule)
+    with pytest.raises(ConfigError, match="cfg"):
+        model.generate(text, mask, schedule, cfg=[3.0, 3.0])
+    with pytest.raises(ConfigError):
+        model.generate(text, torch.zeros(1, 3, dtype=torch.bool), schedule)
