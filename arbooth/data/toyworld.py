@@ -179,7 +179,7 @@ class ToyWorld:
 
 def vocabulary() -> list[str]:
     """Every word a toy caption or toy prompt may use (the toy tokenizer's vocabulary)."""
-    extra = "a an the of photo on in with and background".split()
+    extra = ["a", "an", "the", "of", "photo", "on", "in", "with", "and", "background"]
     return list(dict.fromkeys([*extra, *SIZES, *COLOURS, *TEXTURES[1:], *SHAPES]))
 
 

@@ -90,12 +90,17 @@ def train_vae(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Module,
         if step % 100 == 0:
             log.info("vae step %d loss %.4f", step, loss.item())
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # held-out reconstruction error, images in [0, 1]
-        x = to_tensor(world.batch(10**7, 64)) * 2 - 1
-        rec = vae.decode_bits(vae.encode_bits(x, tm.SCHEDULE), tm.SCHEDULE)
-        mse = F.mse_loss(rec.add(1).div(2), x.add(1).div(2)).item()
     return vae, {"steps": cfg.vae_steps, "seconds": time.perf_counter() - t0, "final_loss": loss.item(),
-                 "heldout_mse_01": mse, "heldout_psnr_db": -10 * math.log10(max(mse, 1e-12))}
+                 **eval_vae(vae, world)}
+
+
+@torch.no_grad()
+def eval_vae(vae, world: ToyWorld) -> dict[str, float]:
+    """Held-out reconstruction error through the full bit schedule, images in [0, 1]."""
+    x = to_tensor(world.batch(10**7, 64)) * 2 - 1
+    rec = vae.decode_bits(vae.encode_bits(x, tm.SCHEDULE), tm.SCHEDULE)
+    mse = F.mse_loss(rec.add(1).div(2), x.add(1).div(2)).item()
+    return {"heldout_mse_01": mse, "heldout_psnr_db": -10 * math.log10(max(mse, 1e-12))}
 
 
 def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -199,7 +204,10 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prev = json.loads((out / "toy.json").read_text()) if (out / "toy.json").is_file() else {}
-    world = lambda k: ToyWorld(cfg.seed + k, cfg.image_size, exclude=cfg.exclude)  # noqa: E731
+
+    def world(k: int) -> ToyWorld:
+        return ToyWorld(cfg.seed + k, cfg.image_size, exclude=cfg.exclude)
+
     tokenizer = build_toy_tokenizer()
     report = dict(prev.get("training", {}))
     t_all = time.perf_counter()
@@ -210,6 +218,7 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
         from arbooth.checkpoint import read_state_dict
         vae = tm.build_vae().eval().requires_grad_(False)
         vae.load_state_dict(read_state_dict(out / "vae.safetensors"))
+        report.setdefault("vae", {}).update(eval_vae(vae, world(0)))
     if "model" in cfg.stages:
         model, t5, report["model"] = train_model(cfg, world(1), vae, tokenizer)
         save_safetensors(model.state_dict(), out / "infinity.safetensors")
@@ -222,6 +231,8 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
     if "probe" in cfg.stages:
         probe, report["probe"] = train_probe(cfg, world(3))
         save_safetensors(probe.state_dict(), out / "probe.safetensors")
+    for stage in cfg.stages:
+        log.info("%s: %s", stage, {k: v for k, v in report[stage].items() if k != "log"})
     files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors",
              *sorted(str(p.relative_to(out)) for p in (out / "t5").iterdir())]
     manifest = {"format": "arbooth-toy/1", "image_size": cfg.image_size, "schedule": tm.SCHEDULE,

@@ -31,13 +31,15 @@ TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
 # Default configs (pretrain-toy writes the ones it used into toy.json; loaders read toy.json).
 IMAGE_SIZE = 32
 SCHEDULE = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8)]  # 121 tokens; 8x8 latent = 32 px / 4
-VAE = dict(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=[1, 1, 2], patch_size=4)
-MODEL = dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2.0, text_channels=128, text_maxlen=24, block_chunks=2)
-T5 = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-          relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu")
-CLIP = dict(embed_dim=64, vision=dict(layers=3, width=96, head_width=32, patch_size=4, image_size=IMAGE_SIZE,
-                                      mlp_ratio=2.0),
-            text=dict(context_length=16, width=64, heads=2, layers=2, mlp_ratio=2.0))
+VAE = {"codebook_dim": 16, "base_ch": 32, "num_res_blocks": 1, "ch_mult": [1, 1, 2], "patch_size": 4}
+MODEL = {"depth": 4, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 2.0, "text_channels": 128, "text_maxlen": 24,
+         "block_chunks": 2}
+T5 = {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
+      "relative_attention_max_distance": 16, "dropout_rate": 0.0, "feed_forward_proj": "gated-gelu"}
+CLIP = {"embed_dim": 64,
+        "vision": {"layers": 3, "width": 96, "head_width": 32, "patch_size": 4, "image_size": IMAGE_SIZE,
+                   "mlp_ratio": 2.0},
+        "text": {"context_length": 16, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0}}
 PROBE_HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES, "size": SIZES,
                "background": tuple(COLOURS)}
 

@@ -45,7 +45,9 @@ def _asked(prompt: str) -> dict[str, str]:
     words, asked = prompt.split(), {}
     if "background" in words and words.index("background") >= 1 and words[words.index("background") - 1] in COLOURS:
         asked["background"] = words[words.index("background") - 1]
-    asked.update({"size": w for w in words if w in SIZES})
+    sizes = [w for w in words if w in SIZES]
+    if sizes:
+        asked["size"] = sizes[0]
     return asked
 
 
@@ -68,6 +70,8 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
           attrs: dict[str, str], base_RS3HW: torch.Tensor | None = None) -> dict:
     """Metrics for one model; row 0 is the class prompt, rows 1.. the subject prompts."""
     sub_id, sub_clip = ev.identity(subject_N3HW), ev.clip_image(subject_N3HW)
+    # per seed (column), mean over the subject prompts: the spread across seeds for significance checks
+    per_seed = (ev.identity(imgs_RS3HW[1:].flatten(0, 1)) @ sub_id.T).mean(-1).view(imgs_RS3HW.shape[0] - 1, -1)
     per_prompt = []
     for r, prompt in enumerate(prompts_cls):
         x = imgs_RS3HW[r]
@@ -96,7 +100,7 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
     mean.update(PRES=cls["I_ID"], class_shape_acc=cls["shape_acc"], class_subject_leak=cls["subject_leak"])
     if "drift_id" in cls:
         mean["class_drift_id"] = cls["drift_id"]
-    return {"mean": mean, "per_prompt": per_prompt}
+    return {"mean": mean, "I_ID_per_seed": per_seed.mean(0).tolist(), "per_prompt": per_prompt}
 
 
 def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | Path, *, toy_dir: str | Path = TOY_DIR,
@@ -115,7 +119,7 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
     templates = list(data.info.prompts) or ["a {}"]
     prompts_cls = [f"a {noun}", *[t.format(noun) for t in templates]]
     prompts_sub = [f"a {noun}", *[t.format(f"{pers.placeholder} {noun}") for t in templates]]
-    sample = dict(cfg=cfg, tau=tau, top_p=top_p, top_k=0)
+    sample = {"cfg": cfg, "tau": tau, "top_p": top_p, "top_k": 0}
     L = base.model.text_maxlen
     t_b, m_b = pers.encode(base.tokenizer, base.encoder, prompts_cls, max_length=L)
     t_p, m_p = pers.encode(tuned.tokenizer, tuned.encoder, prompts_sub, max_length=L)
