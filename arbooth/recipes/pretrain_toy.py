@@ -40,18 +40,18 @@ class PretrainToyConfig:
     seed: int = 0
     image_size: int = tm.IMAGE_SIZE
     exclude: tuple[tuple[str, str], ...] = (("star", "dotted"),)  # the demo subject's appearance
-    vae_steps: int = 500
-    vae_batch: int = 24
+    vae_steps: int = 1000
+    vae_batch: int = 16
     vae_lr: float = 2e-3
-    model_steps: int = 1200
+    model_steps: int = 600
     model_batch: int = 24
     model_lr: float = 1e-3
     clip_steps: int = 500
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    probe_steps: int = 400
+    probe_steps: int = 600
     probe_batch: int = 64
-    probe_lr: float = 2e-3
+    probe_lr: float = 3e-3
     threads: int = 1        # 0: torch's default. One thread: on a busy 2-core machine OpenMP's spinning makes
                             # two threads ~5x slower than one for these tiny matmuls (measured here)
     stages: tuple[str, ...] = field(default=("vae", "model", "clip", "probe"))
@@ -178,12 +178,15 @@ def train_probe(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Modul
         if step % 100 == 0:
             log.info("probe step %d loss %.4f", step, loss.item())
     probe.eval().requires_grad_(False)
-    held = world.batch(10**7, 256)
+    return probe, {"steps": cfg.probe_steps, "seconds": time.perf_counter() - t0, **probe_report(cfg, probe, world)}
+
+
+def probe_report(cfg: PretrainToyConfig, probe, world: ToyWorld) -> dict:
+    """Held-out accuracy per attribute, and on dotted stars (never seen: the demo subject's appearance)."""
     held_out = ToyWorld(cfg.seed + 99, cfg.image_size, exclude=(), p_texture=1.0)
     dotted_stars = [it for it in held_out.batch(0, 2000) if it.attrs.shape == "star" and it.attrs.texture == "dotted"]
-    return probe, {"steps": cfg.probe_steps, "seconds": time.perf_counter() - t0,
-                   "heldout_accuracy": probe_accuracy(probe, held),
-                   "dotted_star_accuracy": probe_accuracy(probe, dotted_stars[:128])}
+    return {"heldout_accuracy": probe_accuracy(probe, world.batch(10**7, 256)),
+            "dotted_star_accuracy": probe_accuracy(probe, dotted_stars[:128])}
 
 
 def _labels(items, key: str) -> torch.Tensor:
@@ -209,7 +212,7 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
         return ToyWorld(cfg.seed + k, cfg.image_size, exclude=cfg.exclude)
 
     tokenizer = build_toy_tokenizer()
-    report = dict(prev.get("training", {}))
+    report = {k: v for k, v in prev.get("training", {}).items() if isinstance(v, dict)}
     t_all = time.perf_counter()
     if "vae" in cfg.stages:
         vae, report["vae"] = train_vae(cfg, world(0))
@@ -231,10 +234,15 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
     if "probe" in cfg.stages:
         probe, report["probe"] = train_probe(cfg, world(3))
         save_safetensors(probe.state_dict(), out / "probe.safetensors")
-    for stage in cfg.stages:
-        log.info("%s: %s", stage, {k: v for k, v in report[stage].items() if k != "log"})
-    files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors",
-             *sorted(str(p.relative_to(out)) for p in (out / "t5").iterdir())]
+    elif (out / "probe.safetensors").is_file():  # re-measure the shipped probe (cheap)
+        from arbooth.checkpoint import read_state_dict
+        probe = tm.AttributeProbe().eval()
+        probe.load_state_dict(read_state_dict(out / "probe.safetensors"))
+        report.setdefault("probe", {}).update(probe_report(cfg, probe, world(3)))
+    for stage, info in report.items():
+        log.info("%s: %s", stage, {k: v for k, v in info.items() if k != "log"})
+    t5_files = sorted(str(p.relative_to(out)) for p in (out / "t5").iterdir()) if (out / "t5").is_dir() else []
+    files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors", *t5_files]
     manifest = {"format": "arbooth-toy/1", "image_size": cfg.image_size, "schedule": tm.SCHEDULE,
                 "vae": tm.VAE, "model": tm.MODEL, "t5": tm.T5, "clip": tm.CLIP,
                 "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),

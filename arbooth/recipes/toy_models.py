@@ -75,14 +75,18 @@ class AttributeProbe(nn.Module):
     """Small CNN predicting every toy attribute; its pooled features are the toy identity embedding
     (the stand-in for DINO) and its heads the oracle for attribute accuracy. Input: (B, 3, H, W) in [0, 1]."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, dim: int = 128):
         super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(), nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
-            nn.GELU(), nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in PROBE_HEADS.items()})
+        self.features = nn.Sequential(  # 32 -> 16 -> 8 -> 4, then a linear map of the whole 4x4 map
+            *block(3, w, 1), *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1), *block(2 * w, 4 * w, 2),
+            *block(4 * w, 4 * w, 1), *block(4 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(64 * w, dim), nn.ReLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in PROBE_HEADS.items()})
 
     def embed(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         return self.features(x_B3HW * 2 - 1)
