@@ -47,7 +47,9 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     assert gain > spread and gain > 0.05, (gain, spread)
     # the subject's colour (green) appears; its dots do not: the toy VAE cannot represent them (docs/toy.md)
     assert pers["mean"]["colour_acc"] > base["mean"]["colour_acc"] + 0.1
-    # prior: the class prompt still gives ordinary stars, close to the base model's for the same seeds
-    assert pers["mean"]["class_shape_acc"] >= base["mean"]["class_shape_acc"] - 0.34
-    assert pers["mean"]["class_drift_id"] < gain
+    # prior: the plain class prompt's images do not turn into the subject (PRES barely moves, no subject
+    # leak), and per seed they differ from the base model's by no more than base images of different
+    # seeds differ from each other (the toy base's own class-prompt diversity)
     assert pers["mean"]["PRES"] - base["mean"]["PRES"] < gain / 2
+    assert pers["mean"]["class_subject_leak"] <= base["mean"]["class_subject_leak"] + 1 / 3
+    assert pers["mean"]["class_drift_id"] < 1.5 * base["per_prompt"][0]["DIV"]
