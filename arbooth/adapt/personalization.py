@@ -29,7 +29,12 @@ from safetensors import safe_open
 from torch import nn
 
 from arbooth.adapt.selective import tensors_sha256
-from arbooth.adapt.subject_token import PLACEHOLDER, add_placeholder_token, encode_prompts, splice_subject_token
+from arbooth.adapt.subject_token import (
+    PLACEHOLDER,
+    add_placeholder_token,
+    encode_prompts,
+    splice_subject_token,
+)
 from arbooth.checkpoint import save_safetensors
 from arbooth.errors import CheckpointError
 
@@ -100,7 +105,7 @@ def load_personalization(path: str | Path, device: str | torch.device = "cpu") -
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:  # safetensors raises several types for a bad file
         raise CheckpointError(f"cannot read personalization {path}: {type(e).__name__}: {e}") from e
     if metadata.get("format") != FORMAT or "subject_token" not in tensors:

@@ -59,7 +59,7 @@ def splice_subject_token(text_BTC: torch.Tensor, mask_BT: torch.Tensor, placehol
     Prompts without a placeholder pass unchanged; more than one placeholder in a prompt is an error.
     Returns padded (B, T', C) features and their (B, T') bool mask, T' = max length after the splice.
     """
-    B, T, C = text_BTC.shape
+    B, _, C = text_BTC.shape
     if token_PC.shape[1] != C:
         raise ArboothError(f"<S*> has width {token_PC.shape[1]} but the text features have {C}")
     counts = (placeholder_BT & mask_BT.bool()).sum(dim=1)

@@ -8,7 +8,7 @@ For the ViCo live/non-live split pass both files as --live-prompts/--object-prom
 for live subjects (cats, dogs). Generated images are found through <generated>/manifest.jsonl
 (written by --model sampling: file, prompt, seed) or, as in the ARBooth evaluator, in
 <generated>/prompt_00, prompt_01, ... (one folder per template line, optionally with samples/ inside).
---class-images holds images the personalized model generated from "a photo of a {class}" (PRES).
+--class-images holds images the personalized model generated from "a photo of {class}" (PRES).
 
 Protocols: `dreambooth` (DINO with ImageNet normalisation at 224, CLIP's own preprocessing, T_CLIP on
 the prompt with the class noun) and `dreammatcher` (what the DreamMatcher/ARBooth evaluator computes,
@@ -193,6 +193,9 @@ def main(args: argparse.Namespace) -> int:
 
     report = {"protocol": args.protocol, "class_noun": args.class_noun, "random_weights": bool(args.random_weights),
               "t_clip_text": "raw template line" if args.protocol == "dreammatcher" else "prompt with class noun",
+              "extractors": {"dino": DinoViT.name, "clip": ev.clip.name, "lpips": "lpips v0.1 alex",
+                             "weights": {"dino": str(w(args.dino_weights)), "clip": str(w(args.clip_weights)),
+                                         "lpips_backbone": str(w(args.lpips_backbone))}},
               "subject": str(args.subject), "n_subject_images": len(subject.images),
               "generated": str(args.generated), "average": avg, "per_prompt": rows, "skipped": skipped}
     md = f"# eval-subject (protocol: {args.protocol})\n\n"

@@ -11,13 +11,15 @@ Shapes: B batch, D feature dimension, H/W image size.
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from arbooth.errors import CheckpointError
+from arbooth.errors import ArboothError, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,11 @@ class DinoViT(nn.Module):
     """DINO ViT-S/16 CLS embedding (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
     Transformers"), through timm `vit_small_patch16_224.dino`.
 
-    Input: (B, 3, H, W) already preprocessed by the protocol; H, W multiples of 16 (the position
-    embedding is resampled for sizes other than 224, as the DINO hub model does). Output: (B, 384)
+    Input: (B, 3, H, W) already preprocessed by the protocol, H and W multiples of 16. Output: (B, 384)
     CLS token after the final LayerNorm, which is what `torch.hub.load('facebookresearch/dino:main',
-    'dino_vits16')` returns (its head is Identity).
+    'dino_vits16')` returns (its head is Identity). For sizes other than 224 the position embedding is
+    resampled exactly as the hub model does (`interpolate_pos_encoding`, see `_dino_pos_embed`), not
+    with timm's own resampling, so the dreammatcher protocol's 256x256 input sees the same numbers.
     """
 
     name = "vit_small_patch16_224.dino"
@@ -97,7 +100,30 @@ class DinoViT(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.model(x_B3HW)  # (B, 384)
+        # facebookresearch/dino vision_transformer.py prepare_tokens + forward, on timm's modules.
+        m = self.model
+        x_BhwC = m.patch_embed(x_B3HW)  # dynamic_img_size: patches stay (B, h, w, C)
+        b, h, w, c = x_BhwC.shape
+        x_BLC = torch.cat([m.cls_token.expand(b, -1, -1), x_BhwC.reshape(b, h * w, c)], dim=1)
+        x_BLC = m.pos_drop(x_BLC + _dino_pos_embed(m.pos_embed, h, w))
+        x_BLC = m.norm(m.blocks(m.norm_pre(x_BLC)))
+        return x_BLC[:, 0]  # (B, 384)
+
+
+def _dino_pos_embed(pos_1LC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINO's `interpolate_pos_encoding` (vision_transformer.py L174-194): bicubic with
+    scale_factor (n + 0.1) / 14 rather than a target size, which shifts the sampling grid a little."""
+    n = pos_1LC.shape[1] - 1
+    side = int(math.sqrt(n))
+    if h * w == n and h == w:
+        return pos_1LC
+    patch_1Chw = nn.functional.interpolate(
+        pos_1LC[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+        scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+    if patch_1Chw.shape[-2:] != (h, w):
+        raise ArboothError(f"DINO position embedding resampled to {tuple(patch_1Chw.shape[-2:])}, "
+                           f"expected {(h, w)}")
+    return torch.cat([pos_1LC[:, :1], patch_1Chw.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
 
 # ----------------------------------------------------------------------------- CLIP ViT-B/32
@@ -148,6 +174,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 class InceptionFID(nn.Module):
     """The TensorFlow FID Inception-v3 (pt_inception-2015-12-05, Heusel et al. 2017) via torch-fidelity.
 
+    `weights=None` gives the same network with random weights (tests, benchmarks).
     Input: (B, 3, H, W) uint8; resized to 299 inside, like the TF graph. Output dict: `pool` (B, 2048)
     pool3 features; with `spatial=True` also `spatial` (B, 2023): the first 7 channels of the
     `mixed_6/conv` 17x17 map (= Mixed_6d.branch1x1 conv, before batch norm), which is what the
@@ -156,8 +183,6 @@ class InceptionFID(nn.Module):
 
     def __init__(self, weights: Weights = DEFAULT, spatial: bool = False) -> None:
         super().__init__()
-        if weights is None:
-            raise CheckpointError("InceptionFID has no random-weight mode; pass a small extractor instead")
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as e:
@@ -166,8 +191,14 @@ class InceptionFID(nn.Module):
         path = find_weights(weights, what="FID Inception-v3", hub_filename=INCEPTION_FILE,
                             url=f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                                 f"{INCEPTION_FILE}", option="--inception-weights")
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                               feature_extractor_weights_path=str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            if path is None:
+                # torch-fidelity only builds from a weights file (else it downloads): give it a file of
+                # random weights in its key layout (tests and benchmarks only).
+                path = Path(tmp) / "random_inception.pth"
+                torch.save(_random_inception_state(), path)
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=str(path))
         self.spatial = spatial
         self.feature_id = "inception-2015-12-05" + ("+spatial" if spatial else "")
 
@@ -186,6 +217,30 @@ class InceptionFID(nn.Module):
         if captured:
             out["spatial"] = captured[0].float()
         return out
+
+
+def _random_inception_state() -> dict[str, torch.Tensor]:
+    """Random weights with the key layout of torch-fidelity's FeatureExtractorInceptionV3."""
+    from torch_fidelity import feature_extractor_inceptionv3 as m
+    net = nn.Module()
+    net.Conv2d_1a_3x3 = m.BasicConv2d(3, 32, kernel_size=3, stride=2)
+    net.Conv2d_2a_3x3 = m.BasicConv2d(32, 32, kernel_size=3)
+    net.Conv2d_2b_3x3 = m.BasicConv2d(32, 64, kernel_size=3, padding=1)
+    net.Conv2d_3b_1x1 = m.BasicConv2d(64, 80, kernel_size=1)
+    net.Conv2d_4a_3x3 = m.BasicConv2d(80, 192, kernel_size=3)
+    net.Mixed_5b = m.InceptionA(192, pool_features=32)
+    net.Mixed_5c = m.InceptionA(256, pool_features=64)
+    net.Mixed_5d = m.InceptionA(288, pool_features=64)
+    net.Mixed_6a = m.InceptionB(288)
+    net.Mixed_6b = m.InceptionC(768, channels_7x7=128)
+    net.Mixed_6c = m.InceptionC(768, channels_7x7=160)
+    net.Mixed_6d = m.InceptionC(768, channels_7x7=160)
+    net.Mixed_6e = m.InceptionC(768, channels_7x7=192)
+    net.Mixed_7a = m.InceptionD(768)
+    net.Mixed_7b = m.InceptionE_1(1280)
+    net.Mixed_7c = m.InceptionE_2(2048)
+    net.fc = nn.Linear(2048, 1008)
+    return net.state_dict()
 
 
 class TinyFIDNet(nn.Module):

@@ -43,17 +43,17 @@ from arbooth.recipes.subject_teacher import teacher_targets
 
 log = logging.getLogger(__name__)
 
-TINY = dict(vae=dict(codebook_dim=8, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)),
-            model=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2.0, text_channels=128, text_maxlen=32,
-                       block_chunks=1))
+TINY = {"vae": {"codebook_dim": 8, "base_ch": 32, "num_res_blocks": 1, "ch_mult": (1, 1, 2, 2, 2)},
+        "model": {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4.0, "text_channels": 128,
+                  "text_maxlen": 32, "block_chunks": 1}}
 
 
 def build_models(cfg: SubjectTrainConfig):
     """(vae, model, tokenizer, t5_encoder, base_id) on the CPU; frozen, eval mode."""
     from arbooth.models import BSQVAE, Infinity
     m = cfg.model
-    kw = dict(drop_path_rate=m.drop_path_rate, cond_drop_rate=m.cond_drop_rate,
-              lvl_embed_every_chunk=m.lvl_embed_every_chunk, checkpointing=cfg.gradient_checkpointing)
+    kw = {"drop_path_rate": m.drop_path_rate, "cond_drop_rate": m.cond_drop_rate,
+          "lvl_embed_every_chunk": m.lvl_embed_every_chunk, "checkpointing": cfg.gradient_checkpointing}
     if m.preset == "tiny":
         from arbooth.recipes.subject_tiny import build_tiny_t5
         torch.manual_seed(m.seed)
@@ -135,7 +135,8 @@ def setup(cfg: SubjectTrainConfig) -> Run:
         gt = torch.cat([b.flatten(1, 2) for b in bits], 1)
     p = cfg.prompts
     add_placeholder_token(tokenizer, encoder, p.placeholder)
-    enc = dict(max_length=model.text_maxlen, placeholder=p.placeholder, prefix_length=cfg.tuning.text_prefix_length)
+    enc = {"max_length": model.text_maxlen, "placeholder": p.placeholder,
+           "prefix_length": cfg.tuning.text_prefix_length}
     inst = encode_prompts(tokenizer, encoder, [instance_prompt(p.instance_template, cls_noun, p.placeholder)], **enc)
     cls_prompt = p.class_template.format(cls=cls_noun)
     cls = encode_prompts(tokenizer, encoder, [cls_prompt], **enc)[:2]
@@ -161,14 +162,14 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     optimizer = torch.optim.AdamW([token.embedding_PC, *tuner.params.values()], lr=o.lr, betas=o.betas, eps=o.eps,
                                   weight_decay=o.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    to = lambda xs: tuple(x.to(dev) for x in xs)  # noqa: E731
+    to = lambda xs: tuple(x.to(dev) for x in xs)
     return Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
                var_input, gt, to(inst), to(cls), to(val) if val else None,
                torch.Generator(dev).manual_seed(cfg.seed + 1), base_id, tensors_sha256(tuner.originals))
 
 
 def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
-    cfg, model, opt = run.cfg, run.accelerator.unwrap_model(run.model), run.optimizer
+    cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
     B, ctx = len(idx), autocast(cfg.dtype, run.accelerator.device)
     params = [run.token.embedding_PC, *run.tuner.params.values()]
     cls_text, cls_mask = (x.expand(B, *x.shape[1:]) for x in run.cls)

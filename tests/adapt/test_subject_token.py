@@ -30,7 +30,7 @@ def test_splice_matches_the_authors(shared_dir: Path) -> None:
     mask_BT = inp["attention_mask"].bool()
     out_BTC, out_mask_BT = splice_subject_token(inp["text_features"], mask_BT, placeholder_BT, token_PC)
     packed, lens = pack_text(out_BTC, out_mask_BT)
-    kv_compact, ref_lens, cu_seqlens, max_len = inp["text_cond_infer"]
+    kv_compact, ref_lens, _, max_len = inp["text_cond_infer"]
     assert lens == list(ref_lens) and out_BTC.shape[1] == max_len
     torch.testing.assert_close(packed, kv_compact, rtol=0, atol=0)
     assert torch.equal(g["inputs"]["text_cond_train"][0], kv_compact)  # the training splice is the same

@@ -1,6 +1,7 @@
 """eval-class and eval-subject end to end on tiny folders, with random-weight extractors."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -11,7 +12,12 @@ from PIL import Image
 
 from arbooth.cli import main as cli_main
 from arbooth.commands.eval_class import class_counts, extract_features, generate_class_samples
-from arbooth.commands.eval_subject import generate_subject_samples, load_subject_generator
+from arbooth.commands.eval_subject import (
+    generate_subject_samples,
+    generated_groups,
+    load_subject_generator,
+    read_templates,
+)
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import TinyFIDNet
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE
@@ -138,7 +144,7 @@ def test_eval_subject_end_to_end(subject_dirs, bad_inputs_dir, capsys):
     assert (gen / "eval_subject" / "eval_subject.md").is_file()
 
 
-def test_subject_sampling_hook_and_manifest_layout(subject_dirs, capsys):
+def test_subject_sampling_hook_and_manifest_layout(subject_dirs):
     root, subject, prompts = subject_dirs
     seen = []
 
@@ -151,12 +157,9 @@ def test_subject_sampling_hook_and_manifest_layout(subject_dirs, capsys):
     assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 4
     assert seen[0] == ("a <sks> vase in the jungle", 5) and seen[1][1] == 6
     assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 0
-    argv = ["eval-subject", "--generated", str(gen), "--subject", str(subject), "--class-noun", "vase",
-            "--live-prompts", str(prompts), "--live", "--random-weights", "--device", "cpu",
-            "--out", str(root / "rep")]
-    assert cli_main(argv) == 0
-    report = json.loads((root / "rep" / "eval_subject.json").read_text())
-    assert report["protocol"] == "dreammatcher" and report["average"]["n_images"] == 4
+    groups = generated_groups(gen, templates)
+    assert [t for t, _ in groups] == templates
+    assert [p.name for p in groups[1][1]] == ["00.png", "01.png"] and groups[1][1][0].parent.name == "prompt_01"
     with pytest.raises(ArboothError, match="not implemented yet"):
         load_subject_generator(root / "model.pth", "cpu")
 
@@ -168,3 +171,16 @@ def test_eval_subject_prompt_file_errors(subject_dirs, tmp_path):
     rc = cli_main(["eval-subject", "--generated", str(root), "--subject", str(subject), "--class-noun", "dog",
                    "--prompts", str(bad), "--random-weights"])
     assert rc == 2
+
+
+def test_live_object_prompt_split(shared_dir):
+    vico = shared_dir / "vico"
+    args = argparse.Namespace(prompts=None, live_prompts=vico / "prompts_live_objects.txt",
+                              object_prompts=vico / "prompts_nonlive_objects.txt", live=True)
+    live = read_templates(args)
+    args.live = False
+    objects = read_templates(args)
+    assert live != objects and all("{}" in t for t in live + objects)
+    args.object_prompts = None
+    with pytest.raises(ArboothError, match="--prompts"):
+        read_templates(args)

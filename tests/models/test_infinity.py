@@ -98,7 +98,7 @@ def test_official_layout_round_trip(golden, models):
     sd = official_state_dict(model)
     assert list(sd) == list(golden["infinity_state_dict"])
     assert all(torch.equal(sd[k], v) for k, v in golden["infinity_state_dict"].items())
-    _vae, fresh = tiny(d=16, text_channels=256)
+    _vae, fresh = tiny(d=8, text_channels=256)  # other bit depth
     with pytest.raises(RuntimeError, match="size mismatch"):  # strict: a different architecture is an error
         fresh.load_state_dict(sd)
 
@@ -188,3 +188,28 @@ def test_bad_inputs():
         model.generate(text, mask, schedule, cfg=[3.0, 3.0])
     with pytest.raises(ConfigError):
         model.generate(text, torch.zeros(1, 3, dtype=torch.bool), schedule)
+
+
+def test_arbooth_fork_switches_match_golden(shared_dir):
+    """`lvl_embed_every_chunk` + `next_scale_mode='area'` reproduce the ARBooth fork (arbooth_tiny.pt)."""
+    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
+    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
+    vae.load_state_dict(dict(g["vae_state_dict"]))
+    kw = g["config"]["infinity"]["constructor_kwargs"]
+    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                     text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
+                     block_chunks=kw["block_chunks"], lvl_embed_every_chunk=True).eval()
+    sd = dict(g["infinity_state_dict"])
+    assert tuple(sd.pop("special_token").shape) == (4, 2048)  # the fork's only extra entry (spliced by the caller)
+    model.load_state_dict(sd, strict=True)
+    schedule = [tuple(s) for s in g["config"]["scale_schedule"]]
+    text, mask = unpack_text(g["inputs"]["text_cond_train"])  # <S*> rows already spliced in
+    with torch.no_grad():
+        logits = model(text, mask, g["train"]["x_BLC_wo_prefix"], schedule)
+    assert (logits - g["train"]["logits"]).abs().max().item() <= 1e-5
+    text, mask = unpack_text(g["inputs"]["text_cond_infer"])
+    gen = g["config"]["generation"]
+    out = model.generate(text, mask, schedule, cfg=gen["cfg_list"], tau=gen["tau_list"], top_k=1, top_p=0.0,
+                         seed=gen["greedy"]["g_seed"], next_scale_mode="area")
+    for bits, ref in zip(out.bits, g["generate"]["greedy"]["bits_per_scale"], strict=True):
+        assert torch.equal(bits, ref.to(bits.dtype))
