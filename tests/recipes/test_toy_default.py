@@ -53,3 +53,16 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     assert pers["mean"]["PRES"] - base["mean"]["PRES"] < gain / 2
     assert pers["mean"]["class_subject_leak"] <= base["mean"]["class_subject_leak"] + 1 / 3
     assert pers["mean"]["class_drift_id"] < 1.5 * base["per_prompt"][0]["DIV"]
+
+
+def test_no_argument_train_subject_is_the_toy_default(tmp_path, monkeypatch):
+    import argparse
+
+    from arbooth.commands import train_subject as cmd
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    monkeypatch.chdir(tmp_path)  # not the repo root: the demo subject is still found
+    cfg = cmd.build_config(parser.parse_args([]))
+    assert cfg.model.preset == "toy" and Path(cfg.subject) == ROOT / "subjects" / "toy_star"
+    assert cfg.loss.weights_for(5) == (1.0, 1.0, 1.0, 0.5, 0.5) and cfg.loss.prior
+    assert cmd.build_config(parser.parse_args(["--tiny", "--subject", "x"])).model.preset == "tiny"
