@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "subject" / "infinity_2b.yaml"
+TOY_CONFIG = DEFAULT_CONFIG.with_name("toy.yaml")  # no subject given: the built-in toy default (docs/toy.md)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +48,22 @@ def build_config(args: argparse.Namespace):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if _toy_default(args):
+        config = TOY_CONFIG
+        if not Path("subjects/toy_star").is_dir():  # run from elsewhere than the repo root
+            overrides.append(f"subject={TOY_CONFIG.parents[2] / 'subjects' / 'toy_star'}")
     # values from the command line are strings: quote them so YAML keeps them strings
     quoted = [o if o.split("=", 1)[0] not in ("subject", "class_noun", "model.model_ckpt", "model.vae_ckpt",
                                               "model.t5", "out_dir") else f"{o.split('=', 1)[0]}={_yaml_str(o)}"
               for o in overrides + list(args.overrides)]
     return load_config(SubjectTrainConfig, config, quoted)
+
+
+def _toy_default(args: argparse.Namespace) -> bool:
+    """No subject, config, checkpoint or --tiny: the built-in toy default."""
+    given = [args.subject, args.config, args.model_ckpt, args.vae_ckpt, args.t5]
+    return all(v is None for v in given) and not args.tiny and \
+        not any(o.startswith(("subject=", "model.preset=")) for o in args.overrides)
 
 
 def _yaml_str(override: str) -> str:
@@ -61,6 +73,20 @@ def _yaml_str(override: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.recipes.train_subject import train
-    path = train(build_config(args))
+    cfg = build_config(args)
+    if cfg.model.preset == "toy":
+        import torch
+        # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one
+        torch.set_num_threads(1)
+    path = train(cfg)
     print(f"personalization: {path}")
+    if cfg.model.preset == "toy":  # the toy base has evaluators: base-vs-personalized grid and metrics
+        from arbooth.recipes.toy_report import TOY_DIR, toy_report
+        out = Path(cfg.out_dir)
+        m = toy_report(cfg.subject, path, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg, tau=cfg.val_tau)
+        b, p = m["base"]["mean"], m["personalized"]["mean"]
+        print(f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}")
+        print("             " + " ".join(f"{k:>10s}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
+        for name, v in (("base", b), ("personalized", p)):
+            print(f"{name:12s} " + " ".join(f"{v[k]:10.3f}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
     return 0

@@ -13,8 +13,9 @@ from arbooth.recipes.arbooth_losses import default_scale_weights
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: Literal["infinity_2b", "tiny"] = "infinity_2b"  # tiny: random weights, no checkpoint (tests, CPU)
-    model_ckpt: str | None = None       # infinity_2b_reg.pth
+    preset: Literal["infinity_2b", "tiny", "toy"] = "infinity_2b"  # tiny: random weights, no checkpoint (tests,
+    #   CPU); toy: the pretrained toy base shipped in arbooth/assets/toy (configs/subject/toy.yaml, docs/toy.md)
+    model_ckpt: str | None = None       # infinity_2b_reg.pth (toy: the toy base folder; default the shipped one)
     vae_ckpt: str | None = None         # infinity_vae_d32_reg.pth
     t5: str | None = None               # flan-t5-xl folder
     pn: str = "1M"                      # scale-schedule size: 1M = 1024x1024, 13 scales (authors' training)

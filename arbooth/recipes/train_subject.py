@@ -37,7 +37,7 @@ from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
-from arbooth.models.infinity_schedule import image_size, infinity_scale_schedule
+from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.precision import autocast
 from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
 from arbooth.recipes.subject_config import SubjectTrainConfig
@@ -63,6 +63,10 @@ def build_models(cfg: SubjectTrainConfig):
         model = Infinity(vae, **TINY["model"], **kw).eval().requires_grad_(False)
         tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=m.seed)
         return vae, model, tokenizer, encoder, f"tiny-random seed={m.seed}"
+    if m.preset == "toy":  # the pretrained toy base (docs/toy.md); its own scale schedule, see setup
+        from arbooth.recipes.toy_models import TOY_DIR, load_toy_base
+        base = load_toy_base(m.model_ckpt or TOY_DIR, **kw)
+        return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
     missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(m, k)]
     if missing:
         raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {m.preset} "
@@ -116,9 +120,13 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     dev = accelerator.device
     set_seed(cfg.seed)
-    schedule = [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
     vae, model, tokenizer, encoder, base_id = build_models(cfg)
-    subject = load_subject(cfg.subject, image_size(schedule)[0], class_noun=cfg.class_noun or None)
+    if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
+        from arbooth.recipes.toy_models import TOY_DIR, read_manifest
+        schedule = [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
+    else:
+        schedule = [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+    subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
         raise ConfigError(f"no class noun: pass --class-noun or set class_noun in {cfg.subject}/subject.yaml")

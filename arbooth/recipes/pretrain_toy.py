@@ -1,0 +1,259 @@
+"""Pretrain the toy base and the toy evaluators on the toy world (what `arbooth pretrain-toy` runs).
+
+Four stages, each seeded from `seed` and fed by `ToyWorld(seed + stage)` item by item (no files):
+1. BSQ-VAE: reconstruction (MSE + L1) through the multi-scale BSQ quantizer (straight-through, as
+   the release trains it), over the toy scale schedule.
+2. Infinity + T5, jointly: bitwise cross-entropy on the VAE's bit maps of toy images, conditioned on
+   their captions through the (trained) toy T5; 10% of captions dropped to `cfg_uncond`.
+3. CLIP: open_clip's contrastive loss on full captions ("a small red striped star on a blue background").
+4. Attribute probe: cross-entropy per attribute; its held-out accuracy (also on the never-seen dotted
+   star) goes into toy.json.
+The demo subject's appearance (shape, texture) is excluded from every stage's world.
+Writes the folder described in arbooth/recipes/toy_models.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arbooth.checkpoint import save_safetensors
+from arbooth.config import to_dict
+from arbooth.data.toy_text import build_toy_tokenizer, tokenize_ids
+from arbooth.data.toyworld import ToyWorld, images_to_array
+from arbooth.recipes import toy_models as tm
+from arbooth.recipes.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainToyConfig:
+    out: str = str(tm.TOY_DIR)
+    seed: int = 0
+    image_size: int = tm.IMAGE_SIZE
+    exclude: tuple[tuple[str, str], ...] = (("star", "dotted"),)  # the demo subject's appearance
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    model_steps: int = 600
+    model_batch: int = 24
+    model_lr: float = 1e-3
+    clip_steps: int = 500
+    clip_batch: int = 64
+    clip_lr: float = 1e-3
+    probe_steps: int = 600
+    probe_batch: int = 64
+    probe_lr: float = 3e-3
+    threads: int = 1        # 0: torch's default. One thread: on a busy 2-core machine OpenMP's spinning makes
+                            # two threads ~5x slower than one for these tiny matmuls (measured here)
+    stages: tuple[str, ...] = field(default=("vae", "model", "clip", "probe"))
+
+
+def to_tensor(items) -> torch.Tensor:
+    """ToyItems -> (B, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(images_to_array(items)).permute(0, 3, 1, 2).float().div(255)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def train_vae(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    vae = tm.build_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    t0, loss = time.perf_counter(), torch.tensor(0.0)
+    for step in range(cfg.vae_steps):
+        _set_lr(opt, _lr(step, cfg.vae_steps, cfg.vae_lr))
+        x = to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)) * 2 - 1
+        z, _, _ = vae.quantize(vae.encode_features(x), tm.SCHEDULE)
+        rec = vae.decoder(z)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log.info("vae step %d loss %.4f", step, loss.item())
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": cfg.vae_steps, "seconds": time.perf_counter() - t0, "final_loss": loss.item(),
+                 **eval_vae(vae, world)}
+
+
+@torch.no_grad()
+def eval_vae(vae, world: ToyWorld) -> dict[str, float]:
+    """Held-out reconstruction error through the full bit schedule, images in [0, 1]."""
+    x = to_tensor(world.batch(10**7, 64)) * 2 - 1
+    rec = vae.decode_bits(vae.encode_bits(x, tm.SCHEDULE), tm.SCHEDULE)
+    mse = F.mse_loss(rec.add(1).div(2), x.add(1).div(2)).item()
+    return {"heldout_mse_01": mse, "heldout_psnr_db": -10 * math.log10(max(mse, 1e-12))}
+
+
+def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed + 1)
+    model = tm.build_infinity(vae, drop_path_rate=0.0, cond_drop_rate=0.1).train()
+    t5 = tm.build_t5(tm.T5, len(tokenizer)).train()
+    params = [*model.parameters(), *t5.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=0.01, betas=(0.9, 0.97))
+    t0, log_every, hist = time.perf_counter(), 100, []
+    for step in range(cfg.model_steps):
+        _set_lr(opt, _lr(step, cfg.model_steps, cfg.model_lr))
+        items = world.batch(step * cfg.model_batch, cfg.model_batch)
+        with torch.no_grad():
+            bits = vae.encode_bits(to_tensor(items) * 2 - 1, tm.SCHEDULE)
+            x_BLd = vae.bits_to_var_input(bits, tm.SCHEDULE)
+            gt_BLd = torch.cat([b.flatten(1, 2) for b in bits], 1)
+        tok = tokenizer([it.caption for it in items], padding="longest", return_tensors="pt")
+        text = t5(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        logits = model(text * tok.attention_mask[..., None], tok.attention_mask.bool(), x_BLd, tm.SCHEDULE)
+        loss = bitwise_ce_per_token(logits, gt_BLd).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        opt.step()
+        if step % log_every == 0 or step == cfg.model_steps - 1:
+            acc = per_scale_bit_accuracy(logits.detach(), gt_BLd, tm.SCHEDULE)
+            hist.append({"step": step, "loss": round(loss.item(), 4), "acc": [round(a, 3) for a in acc]})
+            log.info("infinity step %d loss %.4f acc %s", step, loss.item(), hist[-1]["acc"])
+    model.eval().requires_grad_(False)
+    t5.eval().requires_grad_(False)
+    return model, t5, {"steps": cfg.model_steps, "seconds": time.perf_counter() - t0, "log": hist}
+
+
+def train_clip(cfg: PretrainToyConfig, world: ToyWorld, tokenizer) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed + 2)
+    clip = tm.build_clip(tm.CLIP, len(tokenizer)).train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    ctx = tm.CLIP["text"]["context_length"]
+    t0, loss = time.perf_counter(), torch.tensor(0.0)
+    for step in range(cfg.clip_steps):
+        _set_lr(opt, _lr(step, cfg.clip_steps, cfg.clip_lr))
+        items = world.batch(step * cfg.clip_batch, cfg.clip_batch)
+        img = clip.encode_image(tm.clip_normalize(to_tensor(items)), normalize=True)
+        txt = clip.encode_text(tokenize_ids(tokenizer, [it.caption for it in items], ctx), normalize=True)
+        logits = clip.logit_scale.exp() * img @ txt.T
+        # the same caption can occur twice in a batch: every matching caption counts as a positive
+        caps = [it.caption for it in items]
+        target = torch.tensor([[float(a == b) for b in caps] for a in caps])
+        target = target / target.sum(1, keepdim=True)
+        loss = (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean()) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        if step % 100 == 0:
+            log.info("clip step %d loss %.4f", step, loss.item())
+    clip.eval().requires_grad_(False)
+    return clip, {"steps": cfg.clip_steps, "seconds": time.perf_counter() - t0, "final_loss": loss.item()}
+
+
+def train_probe(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed + 3)
+    probe = tm.AttributeProbe().train()
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.probe_lr, weight_decay=0.01)
+    t0 = time.perf_counter()
+    for step in range(cfg.probe_steps):
+        _set_lr(opt, _lr(step, cfg.probe_steps, cfg.probe_lr))
+        items = world.batch(step * cfg.probe_batch, cfg.probe_batch)
+        out = probe(to_tensor(items))
+        loss = sum(F.cross_entropy(out[k], _labels(items, k)) for k in tm.PROBE_HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log.info("probe step %d loss %.4f", step, loss.item())
+    probe.eval().requires_grad_(False)
+    return probe, {"steps": cfg.probe_steps, "seconds": time.perf_counter() - t0, **probe_report(cfg, probe, world)}
+
+
+def probe_report(cfg: PretrainToyConfig, probe, world: ToyWorld) -> dict:
+    """Held-out accuracy per attribute, and on dotted stars (never seen: the demo subject's appearance)."""
+    held_out = ToyWorld(cfg.seed + 99, cfg.image_size, exclude=(), p_texture=1.0)
+    dotted_stars = [it for it in held_out.batch(0, 2000) if it.attrs.shape == "star" and it.attrs.texture == "dotted"]
+    return {"heldout_accuracy": probe_accuracy(probe, world.batch(10**7, 256)),
+            "dotted_star_accuracy": probe_accuracy(probe, dotted_stars[:128])}
+
+
+def _labels(items, key: str) -> torch.Tensor:
+    names = tm.PROBE_HEADS[key]
+    return torch.tensor([names.index(getattr(it.attrs, key)) for it in items])
+
+
+@torch.no_grad()
+def probe_accuracy(probe, items) -> dict[str, float]:
+    out = probe(to_tensor(items))
+    return {k: round((out[k].argmax(-1) == _labels(items, k)).float().mean().item(), 4) for k in tm.PROBE_HEADS}
+
+
+def pretrain(cfg: PretrainToyConfig) -> Path:
+    """Train the stages in `cfg.stages` (others are loaded from `cfg.out`) and write the folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prev = json.loads((out / "toy.json").read_text()) if (out / "toy.json").is_file() else {}
+
+    def world(k: int) -> ToyWorld:
+        return ToyWorld(cfg.seed + k, cfg.image_size, exclude=cfg.exclude)
+
+    tokenizer = build_toy_tokenizer()
+    report = {k: v for k, v in prev.get("training", {}).items() if isinstance(v, dict)}
+    t_all = time.perf_counter()
+    if "vae" in cfg.stages:
+        vae, report["vae"] = train_vae(cfg, world(0))
+        save_safetensors(vae.state_dict(), out / "vae.safetensors")
+    elif "model" in cfg.stages:  # the model stage alone trains on the saved VAE
+        from arbooth.checkpoint import read_state_dict
+        vae = tm.build_vae().eval().requires_grad_(False)
+        vae.load_state_dict(read_state_dict(out / "vae.safetensors"))
+        report.setdefault("vae", {}).update(eval_vae(vae, world(0)))
+    if "model" in cfg.stages:
+        model, t5, report["model"] = train_model(cfg, world(1), vae, tokenizer)
+        save_safetensors(model.state_dict(), out / "infinity.safetensors")
+        t5.save_pretrained(out / "t5", safe_serialization=True)
+        tokenizer.save_pretrained(out / "t5")
+    if "clip" in cfg.stages:
+        full = ToyWorld(cfg.seed + 2, cfg.image_size, exclude=cfg.exclude, p_caption=1.0)
+        clip, report["clip"] = train_clip(cfg, full, tokenizer)
+        save_safetensors(clip.state_dict(), out / "clip.safetensors")
+    if "probe" in cfg.stages:
+        probe, report["probe"] = train_probe(cfg, world(3))
+        save_safetensors(probe.state_dict(), out / "probe.safetensors")
+    elif (out / "probe.safetensors").is_file():  # re-measure the shipped probe (cheap)
+        from arbooth.checkpoint import read_state_dict
+        probe = tm.AttributeProbe().eval()
+        probe.load_state_dict(read_state_dict(out / "probe.safetensors"))
+        report.setdefault("probe", {}).update(probe_report(cfg, probe, world(3)))
+    for stage, info in report.items():
+        log.info("%s: %s", stage, {k: v for k, v in info.items() if k != "log"})
+    t5_files = sorted(str(p.relative_to(out)) for p in (out / "t5").iterdir()) if (out / "t5").is_dir() else []
+    files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors", *t5_files]
+    manifest = {"format": "arbooth-toy/1", "image_size": cfg.image_size, "schedule": tm.SCHEDULE,
+                "vae": tm.VAE, "model": tm.MODEL, "t5": tm.T5, "clip": tm.CLIP,
+                "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
+                "sha256": {f: tm.file_sha256(out / f) for f in files if (out / f).is_file()}}
+    (out / "toy.json").write_text(json.dumps(manifest, indent=1, default=_jsonable) + "\n")
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
