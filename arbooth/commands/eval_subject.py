@@ -61,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="smoke test: random-weight extractors (meaningless numbers)")
     g = p.add_argument_group("generation (--model)")
     g.add_argument("--model", type=Path, default=None, help="personalized ARBooth checkpoint to sample first")
-    g.add_argument("--subject-phrase", default=None, help="text put in `{}` when sampling, e.g. '<sks> dog'")
+    g.add_argument("--subject-phrase", default=None,
+                   help="text put in `{}` when sampling (default: '<placeholder> <class noun>', e.g. '<S*> dog')")
+    g.add_argument("--pres-samples", type=int, default=100,
+                   help="with --model and no --class-images: images of 'a photo of {class}' sampled for PRES")
     g.add_argument("--images-per-prompt", type=int, default=8)
     g.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (as ARBooth)")
 
@@ -125,12 +128,21 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
 
 
 def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
-    """Hook for the ARBooth (Infinity) generator: returns (prompt, seed) -> PIL image.
+    """The ARBooth generator of a personalization file: (prompt, seed) -> PIL image, with the
+    personalization's base model rebuilt from the config recorded in the file."""
+    from arbooth.recipes.subject_sampling import PersonalizedSampler
 
-    Not available yet: the ARBooth subject trainer/sampler lands in a later issue; it only has to
-    provide this function. Until then, sample with it yourself and pass the folder as --generated."""
-    raise ArboothError(f"eval-subject --model {checkpoint}: sampling from an ARBooth model is not "
-                       "implemented yet; generate the images first and pass them with --generated")
+    return PersonalizedSampler.from_file(checkpoint, device=device)
+
+
+def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int) -> Path:
+    """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n), desc="class prompt", unit="image"):
+        path = out_dir / f"{i:03d}.png"
+        if not path.is_file():
+            generator(f"a photo of {class_noun}", seed + i).convert("RGB").save(path)
+    return out_dir
 
 
 def _read(source: list[Path] | Path, skipped: dict[str, str]) -> list[Image.Image]:
@@ -155,8 +167,12 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.model is not None:
         generator = load_subject_generator(args.model, str(device))
-        generate_subject_samples(generator, templates, args.subject_phrase or f"<sks> {args.class_noun}",
+        placeholder = getattr(getattr(generator, "personalization", None), "placeholder", "<sks>")
+        generate_subject_samples(generator, templates, args.subject_phrase or f"{placeholder} {args.class_noun}",
                                  args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed)
+        if args.class_images is None and args.pres_samples > 0:
+            args.class_images = generate_class_samples(generator, args.class_noun, args.generated / "class_prompt",
+                                                       n=args.pres_samples, seed=args.seed)
     if args.random_weights:
         log.warning(RANDOM_WEIGHTS_NOTE)
 

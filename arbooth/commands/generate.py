@@ -4,6 +4,11 @@ Example:
   arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_2b_reg.pth \\
       --vae-ckpt weights/infinity_vae_d32_reg.pth --t5 weights/flan-t5-xl --out corgi.png
 
+With a personalization file from train_subject.py, prompts may name the subject as <S*>; the base
+checkpoints default to those recorded in the file:
+  arbooth generate --personalization runs/my_dog/personalization.safetensors \
+      --prompt "a <S*> dog wearing a santa hat" --n 4 --out santa.png
+
 Defaults are the released inference settings (scripts/infer.sh): 1024x1024, cfg 4, tau 0.5,
 top-k 900, top-p 0.97. With several images, `--out x.png` writes x_000.png, ... and the grid x.png.
 """
@@ -43,14 +48,17 @@ def _json_dict(text: str) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
-    p.add_argument("--model-ckpt", required=True, help="Infinity weights, e.g. infinity_2b_reg.pth")
-    p.add_argument("--vae-ckpt", required=True, help="BSQ-VAE weights, e.g. infinity_vae_d32_reg.pth")
-    p.add_argument("--t5", default="google/flan-t5-xl", help="T5 folder, or a hub name in the local HF cache")
+    p.add_argument("--model-ckpt", help="Infinity weights, e.g. infinity_2b_reg.pth")
+    p.add_argument("--vae-ckpt", help="BSQ-VAE weights, e.g. infinity_vae_d32_reg.pth")
+    p.add_argument("--t5", help="T5 folder, or a hub name in the local HF cache (default google/flan-t5-xl)")
+    p.add_argument("--personalization", type=Path,
+                   help="personalization.safetensors from train_subject.py (uses its <S*>, tuned weights, "
+                        "base model and training resolution; --cfg/--tau default to its validation settings)")
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--cfg", type=_floats, default=4.0, help="guidance scale, or one per scale (comma list)")
-    p.add_argument("--tau", type=_floats, default=0.5, help="temperature, or one per scale")
+    p.add_argument("--cfg", type=_floats, default=None, help="guidance scale, or one per scale (comma list); default 4")
+    p.add_argument("--tau", type=_floats, default=None, help="temperature, or one per scale; default 0.5")
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.97)
     p.add_argument("--seed", type=int, default=0)
@@ -76,10 +84,15 @@ def main(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must end in .png, got {args.out}")
     device = torch.device(args.device)
+    if args.personalization is not None:
+        return _generate_personalized(args, device)
+    if not (args.model_ckpt and args.vae_ckpt):
+        raise ConfigError("pass --model-ckpt and --vae-ckpt (or --personalization)")
+    cfg, tau = (4.0 if args.cfg is None else args.cfg), (0.5 if args.tau is None else args.tau)
     model_kwargs = {"lvl_embed_every_chunk": args.lvl_embed_every_chunk, **args.model_kwargs}
     _, model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs,
                              model_kwargs=model_kwargs)
-    t5 = T5TextEncoder(args.t5, dtype="fp32" if device.type == "cpu" else "fp16", device=device)
+    t5 = T5TextEncoder(args.t5 or "google/flan-t5-xl", dtype="fp32" if device.type == "cpu" else "fp16", device=device)
     if t5.dim != model.text_channels:
         raise ConfigError(f"T5 width {t5.dim} does not match the model's text_channels {model.text_channels}")
     schedule = infinity_scale_schedule(args.h_div_w, args.pn)
@@ -88,17 +101,35 @@ def main(args: argparse.Namespace) -> int:
     images = []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
         text, mask = t5(prompts[i: i + args.batch_size])
-        out = model.generate(text, mask, schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+        out = model.generate(text, mask, schedule, cfg=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p,
                              generator=generator, use_cache=not args.no_cache, next_scale_mode=args.next_scale_mode,
                              dtype=args.dtype)
         images.append(out.images.cpu())
-    images = torch.cat(images)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _write(torch.cat(images), args.out)
+    return 0
+
+
+def _generate_personalized(args: argparse.Namespace, device: torch.device) -> int:
+    from tqdm import tqdm
+
+    from arbooth.recipes.subject_sampling import PersonalizedSampler
+
+    sampler = PersonalizedSampler.from_file(args.personalization, model_ckpt=args.model_ckpt,
+                                            vae_ckpt=args.vae_ckpt, t5=args.t5, device=device)
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    images = [sampler.generate(prompts[i: i + args.batch_size], seed=args.seed + i, cfg=args.cfg, tau=args.tau,
+                               top_k=args.top_k, top_p=args.top_p, dtype=args.dtype).cpu()
+              for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch")]
+    _write(torch.cat(images), args.out)
+    return 0
+
+
+def _write(images: torch.Tensor, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
-        tensor_to_pil(images[0]).save(args.out)
+        tensor_to_pil(images[0]).save(out)
     else:
         for j, im in enumerate(images):
-            tensor_to_pil(im).save(args.out.with_name(f"{args.out.stem}_{j:03d}.png"))
-        save_grid(images, args.out, nrow=math.ceil(math.sqrt(len(images))))
-    log.info("wrote %d image(s) to %s", len(images), args.out)
-    return 0
+            tensor_to_pil(im).save(out.with_name(f"{out.stem}_{j:03d}.png"))
+        save_grid(images, out, nrow=math.ceil(math.sqrt(len(images))))
+    log.info("wrote %d image(s) to %s", len(images), out)

@@ -82,6 +82,14 @@ def build_models(cfg: SubjectTrainConfig):
     return vae, model, tokenizer, encoder, f"{Path(m.model_ckpt).name} sha256={_file_sha256(m.model_ckpt)}"
 
 
+def subject_schedule(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
+    """The scale schedule the model is trained (and sampled) at."""
+    if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
+        from arbooth.recipes.toy_models import TOY_DIR, read_manifest
+        return [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
+    return [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+
+
 def _file_sha256(path: str) -> str:
     import hashlib
     h = hashlib.sha256()
@@ -112,6 +120,7 @@ class Run:
     bsc_generator: torch.Generator     # bit flips of the instance inputs
     base_id: str
     base_tuned_sha256: str
+    class_noun: str = ""               # resolved (from --class-noun or subject.yaml)
 
 
 def setup(cfg: SubjectTrainConfig) -> Run:
@@ -121,11 +130,7 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     dev = accelerator.device
     set_seed(cfg.seed)
     vae, model, tokenizer, encoder, base_id = build_models(cfg)
-    if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
-        from arbooth.recipes.toy_models import TOY_DIR, read_manifest
-        schedule = [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
-    else:
-        schedule = [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+    schedule = subject_schedule(cfg)
     subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
@@ -167,7 +172,7 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     return Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
                vae, features, to(inst), to(cls), to(val) if val else None,
                torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
-               base_id, tensors_sha256(tuner.originals))
+               base_id, tensors_sha256(tuner.originals), class_noun=cls_noun)
 
 
 def instance_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +245,7 @@ def save_outputs(run: Run, step: int) -> Path:
     """The personalization file (tuned tensors + <S*>) and the resumable training state."""
     out = Path(run.cfg.out_dir)
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
-            "placeholder": run.cfg.prompts.placeholder, "class_noun": run.cfg.class_noun,
+            "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template}
     path = save_personalization(out / "personalization.safetensors", run.tuner.tuned_state_dict(),
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
