@@ -151,7 +151,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
     data = _merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

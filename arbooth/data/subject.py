@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from arbooth.config import from_dict
+from arbooth.config import load_config
 from arbooth.data.images import center_crop_resize, pil_to_tensor_m11, read_image_folder
 from arbooth.errors import ArboothError, ConfigError, ImageReadError
 
@@ -66,16 +65,7 @@ def read_subject_info(folder: str | Path) -> SubjectInfo:
     path = Path(folder) / SUBJECT_YAML
     if not path.is_file():
         return SubjectInfo()
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (class_noun, kind, prompts)")
-    try:
-        return from_dict(SubjectInfo, data, where="")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    return load_config(SubjectInfo, path)
 
 
 def load_subject(folder: str | Path, resolution: int, *, min_images: int = 1,
