@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--views", type=int, nargs="+", default=[1, 8])
     p.add_argument("--batch", type=int, default=4, help="examples per step")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--json", default="benchmarks/train_dp.json")
+    p.add_argument("--json", default="benchmarks/results/train_dp.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = p.parse_args()
     if args.one:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import resource
 import time
 
@@ -78,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", choices=["tiny", "2b", "both"], default="both")
-    ap.add_argument("--out", default="bench_train_subject.json")
+    ap.add_argument("--out", default="benchmarks/results/train_subject.json")
     a = ap.parse_args()
     sizes = ["tiny", "2b"] if a.size == "both" else [a.size]
     rows = [bench(s, a.steps) for s in sizes if s == "tiny" or torch.cuda.is_available()]
@@ -86,8 +87,8 @@ def main() -> None:
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
-    with open(a.out, "w") as f:
-        json.dump(rows, f, indent=1)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
