@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import resource
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
