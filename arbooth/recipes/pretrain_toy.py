@@ -40,10 +40,10 @@ class PretrainToyConfig:
     seed: int = 0
     image_size: int = tm.IMAGE_SIZE
     exclude: tuple[tuple[str, str], ...] = (("star", "dotted"),)  # the demo subject's appearance
-    vae_steps: int = 1000
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    model_steps: int = 600
+    model_steps: int = 1400
     model_batch: int = 24
     model_lr: float = 1e-3
     clip_steps: int = 500

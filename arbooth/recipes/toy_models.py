@@ -31,7 +31,7 @@ TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
 # Default configs (pretrain-toy writes the ones it used into toy.json; loaders read toy.json).
 IMAGE_SIZE = 32
 SCHEDULE = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8)]  # 121 tokens; 8x8 latent = 32 px / 4
-VAE = {"codebook_dim": 16, "base_ch": 32, "num_res_blocks": 1, "ch_mult": [1, 1, 2], "patch_size": 4}
+VAE = {"codebook_dim": 32, "base_ch": 32, "num_res_blocks": 1, "ch_mult": [1, 1, 2], "patch_size": 4}
 MODEL = {"depth": 4, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 2.0, "text_channels": 128, "text_maxlen": 24,
          "block_chunks": 2}
 T5 = {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,

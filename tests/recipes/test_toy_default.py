@@ -38,7 +38,7 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     from arbooth.recipes.toy_report import toy_report
     from arbooth.recipes.train_subject import train
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
-                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=60"])
+                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=100"])
     path = train(cfg)
     m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), cfg=cfg.val_cfg, tau=cfg.val_tau, grid=False)
     base, pers = m["base"], m["personalized"]
