@@ -98,6 +98,9 @@ class OptimConfig:
     eps: float = 1e-8
     step_mode: Literal["two_steps", "combined"] = "two_steps"  # authors: one AdamW step per loss
     grad_clip: float = 0.0     # 0: none, as the authors
+    # bf16 tuned weights: round updates stochastically (arbooth/optim.py) so the small ones are not lost;
+    # false = plain torch AdamW on bf16 weights, as the authors (most lr=2.3e-5 updates round away)
+    stochastic_rounding: bool = True
 
 
 @dataclass(frozen=True)

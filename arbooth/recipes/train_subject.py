@@ -10,6 +10,7 @@ sum. Writes `personalization.safetensors`, validation grids under `val/`, `metri
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
 from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
 from arbooth.recipes.subject_config import SubjectTrainConfig
@@ -165,7 +167,10 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     log.info("teacher keeps %.1f MB of original weights instead of a %.1f MB model copy (saves %.1f MB)",
              mem["teacher_bytes"] / 2**20, mem["full_copy_bytes"] / 2**20, mem["saved_bytes"] / 2**20)
     o = cfg.optim
-    optimizer = torch.optim.AdamW([token.embedding_PC, *tuner.params.values()], lr=o.lr, betas=o.betas, eps=o.eps,
+    opt_cls = torch.optim.AdamW
+    if o.stochastic_rounding and cfg.model.tuned_dtype == "bf16":
+        opt_cls = functools.partial(StochasticRoundingAdamW, generator=torch.Generator(dev).manual_seed(cfg.seed + 3))
+    optimizer = opt_cls([token.embedding_PC, *tuner.params.values()], lr=o.lr, betas=o.betas, eps=o.eps,
                                   weight_decay=o.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     to = lambda xs: tuple(x.to(dev) for x in xs)
@@ -280,6 +285,9 @@ def train(cfg: SubjectTrainConfig) -> Path:
         raise ConfigError("no subject folder given (--subject or subject=...)")
     out = Path(cfg.out_dir)
     run = setup(cfg)
+    if cfg.model.tuned_dtype == "bf16" and run.accelerator.device.type == "cpu":
+        # CPU autocast does not cast LayerNorm weights, so bf16 blocks fail there deep inside torch
+        raise ConfigError("model.tuned_dtype=bf16 needs a GPU; on the CPU use model.tuned_dtype=fp32 dtype=fp32")
     main = run.accelerator.is_main_process
     if main:
         save_config(cfg, out / "config.yaml")
