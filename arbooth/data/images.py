@@ -129,8 +129,10 @@ def tensor_to_pil(x_3HW: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-def save_grid(images_B3HW: torch.Tensor, path: str | Path, *, nrow: int, pad: int = 2) -> Path:
-    """Save a batch of [0, 1] images as one PNG grid with `nrow` images per row."""
+def save_grid(images_B3HW: torch.Tensor, path: str | Path, *, nrow: int, pad: int = 2,
+              row_labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Save a batch of [0, 1] images as one PNG grid with `nrow` images per row; optional text labels
+    left of each row and a title line above (PIL's built-in font, so no font file is needed)."""
     b, _, h, w = images_B3HW.shape
     ncol = nrow
     nrows = (b + ncol - 1) // ncol
@@ -139,7 +141,23 @@ def save_grid(images_B3HW: torch.Tensor, path: str | Path, *, nrow: int, pad: in
         r, cidx = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + cidx * (w + pad)
         grid[:, y:y + h, x:x + w] = images_B3HW[i].detach().float().cpu().clamp(0, 1)
+    image = tensor_to_pil(grid)
+    if row_labels or title:
+        from PIL import ImageDraw, ImageFont
+
+        font = ImageFont.load_default()
+        line_h = 12
+        left = int(max((font.getlength(t) for t in row_labels or []), default=0)) + (10 if row_labels else 0)
+        top = line_h + 6 if title else 0
+        canvas = Image.new("RGB", (image.width + left, image.height + top), (255, 255, 255))
+        canvas.paste(image, (left, top))
+        draw = ImageDraw.Draw(canvas)
+        if title:
+            draw.text((left + pad, 3), title, fill=(0, 0, 0), font=font)
+        for r, text in enumerate((row_labels or [])[:nrows]):
+            draw.text((4, top + pad + r * (h + pad) + max(0, (h - line_h) // 2)), text, fill=(0, 0, 0), font=font)
+        image = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensor_to_pil(grid).save(path)
+    image.save(path)
     return path

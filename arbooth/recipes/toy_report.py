@@ -137,6 +137,8 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
         gap = torch.ones(R, 1, *img_b.shape[2:])
         cells = torch.cat([img_b, gap, img_p], 1).flatten(0, 1)  # rows: base seeds | gap | personalized seeds
         cells = torch.nn.functional.interpolate(cells, scale_factor=3, mode="nearest")
-        save_grid(cells, out_dir / "grid.png", nrow=2 * S + 1)
+        save_grid(cells, out_dir / "grid.png", nrow=2 * S + 1, row_labels=prompts_sub,
+                  title=f"left: base model ('{noun}' in the prompt)  |  right: personalized ('{pers.placeholder} {noun}')"
+                        f"  |  columns: seeds {list(seeds)}")
     log.info("toy report: %s", {k: round(v, 3) for k, v in metrics["personalized"]["mean"].items()})
     return metrics

@@ -76,3 +76,13 @@ def test_crop_tensor_grid(tmp_path, bad_inputs_dir):
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     path = save_grid(torch.rand(5, 3, 8, 8), tmp_path / "g.png", nrow=3)
     assert Image.open(path).size == (3 * 10 + 2, 2 * 10 + 2)
+
+
+def test_grid_labels_widen_the_canvas(tmp_path):
+    plain = save_grid(torch.rand(4, 3, 8, 8), tmp_path / "plain.png", nrow=2)
+    labelled = save_grid(torch.rand(4, 3, 8, 8), tmp_path / "lab.png", nrow=2, row_labels=["a star", "a <S*> star"],
+                         title="base | personalized")
+    (w0, h0), (w1, h1) = Image.open(plain).size, Image.open(labelled).size
+    assert w1 > w0 and h1 > h0
+    left = np.asarray(Image.open(labelled))[:, : w1 - w0]
+    assert (left < 128).any()  # text was drawn in the margin
