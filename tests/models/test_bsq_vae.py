@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _golden import golden_bsq_vae, infinity_golden
 
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models import BSQVAE, infinity_scale_schedule
@@ -13,14 +14,12 @@ from arbooth.models.bsq_vae import official_vae_state_dict
 
 @pytest.fixture(scope="module")
 def golden(shared_dir):
-    return torch.load(shared_dir / "golden/infinity/infinity_tiny.pt", weights_only=True)
+    return infinity_golden(shared_dir)
 
 
 @pytest.fixture(scope="module")
 def vae(golden):
-    v = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
-    v.load_state_dict(dict(golden["vae_state_dict"]), strict=True)
-    return v
+    return golden_bsq_vae(golden)
 
 
 def _close(a, b, tol):

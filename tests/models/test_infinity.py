@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _golden import golden_infinity, infinity_golden
 
 from arbooth.errors import ConfigError
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
@@ -24,19 +25,12 @@ def unpack_text(text_cond_tuple):
 
 @pytest.fixture(scope="module")
 def golden(shared_dir):
-    return torch.load(shared_dir / "golden/infinity/infinity_tiny.pt", weights_only=True)
+    return infinity_golden(shared_dir)
 
 
 @pytest.fixture(scope="module")
 def models(golden):
-    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
-    vae.load_state_dict(dict(golden["vae_state_dict"]))
-    kw = golden["config"]["infinity"]["constructor_kwargs"]
-    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                     mlp_ratio=kw["mlp_ratio"], text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
-                     block_chunks=kw["block_chunks"]).eval()
-    model.load_state_dict(dict(golden["infinity_state_dict"]), strict=True)
-    return vae, model
+    return golden_infinity(golden)
 
 
 def tiny(lvl_every_chunk=False, d=8, text_channels=128, seed=0):

@@ -4,23 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from arbooth.models import VAR, VQVAE
-
-GOLDEN = ["var_tiny.pt", "var_tiny_shared_aln.pt"]
-
-
-def _golden_var(shared_dir, name):
-    g = torch.load(shared_dir / "golden" / "var" / name, weights_only=False)
-    c = g["config"]
-    vae = VQVAE(vocab_size=c["vocab_size"], z_channels=c["z_channels"], ch=c["ch"],
-                share_quant_resi=c["share_quant_resi"], patch_nums=tuple(c["patch_nums"]))
-    vae.load_state_dict(g["vae_state_dict"])
-    var = VAR(vae, num_classes=c["num_classes"], depth=c["depth"], embed_dim=c["embed_dim"],
-              num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], norm_eps=c["norm_eps"],
-              shared_aln=c["shared_aln"], attn_l2_norm=c["attn_l2_norm"], patch_nums=tuple(c["patch_nums"]))
-    var.load_state_dict(g["var_state_dict"])  # strict, official layout with its buffers
-    return var.eval(), g
+from _golden import VAR_GOLDEN as GOLDEN
+from _golden import golden_var as _golden_var
 
 
 @pytest.fixture(scope="module", params=GOLDEN)

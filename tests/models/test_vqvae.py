@@ -5,22 +5,13 @@ import json
 
 import pytest
 import torch
+from _golden import VAR_GOLDEN as GOLDEN
+from _golden import golden_vqvae as _golden_vae
 
 from arbooth.models import VQVAE
 from arbooth.models.var import VAE_PRESET
 from arbooth.models.var_loading import official_state_dict
 from arbooth.models.vqvae import ImageSizeError
-
-GOLDEN = ["var_tiny.pt", "var_tiny_shared_aln.pt"]
-
-
-def _golden_vae(shared_dir, name):
-    g = torch.load(shared_dir / "golden" / "var" / name, weights_only=False)
-    c = g["config"]
-    vae = VQVAE(vocab_size=c["vocab_size"], z_channels=c["z_channels"], ch=c["ch"],
-                share_quant_resi=c["share_quant_resi"], patch_nums=tuple(c["patch_nums"]))
-    vae.load_state_dict(g["vae_state_dict"])  # strict, with the official ema_vocab_hit_SV buffer
-    return vae, g
 
 
 @pytest.mark.parametrize("name", GOLDEN)
