@@ -173,6 +173,9 @@ def main(args: argparse.Namespace) -> int:
         n = generate_class_samples(_var_generator(args, device), counts, args.generated, seed=args.seed,
                                    batch_size=args.gen_batch_size)
         log.info("sampled %d new image(s) into %s", n, args.generated)
+    for what, folder in (("--generated", args.generated), ("--reference", args.reference)):
+        if not Path(folder).is_dir():  # before loading the extractor: a typo should not cost a model load
+            raise ArboothError(f"{what} folder not found: {folder}")
     if args.random_weights:
         log.warning(RANDOM_WEIGHTS_NOTE)
         extractor = TinyFIDNet()

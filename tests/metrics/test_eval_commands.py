@@ -185,3 +185,10 @@ def test_live_object_prompt_split(shared_dir):
     args.object_prompts = None
     with pytest.raises(ArboothError, match="--prompts"):
         read_templates(args)
+
+
+def test_eval_class_missing_folder_is_named_before_any_model_loads(tmp_path, capsys):
+    from arbooth.cli import main as cli
+
+    assert cli(["eval-class", "--generated", str(tmp_path / "nope"), "--reference", str(tmp_path)]) == 2
+    assert "--generated folder not found" in capsys.readouterr().err
