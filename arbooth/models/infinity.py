@@ -151,6 +151,14 @@ class TextAttentivePool(CrossAttention):
         return self.attend(q, kv_BTC, mask_BT).squeeze(1)
 
 
+def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # What CUDA autocast does to layer_norm (all inputs to fp32), spelled out so that bf16 blocks
+    # also run under CPU autocast, which leaves a bf16 weight next to an fp32 input and fails.
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+
+
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -177,7 +185,7 @@ class CrossAttnBlock(nn.Module):
         g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).unbind(2)  # B1C each
         h = self.sa(_ada_layer_norm(x_BLC, s1, b1, self.eps), cos_Lc, sin_Lc, mask_LL, cache)
         x_BLC = x_BLC + drop_path(h.mul(g1), self.drop_path, self.training)
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BTC, kv_mask_BT).float()
+        x_BLC = x_BLC + self.ca(_layer_norm_fp32(self.ca_norm, x_BLC), kv_BTC, kv_mask_BT).float()
         h = self.ffn(_ada_layer_norm(x_BLC, s2, b2, self.eps))
         return x_BLC + drop_path(h.mul(g2), self.drop_path, self.training)
 
