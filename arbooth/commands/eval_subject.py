@@ -36,8 +36,14 @@ from arbooth.metrics.subject import PROTOCOLS, SubjectEvaluator
 log = logging.getLogger(__name__)
 
 METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_template", "DIV")
-# (prompt text, seed) -> image: the interface the ARBooth generator will provide.
+# (prompt text, seed) -> image. A generator that also has `images(prompt, seeds) -> list of images`
+# (arbooth.recipes.subject_sampling.PersonalizedSampler) is asked for a batch at a time instead.
 SubjectGenerator = Callable[[str, int], Image.Image]
+
+
+def _images(generator: SubjectGenerator, text: str, seeds: list[int]) -> list[Image.Image]:
+    batched = getattr(generator, "images", None)
+    return batched(text, seeds) if callable(batched) else [generator(text, s) for s in seeds]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pres-samples", type=int, default=100,
                    help="with --model and no --class-images: images of 'a photo of {class}' sampled for PRES")
     g.add_argument("--images-per-prompt", type=int, default=8)
+    g.add_argument("--gen-batch-size", type=int, default=8,
+                   help="images sampled together (each still uses its own seed; lower it if memory runs out)")
     g.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (as ARBooth)")
 
 
@@ -106,24 +114,27 @@ def generated_groups(generated: Path, templates: list[str]) -> list[tuple[str, l
 
 
 def generate_subject_samples(generator: SubjectGenerator, templates: list[str], subject_phrase: str,
-                             out_dir: Path, *, n_per_prompt: int, seed: int) -> int:
+                             out_dir: Path, *, n_per_prompt: int, seed: int, batch_size: int = 1) -> int:
     """Write <out>/prompt_XX/NN.png and manifest.jsonl (file, prompt template, text, seed); resumable:
     images already on disk are kept. Image i of every prompt uses seed + i, as ARBooth's
-    tools/run_arbooth_for_eval.py does."""
+    tools/run_arbooth_for_eval.py does, also when `batch_size` images are sampled together."""
+    if batch_size < 1:
+        raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(out_dir / "manifest.jsonl", "a") as mf:
         for p_idx, template in enumerate(tqdm(templates, desc="sampling", unit="prompt")):
             text = template.replace("{}", subject_phrase)
-            for i in range(n_per_prompt):
-                path = out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png"
-                if path.is_file():
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                generator(text, seed + i).convert("RGB").save(path)
-                mf.write(json.dumps({"file": str(path.relative_to(out_dir)), "prompt": template, "text": text,
-                                     "seed": seed + i}) + "\n")
-                written += 1
+            paths = {i: out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png" for i in range(n_per_prompt)}
+            todo = [i for i, path in paths.items() if not path.is_file()]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                for i, image in zip(chunk, _images(generator, text, [seed + i for i in chunk]), strict=True):
+                    paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    image.convert("RGB").save(paths[i])
+                    mf.write(json.dumps({"file": str(paths[i].relative_to(out_dir)), "prompt": template,
+                                         "text": text, "seed": seed + i}) + "\n")
+                    written += 1
     return written
 
 
@@ -135,13 +146,21 @@ def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
     return PersonalizedSampler.from_file(checkpoint, device=device)
 
 
-def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int) -> Path:
-    """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable)."""
+def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int,
+                           batch_size: int = 1) -> Path:
+    """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable; image
+    i uses seed + i)."""
+    if batch_size < 1:
+        raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(n), desc="class prompt", unit="image"):
-        path = out_dir / f"{i:03d}.png"
-        if not path.is_file():
-            generator(f"a photo of {class_noun}", seed + i).convert("RGB").save(path)
+    todo = [i for i in range(n) if not (out_dir / f"{i:03d}.png").is_file()]
+    with tqdm(total=n, initial=n - len(todo), desc="class prompt", unit="image") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for i, image in zip(chunk, _images(generator, f"a photo of {class_noun}", [seed + i for i in chunk]),
+                                strict=True):
+                image.convert("RGB").save(out_dir / f"{i:03d}.png")
+            bar.update(len(chunk))
     return out_dir
 
 
@@ -169,10 +188,12 @@ def main(args: argparse.Namespace) -> int:
         generator = load_subject_generator(args.model, str(device))
         placeholder = getattr(getattr(generator, "personalization", None), "placeholder", "<sks>")
         generate_subject_samples(generator, templates, args.subject_phrase or f"{placeholder} {args.class_noun}",
-                                 args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed)
+                                 args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed,
+                                 batch_size=args.gen_batch_size)
         if args.class_images is None and args.pres_samples > 0:
             args.class_images = generate_class_samples(generator, args.class_noun, args.generated / "class_prompt",
-                                                       n=args.pres_samples, seed=args.seed)
+                                                       n=args.pres_samples, seed=args.seed,
+                                                       batch_size=args.gen_batch_size)
     if args.random_weights:
         log.warning(RANDOM_WEIGHTS_NOTE)
 

@@ -18,6 +18,7 @@ d bits per token; V = 2d logits per token, a (bit = 0, bit = 1) pair per bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -332,7 +333,8 @@ class Infinity(nn.Module):
     @torch.no_grad()
     def generate(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, schedule: Schedule,
                  cfg: float | list[float] = 4.0, tau: float | list[float] = 0.5, top_k: int = 900,
-                 top_p: float = 0.97, seed: int | None = None, generator: torch.Generator | None = None,
+                 top_p: float = 0.97, seed: int | Sequence[int] | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  use_cache: bool = True, next_scale_mode: str = "trilinear", dtype: str = "bf16",
                  return_logits: bool = False) -> InfinityOutput:
         """Sample images scale by scale (infinity.py autoregressive_infer_cfg, cfg on logits).
@@ -340,14 +342,20 @@ class Infinity(nn.Module):
         Defaults are the released inference settings (scripts/infer.sh, tools/run_infinity.py):
         cfg 4, tau 0.5, top_k 900 (no-op on bit pairs), top_p 0.97. `cfg`/`tau` may be per-scale
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
-        the global RNG. `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
+        random stream, so an image depends on its seed and not on what else is in the batch (up to
+        the last bits of batched arithmetic). `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
-        dtype on the GPU; the CPU always runs fp32.
+        dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
         """
         n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
         cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
-        if generator is None and seed is not None:
+        if generator is None and isinstance(seed, int):
             generator = torch.Generator(dev).manual_seed(seed)
+        elif generator is None and seed is not None:
+            if len(seed) != B:
+                raise ConfigError(f"{len(seed)} seeds for {B} prompts")
+            generator = [torch.Generator(dev).manual_seed(int(s)) for s in seed]
         guided = any(c != 1 for c in cfgs)
         if guided:  # second half of the batch: the unconditional prompt
             drop = torch.arange(2 * B, device=dev) >= B
@@ -359,7 +367,9 @@ class Infinity(nn.Module):
         ids_all, start = self._scale_ids(schedule, dev), 0
         x_inputs = [tc.cond_BD.unsqueeze(1) + self.pos_start]  # one entry per scale, (2B or B, l, C)
         bits, all_logits, summed = [], [], 0.0
-        with autocast(dtype if dev.type == "cuda" else "fp32", dev):
+        if dev.type != "cuda":
+            dtype = "bf16" if next(self.blocks.parameters()).dtype == torch.bfloat16 else "fp32"
+        with autocast(dtype, dev):
             for si, (_, h, w) in enumerate(schedule):
                 end = start + h * w
                 if use_cache:  # this scale's queries; keys/values of earlier scales come from the caches
@@ -412,9 +422,11 @@ def _per_scale(value, n: int, name: str) -> list[float]:
     return values
 
 
-def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     """Top-k / top-p filtering and one multinomial draw per row (infinity.py
-    sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls)."""
+    sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls). A list of
+    generators, one per batch row, draws each row from its own (per-image seeds in a batch)."""
     B, l, V = logits_BlV.shape
     logits = logits_BlV.float().clone()
     if 0 < top_k < V:
@@ -424,4 +436,10 @@ def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator: t
         remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    return torch.multinomial(logits.softmax(-1).view(-1, V), 1, replacement=True, generator=generator).view(B, l)
+    probs_BlV = logits.softmax(-1)
+    if isinstance(generator, torch.Generator) or generator is None:
+        return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=generator).view(B, l)
+    if len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for a batch of {B}")
+    return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g).view(l)
+                        for p_lV, g in zip(probs_BlV, generator, strict=True)])

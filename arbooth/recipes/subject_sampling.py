@@ -51,10 +51,11 @@ class PersonalizedSampler:
         return self.personalization.metadata.get("class_noun", "")
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, seed: int = 0, cfg: float | list[float] | None = None,
+    def generate(self, prompts: list[str], *, seed: int | list[int] = 0, cfg: float | list[float] | None = None,
                  tau: float | list[float] | None = None, top_k: int = 900, top_p: float = 0.97,
                  dtype: str = "bf16") -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1]; guidance and temperature default to the run's validation settings."""
+        """(B, 3, H, W) in [0, 1]; guidance and temperature default to the run's validation settings.
+        A list of seeds (one per prompt) samples every image from its own seed."""
         text_BTC, mask_BT = self.personalization.encode(self.tokenizer, self.encoder, prompts,
                                                         max_length=self.model.text_maxlen, device=self.device)
         out = self.model.generate(text_BTC, mask_BT, self.schedule, cfg=self.config.val_cfg if cfg is None else cfg,
@@ -62,6 +63,11 @@ class PersonalizedSampler:
                                   seed=seed, dtype=dtype)
         return out.images
 
+    def images(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
+        """One image of `prompt` per seed, sampled as one batch; image i depends on seeds[i] only
+        (`arbooth eval-subject --model` batches with this)."""
+        return [tensor_to_pil(x) for x in self.generate([prompt] * len(seeds), seed=list(seeds))]
+
     def __call__(self, prompt: str, seed: int) -> Image.Image:
         """The (prompt, seed) -> image contract of `arbooth eval-subject --model`."""
-        return tensor_to_pil(self.generate([prompt], seed=seed)[0])
+        return self.images(prompt, [seed])[0]

@@ -9,7 +9,7 @@ import torch
 from arbooth.cli import main as cli
 from arbooth.config import load_config
 from arbooth.data.images import pil_to_tensor_m11, read_image
-from arbooth.errors import CheckpointError
+from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
 from arbooth.recipes.subject_sampling import PersonalizedSampler
 from arbooth.recipes.train_subject import train
@@ -66,3 +66,47 @@ def test_eval_subject_samples_from_the_personalization(personalization, tmp_path
     assert len(list((gen / "class_prompt").glob("*.png"))) == 2
     report = json.loads((gen / "eval_subject" / "eval_subject.json").read_text())
     assert report["average"]["n_images"] == 4 and report["average"]["PRES"] is not None
+
+
+def test_batched_images_follow_their_own_seeds(personalization):
+    """eval-subject samples several seeds in one batch: image i must be the image of seed i alone."""
+    sampler = PersonalizedSampler.from_file(personalization)
+    prompt = "a <S*> star on a red background"
+    batch = sampler.generate([prompt] * 3, seed=[7, 8, 9])
+    for i, seed in enumerate((7, 8, 9)):
+        alone = sampler.generate([prompt], seed=[seed])[0]
+        assert (batch[i] - alone).abs().max() < 1e-4, f"seed {seed}"
+    assert not torch.equal(batch[0], batch[1])  # different seeds, different images
+    images = sampler.images(prompt, [8, 9])
+    assert (pil_to_tensor_m11(images[1]).add(1).div(2) - batch[2]).abs().max() <= 1 / 255 + 1e-6
+    with pytest.raises(ConfigError, match="2 seeds for 3 prompts"):
+        sampler.generate([prompt] * 3, seed=[1, 2])
+
+
+def test_eval_subject_generation_batches_keep_the_seeds(personalization, tmp_path):
+    from arbooth.commands.eval_subject import generate_class_samples, generate_subject_samples
+
+    sampler = PersonalizedSampler.from_file(personalization)
+    calls = []
+
+    class Recording:
+        def __call__(self, text, seed):
+            return sampler(text, seed)
+
+        def images(self, text, seeds):
+            calls.append(list(seeds))
+            return sampler.images(text, seeds)
+
+    gen = tmp_path / "gen"
+    assert generate_subject_samples(Recording(), ["a {}"], "<S*> star", gen, n_per_prompt=5, seed=2,
+                                    batch_size=2) == 5
+    assert calls == [[2, 3], [4, 5], [6]]
+    one = pil_to_tensor_m11(read_image(gen / "prompt_00" / "03.png"))
+    assert (one - pil_to_tensor_m11(sampler("a <S*> star", 5))).abs().max() <= 2 / 255 + 1e-6
+    (gen / "prompt_00" / "01.png").unlink()  # resumable: only the missing image is sampled again
+    calls.clear()
+    assert generate_subject_samples(Recording(), ["a {}"], "<S*> star", gen, n_per_prompt=5, seed=2,
+                                    batch_size=2) == 1
+    assert calls == [[3]]
+    generate_class_samples(Recording(), "star", tmp_path / "cls", n=3, seed=0, batch_size=4)
+    assert calls[-1] == [0, 1, 2] and len(list((tmp_path / "cls").glob("*.png"))) == 3

@@ -36,10 +36,12 @@ def test_bf16_blocks_train_on_the_cpu(tmp_path):
 
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
                       [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=2",
-                       "model.tuned_dtype=bf16", "dtype=bf16", "device=cpu", "optim.lr=1e-3"])
+                       "model.tuned_dtype=bf16", "dtype=bf16", "device=cpu", "optim.lr=1e-3",
+                       "validate_every=2"])
     base = {k: v.detach().clone() for k, v in setup(cfg).model.named_parameters()}
     p = load_personalization(train(cfg))
     assert p.tensors and {v.dtype for v in p.tensors.values()} == {torch.bfloat16}
     moved = [k for k, v in p.tensors.items() if not torch.equal(v, base[k].to(torch.bfloat16))]
     assert len(moved) == len(p.tensors), "every tuned tensor should move at lr 1e-3"
     assert torch.isfinite(p.subject_token_PC).all() and p.subject_token_PC.abs().sum() > 0
+    assert (tmp_path / "val" / "step_000002.png").is_file()  # validation samples with the bf16 blocks
