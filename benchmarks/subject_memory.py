@@ -2,30 +2,40 @@
 without a GPU: the process's peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs)
 while the real step runs on the CPU (the same code as on a GPU: bf16 blocks under bf16 autocast,
 gradient checkpointing, the KV-cached teacher, bitwise self-correction, two stochastic-rounding AdamW
-steps), above what the process held before the model was built, for a few depths. Every block costs
-the same, so the peak is linear in depth; the fitted line is extrapolated to the 32 blocks of
-Infinity-2B, and the BSQ-VAE's weights (built once, before the baseline) are added.
+steps), above what the process held before the model was built, for a few depths, each in a fresh
+process (freed memory stays resident in a process, so one process per depth) with glibc returning
+every allocation over 64 KiB to the system when freed. Every block costs the same, so the peak is
+linear in depth; the fitted line is extrapolated to the 32 blocks of Infinity-2B, and the BSQ-VAE's
+weights (built before the baseline) are added.
 
-    PYTHONPATH=. python benchmarks/subject_memory.py [--depths 1 2 3] [--batch 2] [--out ...]
+    PYTHONPATH=. python benchmarks/subject_memory.py [--depths 1 2] [--batch 2] [--out ...]
+
+The same run counts the step's floating-point operations (torch's FlopCounterMode: matmuls and
+attention), fits them linearly in depth too, and models the 2B step time on a GPU from an assumed
+throughput (--gpu-tflops, --mfu): a model, not a measurement.
 
 What this does not see: the CUDA caching allocator's fragmentation and workspaces, the CUDA context
 (~0.5 GB), and kernels that differ between CPU and GPU (SDPA picks its backend per device; CPU
 autocast casts a few ops differently). Read the result as the tensor memory the step needs; the GPU
 benchmark (`benchmarks/train_subject.py --size 2b`) measures the real peak when a GPU is lent.
 Random text features stand in for T5 and random VAE features for the photos (both are computed once
-at setup and then freed). Takes ~2 min per block on 2 CPU cores.
+at setup and then freed). Takes ~4 min per block and step on 2 CPU cores, 25 min for the default (--pn 0.06M for a quick look).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from arbooth.adapt.selective import SelectiveTuner
 from arbooth.adapt.subject_token import SubjectToken
@@ -47,10 +57,23 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
 
 
-def measure(depth: int, batch: int, steps: int, vae: BSQVAE) -> dict:
-    cfg = SubjectTrainConfig(subject="-", model=ModelConfig(pn="1M", tuned_dtype="bf16"), dtype="bf16",
+def _cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)  # the full L x L, as the GPU's masked kernels compute too
+
+
+def _cpu_sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+# torch counts the GPU attention kernels; the CPU's are counted with the same formulas
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+
+
+def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str) -> dict:
+    cfg = SubjectTrainConfig(subject="-", model=ModelConfig(pn=pn, tuned_dtype="bf16"), dtype="bf16",
                              device="cpu", batch_size=batch, validate_every=0)
-    schedule = [tuple(s) for s in infinity_scale_schedule(1.0, "1M")]
+    schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]
     gc.collect()
     base = _status_gib("VmRSS")
     _reset_peak()
@@ -80,54 +103,83 @@ def measure(depth: int, batch: int, steps: int, vae: BSQVAE) -> dict:
         train_step(run, torch.arange(batch))
         times.append(time.perf_counter() - t0)
     peak = _status_gib("VmHWM") - base
+    # one more step to count operations (the counter's module hooks hold memory, so not while measuring it)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops:
+        train_step(run, torch.arange(batch))
     mem = tuner.teacher_memory()
     row = {"depth": depth, "batch": batch, "tokens": sum(h * w for _, h, w in schedule), "step_s": times[-1],
-           "peak_gib": peak, "held_before_step_gib": held, "trainable": tuner.num_trainable(),
+           "peak_gib": peak, "held_before_step_gib": held, "step_tflop": flops.get_total_flops() / 1e12, "trainable": tuner.num_trainable(),
            "teacher_originals_gib": mem["teacher_bytes"] / GiB}
-    del run, model, tuner, token, opt
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3],
+    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2],
                     help="model depths to measure (at least two; more checks the linearity)")
     ap.add_argument("--batch", type=int, default=2, help="photos per step (the 2B default is 2)")
-    ap.add_argument("--steps", type=int, default=2, help="steps per depth; the peak is over all of them")
+    ap.add_argument("--pn", default="1M", help="resolution (Infinity's pn: 1M = 1024x1024, the 2B default)")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="steps per depth the peak is taken over (the first already holds the optimizer states "
+                         "from its first update on); one more step counts the operations")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/subject_memory.json")
+    ap.add_argument("--gpu-tflops", type=float, default=989.0,
+                    help="dense bf16 TFLOP/s of the GPU the step time is modelled for (H100 SXM: 989)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="fraction of --gpu-tflops assumed reached")
+    ap.add_argument("--one-depth", type=int, default=0, help=argparse.SUPPRESS)  # the per-depth child process
     a = ap.parse_args()
-    if len(set(a.depths)) < 2:
-        ap.error("--depths needs at least two different depths to extrapolate")
     if a.threads:
         torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    vae = BSQVAE().eval().requires_grad_(False)  # the d32 VAE of Infinity-2B, random weights
-    vae_gib = sum(p.numel() * p.element_size() for p in vae.parameters()) / GiB
+    if a.one_depth:
+        torch.manual_seed(0)
+        vae = BSQVAE().eval().requires_grad_(False)  # the d32 VAE of Infinity-2B, random weights
+        row = measure(a.one_depth, a.batch, a.steps, vae, a.pn)
+        row["vae_gib"] = sum(p.numel() * p.element_size() for p in vae.parameters()) / GiB
+        print(json.dumps(row))
+        return
+    if len(set(a.depths)) < 2:
+        ap.error("--depths needs at least two different depths to extrapolate")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows = []
     for depth in sorted(set(a.depths)):
-        rows.append(measure(depth, a.batch, a.steps, vae))
+        cmd = [sys.executable, __file__, "--one-depth", str(depth), "--batch", str(a.batch), "--steps", str(a.steps),
+               "--threads", str(a.threads), "--pn", a.pn]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.exit(f"depth {depth} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"depth {depth}: peak {r['peak_gib']:.2f} GiB, step {r['step_s']:.0f} s", flush=True)
-    # least-squares line through (depth, peak): the per-block cost and the rest
-    d = torch.tensor([r["depth"] for r in rows], dtype=torch.float64)
-    p = torch.tensor([r["peak_gib"] for r in rows], dtype=torch.float64)
-    A = torch.stack([torch.ones_like(d), d], 1)
-    (c0, c1) = torch.linalg.lstsq(A, p.unsqueeze(1)).solution.squeeze(1).tolist()
-    worst = float((A @ torch.tensor([c0, c1], dtype=torch.float64) - p).abs().max())
-    total = c0 + c1 * FULL_DEPTH + vae_gib
-    est = {"per_block_gib": c1, "rest_gib": c0, "vae_gib": vae_gib, "fit_max_residual_gib": worst,
-           f"estimated_peak_gib_depth{FULL_DEPTH}": total}
-    print("depth | tokens | batch | step_s (CPU) | held before step GiB | peak GiB | trainable params | "
-          "teacher originals GiB")
+    vae_gib = rows[0]["vae_gib"]
+    mem0, mem1, mem_res = _line(rows, "peak_gib")
+    fl0, fl1, _ = _line(rows, "step_tflop")
+    total, tflop = mem0 + mem1 * FULL_DEPTH + vae_gib, fl0 + fl1 * FULL_DEPTH
+    step_s = tflop / (a.gpu_tflops * a.mfu)
+    est = {"per_block_gib": mem1, "rest_gib": mem0, "vae_gib": vae_gib, "fit_max_residual_gib": mem_res,
+           f"peak_gib_depth{FULL_DEPTH}": total, f"step_tflop_depth{FULL_DEPTH}": tflop,
+           "gpu_tflops": a.gpu_tflops, "mfu": a.mfu, "modelled_step_s": step_s,
+           "modelled_500_steps_min": step_s * 500 / 60}
+    print("depth | tokens | batch | step_s (CPU) | held before step GiB | peak GiB | step TFLOP | trainable params")
     for r in rows:
         print(f"{r['depth']} | {r['tokens']} | {r['batch']} | {r['step_s']:.1f} | {r['held_before_step_gib']:.3f} | "
-              f"{r['peak_gib']:.3f} | {r['trainable']:,} | {r['teacher_originals_gib']:.3f}")
-    print(f"peak = {c0:.3f} GiB + {c1:.3f} GiB per block (largest fit residual {worst:.4f} GiB); {FULL_DEPTH} blocks "
-          f"+ the VAE ({vae_gib:.2f} GiB): {total:.2f} GiB")
+              f"{r['peak_gib']:.3f} | {r['step_tflop']:.1f} | {r['trainable']:,}")
+    print(f"memory: {mem0:.3f} GiB + {mem1:.3f} GiB per block (largest fit residual {mem_res:.4f} GiB); "
+          f"{FULL_DEPTH} blocks + the VAE ({vae_gib:.2f} GiB): {total:.2f} GiB of tensors at the peak")
+    print(f"compute: {fl0:.1f} + {fl1:.1f} TFLOP per block; {FULL_DEPTH} blocks: {tflop:.0f} TFLOP per step; at "
+          f"{a.mfu:.0%} of {a.gpu_tflops:.0f} TFLOP/s that is {step_s:.2f} s per step, "
+          f"{step_s * 500 / 60:.1f} min for 500 steps (a model, not a measurement)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "estimate": est}, indent=1))
 
+
+def _line(rows: list[dict], key: str) -> tuple[float, float, float]:
+    """Least-squares line through (depth, rows[key]): intercept, slope, largest residual."""
+    d = torch.tensor([r["depth"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+    A = torch.stack([torch.ones_like(d), d], 1)
+    coef = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1)
+    return float(coef[0]), float(coef[1]), float((A @ coef - y).abs().max())
 
 if __name__ == "__main__":
     main()
