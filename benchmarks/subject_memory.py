@@ -2,11 +2,13 @@
 without a GPU: the process's peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs)
 while the real step runs on the CPU (the same code as on a GPU: bf16 blocks under bf16 autocast,
 gradient checkpointing, the KV-cached teacher, bitwise self-correction, two stochastic-rounding AdamW
-steps), above what the process held before the model was built, for a few depths, each in a fresh
-process (freed memory stays resident in a process, so one process per depth) with glibc returning
-every allocation over 64 KiB to the system when freed. Every block costs the same, so the peak is
-linear in depth; the fitted line is extrapolated to the 32 blocks of Infinity-2B, and the BSQ-VAE's
-weights (built before the baseline) are added.
+steps), above what the process held before the model was built. Each phase of the step (teacher
+sampling; instance forward; its backward + update; distillation forward; its backward + update) gets
+its own peak, since each peaks on something else. Every block costs the same, so each phase's peak is
+linear in depth: a few depths are run, each in a fresh process (freed memory stays resident in a
+process) with glibc returning every allocation over 64 KiB when freed; each phase's line is
+extrapolated to the 32 blocks of Infinity-2B, the BSQ-VAE's weights (built before the baseline) are
+added, and the largest phase is the step's peak.
 
     PYTHONPATH=. python benchmarks/subject_memory.py [--depths 1 2] [--batch 2] [--out ...]
 
@@ -19,7 +21,8 @@ What this does not see: the CUDA caching allocator's fragmentation and workspace
 autocast casts a few ops differently). Read the result as the tensor memory the step needs; the GPU
 benchmark (`benchmarks/train_subject.py --size 2b`) measures the real peak when a GPU is lent.
 Random text features stand in for T5 and random VAE features for the photos (both are computed once
-at setup and then freed). Takes ~4 min per block and step on 2 CPU cores, 25 min for the default (--pn 0.06M for a quick look).
+at setup and then freed). About 4 min per block and step on 2 CPU cores: 25 min with the defaults,
+35 with the operation count (--pn 0.06M for a quick look).
 """
 from __future__ import annotations
 
@@ -70,7 +73,26 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
 
 
-def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str) -> dict:
+class PhasePeaks:
+    """train_step's `on_phase` probe: the peak resident memory above `base` in each phase (max over steps).
+    The phases peak on different things (the teacher on its KV cache, the backward passes on the
+    checkpointed activations, the updates on the gradients), so each gets its own line in depth."""
+
+    def __init__(self, base: float) -> None:
+        self.base, self.phase, self.peaks = base, "", {}
+
+    def __call__(self, phase: str) -> None:
+        self.close()
+        self.phase = phase
+        _reset_peak()
+
+    def close(self) -> None:
+        if self.phase:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), _status_gib("VmHWM") - self.base)
+        self.phase = ""
+
+
+def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str, count_flops: bool) -> dict:
     cfg = SubjectTrainConfig(subject="-", model=ModelConfig(pn=pn, tuned_dtype="bf16"), dtype="bf16",
                              device="cpu", batch_size=batch, validate_every=0)
     schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]
@@ -97,19 +119,21 @@ def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str) -> dict:
               torch.Generator().manual_seed(2), "random", "-")
     model.train()
     held = _status_gib("VmRSS") - base  # weights, teacher originals, inputs
-    times = []
-    for _ in range(steps):  # the first step allocates the optimizer states, the second runs with them
+    times, probe = [], PhasePeaks(base)
+    for _ in range(steps):  # the first step allocates the optimizer states, later ones run with them
         t0 = time.perf_counter()
-        train_step(run, torch.arange(batch))
+        train_step(run, torch.arange(batch), on_phase=probe)
+        probe.close()
         times.append(time.perf_counter() - t0)
-    peak = _status_gib("VmHWM") - base
-    # one more step to count operations (the counter's module hooks hold memory, so not while measuring it)
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops:
-        train_step(run, torch.arange(batch))
+    row = {}
+    if count_flops:  # one more step (the counter's module hooks hold memory, so not while measuring it)
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops:
+            train_step(run, torch.arange(batch))
+        row["step_tflop"] = flops.get_total_flops() / 1e12
     mem = tuner.teacher_memory()
-    row = {"depth": depth, "batch": batch, "tokens": sum(h * w for _, h, w in schedule), "step_s": times[-1],
-           "peak_gib": peak, "held_before_step_gib": held, "step_tflop": flops.get_total_flops() / 1e12, "trainable": tuner.num_trainable(),
-           "teacher_originals_gib": mem["teacher_bytes"] / GiB}
+    row |= {"depth": depth, "batch": batch, "tokens": sum(h * w for _, h, w in schedule), "step_s": times[-1],
+           "peak_gib": max(probe.peaks.values()), "phase_peak_gib": probe.peaks, "held_before_step_gib": held, "trainable": tuner.num_trainable(),
+            "teacher_originals_gib": mem["teacher_bytes"] / GiB}
     return row
 
 
@@ -119,9 +143,11 @@ def main() -> None:
                     help="model depths to measure (at least two; more checks the linearity)")
     ap.add_argument("--batch", type=int, default=2, help="photos per step (the 2B default is 2)")
     ap.add_argument("--pn", default="1M", help="resolution (Infinity's pn: 1M = 1024x1024, the 2B default)")
-    ap.add_argument("--steps", type=int, default=1,
-                    help="steps per depth the peak is taken over (the first already holds the optimizer states "
-                         "from its first update on); one more step counts the operations")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="steps per depth the peaks are taken over (from the second on, every phase runs with "
+                         "the optimizer states allocated)")
+    ap.add_argument("--count-flops", action=argparse.BooleanOptionalAction, default=True,
+                    help="run one more step per depth under torch's FlopCounterMode")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/subject_memory.json")
     ap.add_argument("--gpu-tflops", type=float, default=989.0,
@@ -134,7 +160,7 @@ def main() -> None:
     if a.one_depth:
         torch.manual_seed(0)
         vae = BSQVAE().eval().requires_grad_(False)  # the d32 VAE of Infinity-2B, random weights
-        row = measure(a.one_depth, a.batch, a.steps, vae, a.pn)
+        row = measure(a.one_depth, a.batch, a.steps, vae, a.pn, a.count_flops)
         row["vae_gib"] = sum(p.numel() * p.element_size() for p in vae.parameters()) / GiB
         print(json.dumps(row))
         return
@@ -144,7 +170,8 @@ def main() -> None:
     rows = []
     for depth in sorted(set(a.depths)):
         cmd = [sys.executable, __file__, "--one-depth", str(depth), "--batch", str(a.batch), "--steps", str(a.steps),
-               "--threads", str(a.threads), "--pn", a.pn]
+               "--threads", str(a.threads), "--pn", a.pn,
+               "--count-flops" if a.count_flops else "--no-count-flops"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"depth {depth} failed:\n{done.stderr[-3000:]}")
@@ -152,26 +179,37 @@ def main() -> None:
         r = rows[-1]
         print(f"depth {depth}: peak {r['peak_gib']:.2f} GiB, step {r['step_s']:.0f} s", flush=True)
     vae_gib = rows[0]["vae_gib"]
-    mem0, mem1, mem_res = _line(rows, "peak_gib")
-    fl0, fl1, _ = _line(rows, "step_tflop")
-    total, tflop = mem0 + mem1 * FULL_DEPTH + vae_gib, fl0 + fl1 * FULL_DEPTH
-    step_s = tflop / (a.gpu_tflops * a.mfu)
-    est = {"per_block_gib": mem1, "rest_gib": mem0, "vae_gib": vae_gib, "fit_max_residual_gib": mem_res,
-           f"peak_gib_depth{FULL_DEPTH}": total, f"step_tflop_depth{FULL_DEPTH}": tflop,
-           "gpu_tflops": a.gpu_tflops, "mfu": a.mfu, "modelled_step_s": step_s,
-           "modelled_500_steps_min": step_s * 500 / 60}
-    print("depth | tokens | batch | step_s (CPU) | held before step GiB | peak GiB | step TFLOP | trainable params")
+    phases = {}  # phase -> (intercept, per block, residual, extrapolated)
+    for ph in rows[0]["phase_peak_gib"]:
+        c0, c1, res = _line([{"depth": r["depth"], "y": r["phase_peak_gib"][ph]} for r in rows], "y")
+        phases[ph] = (c0, c1, res, c0 + c1 * FULL_DEPTH + vae_gib)
+    worst = max(phases, key=lambda ph: phases[ph][3])
+    total = phases[worst][3]
+    est = {"vae_gib": vae_gib, "phases": {ph: dict(zip(("rest_gib", "per_block_gib", "fit_max_residual_gib",
+                                                         f"peak_gib_depth{FULL_DEPTH}"), v, strict=True))
+                                          for ph, v in phases.items()},
+           "peak_phase": worst, f"peak_gib_depth{FULL_DEPTH}": total}
+    print("depth | tokens | batch | step_s (CPU) | held before step GiB | peak GiB | " +
+          " | ".join(f"{ph} GiB" for ph in phases) + (" | step TFLOP" if a.count_flops else ""))
     for r in rows:
         print(f"{r['depth']} | {r['tokens']} | {r['batch']} | {r['step_s']:.1f} | {r['held_before_step_gib']:.3f} | "
-              f"{r['peak_gib']:.3f} | {r['step_tflop']:.1f} | {r['trainable']:,}")
-    print(f"memory: {mem0:.3f} GiB + {mem1:.3f} GiB per block (largest fit residual {mem_res:.4f} GiB); "
-          f"{FULL_DEPTH} blocks + the VAE ({vae_gib:.2f} GiB): {total:.2f} GiB of tensors at the peak")
-    print(f"compute: {fl0:.1f} + {fl1:.1f} TFLOP per block; {FULL_DEPTH} blocks: {tflop:.0f} TFLOP per step; at "
-          f"{a.mfu:.0%} of {a.gpu_tflops:.0f} TFLOP/s that is {step_s:.2f} s per step, "
-          f"{step_s * 500 / 60:.1f} min for 500 steps (a model, not a measurement)")
+              f"{r['peak_gib']:.3f} | " + " | ".join(f"{r['phase_peak_gib'][ph]:.3f}" for ph in phases) +
+              (f" | {r['step_tflop']:.1f}" if a.count_flops else ""))
+    for ph, (c0, c1, res, ext) in phases.items():
+        print(f"{ph:>15}: {c0:.3f} GiB + {c1:.3f} GiB per block (fit residual {res:.4f}) -> {FULL_DEPTH} blocks "
+              f"+ the VAE ({vae_gib:.2f} GiB): {ext:.2f} GiB")
+    print(f"peak of the step at {FULL_DEPTH} blocks: {total:.2f} GiB of tensors, in phase {worst!r}")
+    if a.count_flops:
+        fl0, fl1, _ = _line(rows, "step_tflop")
+        tflop = fl0 + fl1 * FULL_DEPTH
+        step_s = tflop / (a.gpu_tflops * a.mfu)
+        est |= {f"step_tflop_depth{FULL_DEPTH}": tflop, "gpu_tflops": a.gpu_tflops, "mfu": a.mfu,
+                "modelled_step_s": step_s, "modelled_500_steps_min": step_s * 500 / 60}
+        print(f"compute: {fl0:.1f} + {fl1:.1f} TFLOP per block; {FULL_DEPTH} blocks: {tflop:.0f} TFLOP per step; at "
+              f"{a.mfu:.0%} of {a.gpu_tflops:.0f} TFLOP/s that is {step_s:.2f} s per step, "
+              f"{step_s * 500 / 60:.1f} min for 500 steps (a model, not a measurement)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "estimate": est}, indent=1))
-
 
 def _line(rows: list[dict], key: str) -> tuple[float, float, float]:
     """Least-squares line through (depth, rows[key]): intercept, slope, largest residual."""

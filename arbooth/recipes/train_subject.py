@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,18 +190,26 @@ def instance_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return r.x_BLd, torch.cat([lb.flatten(1, 2) for lb in r.label_bits], 1)
 
 
-def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
+def _no_probe(phase: str) -> None:
+    pass
+
+
+def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _no_probe) -> dict[str, float]:
+    """One iteration on photos `idx`. `on_phase(name)` is called as each phase starts (teacher, instance,
+    instance_update, distill, update): benchmarks/subject_memory.py takes per-phase memory peaks with it."""
     cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
     B, ctx = len(idx), autocast(cfg.dtype, run.accelerator.device)
     params = [run.token.embedding_PC, *run.tuner.params.values()]
     cls_text, cls_mask = (x.expand(B, *x.shape[1:]) for x in run.cls)
     # 1. the teacher first, while no graph holds the student's weights (see SelectiveTuner)
     if cfg.loss.prior:
+        on_phase("teacher")
         with run.tuner.teacher(), ctx:
             t = cfg.teacher
             x_cls, teacher_logits = teacher_targets(model, cls_text, cls_mask, run.schedule, mode=t.mode, tau=t.tau,
                                                     top_k=t.top_k, top_p=t.top_p, generator=run.generator)
     # 2. instance loss on the photos, with <S*> spliced into the prompt
+    on_phase("instance")
     text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
     x_BLd, gt = instance_batch(run, idx)
     with ctx:
@@ -209,10 +218,12 @@ def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
     out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
     total = loss
     if cfg.optim.step_mode == "two_steps" and cfg.loss.prior:  # authors: step on the instance loss first
+        on_phase("instance_update")
         _step(run, loss, params)
         total = 0.0
     # 3. prior distillation on the teacher's class maps
     if cfg.loss.prior:
+        on_phase("distill")
         with ctx:
             student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule)
         lo = cfg.loss
@@ -220,6 +231,7 @@ def train_step(run: Run, idx: torch.Tensor) -> dict[str, float]:
                                            temperature=lo.distill_temperature, softmax_over=lo.distill_softmax)
         out["distill"] = reg.item()
         total = total + reg
+    on_phase("update")
     _step(run, total, params)
     return out
 

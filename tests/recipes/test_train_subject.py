@@ -68,3 +68,21 @@ def test_cli_errors_are_one_clear_line(bad_inputs_dir: Path, tmp_path: Path) -> 
     assert r.returncode == 2 and "no readable image" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--subject", str(bad_inputs_dir), "--class-noun", "dog", cwd=tmp_path)
     assert r.returncode == 2 and "model.model_ckpt" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("overrides, phases", [
+    ([], ["teacher", "instance", "instance_update", "distill", "update"]),     # the authors' two updates
+    (["optim.step_mode=combined"], ["teacher", "instance", "distill", "update"]),
+    (["loss.prior=false"], ["instance", "update"]),
+])
+def test_train_step_reports_its_phases(overrides, phases, tmp_path) -> None:
+    """The probe benchmarks/subject_memory.py takes per-phase memory peaks with."""
+    from arbooth.recipes.train_subject import setup, train_step
+
+    cfg = load_config(SubjectTrainConfig, ROOT / "configs/subject/toy.yaml",
+                      [f"subject={ROOT / 'subjects/toy_star'}", f"out_dir={tmp_path}", *overrides])
+    run = setup(cfg)
+    run.model.train()
+    seen: list[str] = []
+    train_step(run, torch.arange(cfg.batch_size), on_phase=seen.append)
+    assert seen == phases
