@@ -131,7 +131,7 @@ def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str, count_flop
             train_step(run, torch.arange(batch))
         row["step_tflop"] = flops.get_total_flops() / 1e12
     mem = tuner.teacher_memory()
-    row |= {"depth": depth, "batch": batch, "tokens": sum(h * w for _, h, w in schedule), "step_s": times[-1],
+    row |= {"depth": depth, "batch": batch, "tokens": _tokens(pn), "step_s": times[-1],
            "peak_gib": max(probe.peaks.values()), "phase_peak_gib": probe.peaks, "held_before_step_gib": held, "trainable": tuner.num_trainable(),
             "teacher_originals_gib": mem["teacher_bytes"] / GiB}
     return row
@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--gpu-tflops", type=float, default=989.0,
                     help="dense bf16 TFLOP/s of the GPU the step time is modelled for (H100 SXM: 989)")
     ap.add_argument("--mfu", type=float, default=0.4, help="fraction of --gpu-tflops assumed reached")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a previous result JSON: its rows for the same --pn and --batch are kept, only the other "
+                         "depths are run")
     ap.add_argument("--one-depth", type=int, default=0, help=argparse.SUPPRESS)  # the per-depth child process
     a = ap.parse_args()
     if a.threads:
@@ -167,8 +170,14 @@ def main() -> None:
     if len(set(a.depths)) < 2:
         ap.error("--depths needs at least two different depths to extrapolate")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    old = json.loads(a.reuse.read_text())["rows"] if a.reuse else []
+    old = {r["depth"]: r for r in old if r["tokens"] == _tokens(a.pn) and r["batch"] == a.batch
+           and ("step_tflop" in r or not a.count_flops)}
     rows = []
     for depth in sorted(set(a.depths)):
+        if depth in old:
+            rows.append(old[depth])
+            continue
         cmd = [sys.executable, __file__, "--one-depth", str(depth), "--batch", str(a.batch), "--steps", str(a.steps),
                "--threads", str(a.threads), "--pn", a.pn,
                "--count-flops" if a.count_flops else "--no-count-flops"]
@@ -210,6 +219,10 @@ def main() -> None:
               f"{step_s * 500 / 60:.1f} min for 500 steps (a model, not a measurement)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "estimate": est}, indent=1))
+
+def _tokens(pn: str) -> int:
+    return sum(h * w for _, h, w in infinity_scale_schedule(1.0, pn))
+
 
 def _line(rows: list[dict], key: str) -> tuple[float, float, float]:
     """Least-squares line through (depth, rows[key]): intercept, slope, largest residual."""

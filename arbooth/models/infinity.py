@@ -102,12 +102,14 @@ class SelfAttention(nn.Module):
         q, k, v = (f(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
         k = F.normalize(k, dim=-1, eps=1e-12)
-        q, k = apply_rope(q, cos_Lc, sin_Lc), apply_rope(k, cos_Lc, sin_Lc)
+        # RoPE runs in fp32 (fp32 tables); attention takes q, k in v's dtype, so the cache keeps k in
+        # that dtype too (half the cache under bf16 autocast, no re-cast of the whole cache each scale)
+        q, k = apply_rope(q, cos_Lc, sin_Lc).to(v.dtype), apply_rope(k, cos_Lc, sin_Lc).to(v.dtype)
         if cache is not None:  # generation: earlier scales' keys/values (RoPE already applied)
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
-        out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask_LL, scale=1.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
