@@ -220,7 +220,7 @@ class TextCond:
 
 @dataclass
 class InfinityOutput:
-    images: torch.Tensor                # (B, 3, H, W) in [0, 1]
+    images: torch.Tensor | None         # (B, 3, H, W) in [0, 1]; None with decode=False
     bits: list[torch.Tensor]            # per scale (B, h, w, d) in {0, 1}
     summed_codes: torch.Tensor          # (B, d, H/16, W/16), the VAE decoder's input
     logits: list[torch.Tensor] | None   # per scale (B or 2B, l, 2d) before tau and guidance, if asked
@@ -338,7 +338,7 @@ class Infinity(nn.Module):
                  top_p: float = 0.97, seed: int | Sequence[int] | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  use_cache: bool = True, next_scale_mode: str = "trilinear", dtype: str = "bf16",
-                 return_logits: bool = False) -> InfinityOutput:
+                 return_logits: bool = False, decode: bool = True) -> InfinityOutput:
         """Sample images scale by scale (infinity.py autoregressive_infer_cfg, cfg on logits).
 
         Defaults are the released inference settings (scripts/infer.sh, tools/run_infinity.py):
@@ -346,7 +346,7 @@ class Infinity(nn.Module):
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
         the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
         random stream, so an image depends on its seed and not on what else is in the batch (up to
-        the last bits of batched arithmetic). `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
         dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
         """
@@ -400,8 +400,10 @@ class Infinity(nn.Module):
                 nxt = F.interpolate(summed, size=tuple(schedule[si + 1]), mode=next_scale_mode)
                 nxt = self.word_embed(nxt.flatten(2).transpose(1, 2))
                 x_inputs.append(nxt.repeat(x_inputs[0].shape[0] // B, 1, 1))
-            images = self.vae.decode(summed.squeeze(2).float())
-        return InfinityOutput(images.float().add(1).div(2), bits, summed.squeeze(2), all_logits if return_logits else None)
+            # the VAE decoder is the largest transient at 1024x1024 (~3 GiB for two images); callers that
+            # only need the bits (ARBooth's teacher) skip it
+            images = self.vae.decode(summed.squeeze(2).float()).float().add(1).div(2) if decode else None
+        return InfinityOutput(images, bits, summed.squeeze(2), all_logits if return_logits else None)
 
     # ---- checkpoints ----
     def _load_official(self, module, state_dict, prefix, *args) -> None:

@@ -41,7 +41,7 @@ def teacher_targets(model, text_BTC: torch.Tensor, mask_BT: torch.Tensor, schedu
 
 def _proper(model, text_BTC, mask_BT, schedule, tau, top_k, top_p, generator):
     out = model.generate(text_BTC, mask_BT, schedule, cfg=1.0, tau=tau, top_k=top_k, top_p=top_p,
-                         generator=generator, dtype="bf16")
+                         generator=generator, dtype="bf16", decode=False)  # the teacher needs only the bits
     x_BLC = model.vae.bits_to_var_input(out.bits, schedule)
     no_drop = torch.zeros(text_BTC.shape[0], dtype=torch.bool, device=text_BTC.device)
     return x_BLC, model(text_BTC, mask_BT, x_BLC, schedule, cond_drop_B=no_drop)

@@ -226,3 +226,14 @@ def test_kv_cache_is_kept_in_the_attention_dtype():
         full = sa(x, cos, sin, mask_LL=torch.tensor([[1, 0, 0, 0, 0]] + [[1] * 5] * 4, dtype=torch.bool))
     assert [t.dtype for t in cache] == [torch.bfloat16, torch.bfloat16] and cache[0].shape[2] == 5
     assert torch.allclose(torch.cat([first, second], 1).float(), full.float(), atol=1e-2)
+
+
+def test_generate_without_decoding_gives_the_same_bits():
+    """ARBooth's teacher needs only the bits: decode=False skips the VAE decoder and changes nothing else."""
+    _, model = tiny()
+    schedule = infinity_scale_schedule(1.0, "0.06M")[:5]
+    text, mask = torch.randn(2, 4, 128), torch.ones(2, 4, dtype=torch.bool)
+    a = model.generate(text, mask, schedule, cfg=1.0, seed=3)
+    b = model.generate(text, mask, schedule, cfg=1.0, seed=3, decode=False)
+    assert b.images is None and a.images is not None
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes)
