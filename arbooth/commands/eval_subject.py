@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from statistics import mean
 
@@ -41,9 +41,17 @@ METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_templa
 SubjectGenerator = Callable[[str, int], Image.Image]
 
 
-def _images(generator: SubjectGenerator, text: str, seeds: list[int]) -> list[Image.Image]:
+def _sample(generator: SubjectGenerator, text: str, todo: list[int], seed: int,
+            batch_size: int) -> Iterator[tuple[int, Image.Image]]:
+    """(i, image of `text` from seed + i) for every i in `todo`, up to `batch_size` per generator call."""
+    if batch_size < 1:
+        raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     batched = getattr(generator, "images", None)
-    return batched(text, seeds) if callable(batched) else [generator(text, s) for s in seeds]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        seeds = [seed + i for i in chunk]
+        images = batched(text, seeds) if callable(batched) else [generator(text, s) for s in seeds]
+        yield from zip(chunk, images, strict=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,8 +126,6 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
     """Write <out>/prompt_XX/NN.png and manifest.jsonl (file, prompt template, text, seed); resumable:
     images already on disk are kept. Image i of every prompt uses seed + i, as ARBooth's
     tools/run_arbooth_for_eval.py does, also when `batch_size` images are sampled together."""
-    if batch_size < 1:
-        raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(out_dir / "manifest.jsonl", "a") as mf:
@@ -127,14 +133,12 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
             text = template.replace("{}", subject_phrase)
             paths = {i: out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png" for i in range(n_per_prompt)}
             todo = [i for i, path in paths.items() if not path.is_file()]
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                for i, image in zip(chunk, _images(generator, text, [seed + i for i in chunk]), strict=True):
-                    paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    image.convert("RGB").save(paths[i])
-                    mf.write(json.dumps({"file": str(paths[i].relative_to(out_dir)), "prompt": template,
-                                         "text": text, "seed": seed + i}) + "\n")
-                    written += 1
+            for i, image in _sample(generator, text, todo, seed, batch_size):
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                image.convert("RGB").save(paths[i])
+                mf.write(json.dumps({"file": str(paths[i].relative_to(out_dir)), "prompt": template,
+                                     "text": text, "seed": seed + i}) + "\n")
+                written += 1
     return written
 
 
@@ -150,17 +154,12 @@ def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir
                            batch_size: int = 1) -> Path:
     """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable; image
     i uses seed + i)."""
-    if batch_size < 1:
-        raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(n) if not (out_dir / f"{i:03d}.png").is_file()]
     with tqdm(total=n, initial=n - len(todo), desc="class prompt", unit="image") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            for i, image in zip(chunk, _images(generator, f"a photo of {class_noun}", [seed + i for i in chunk]),
-                                strict=True):
-                image.convert("RGB").save(out_dir / f"{i:03d}.png")
-            bar.update(len(chunk))
+        for i, image in _sample(generator, f"a photo of {class_noun}", todo, seed, batch_size):
+            image.convert("RGB").save(out_dir / f"{i:03d}.png")
+            bar.update()
     return out_dir
 
 
