@@ -36,7 +36,13 @@ from arbooth.metrics.fid import (
     precision_recall,
     save_cached_features,
 )
-from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, iter_images, markdown_table, pick_device, write_report
+from arbooth.metrics.report import (
+    RANDOM_WEIGHTS_NOTE,
+    iter_images,
+    markdown_table,
+    pick_device,
+    publish_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +210,7 @@ def main(args: argparse.Namespace) -> int:
               "random_weights": bool(args.random_weights), "generated": str(args.generated),
               "reference": str(args.reference), "reference_cache_key": key, "skipped": skipped}
     columns = [c for c in ("FID", "sFID", "precision", "recall", "n_generated", "n_reference") if c in result]
-    md = f"# eval-class ({extractor.feature_id}, k={args.k})\n\n"
-    if args.random_weights:
-        md += f"**{RANDOM_WEIGHTS_NOTE}**\n\n"
-    md += markdown_table([result], columns)
-    if skipped:
-        md += f"\n\nSkipped {len(skipped)} unreadable file(s): see the JSON report."
-    print(md)
-    jpath, mpath = write_report(args.out or args.generated / "eval_class", "eval_class", report, md)
-    print(f"\nsaved {jpath} and {mpath}")
+    publish_report(args.out or args.generated / "eval_class", "eval_class", report,
+                   f"eval-class ({extractor.feature_id}, k={args.k})", markdown_table([result], columns),
+                   random_weights=args.random_weights, n_skipped=len(skipped))
     return 0

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from arbooth.data.images import read_image, read_image_folder
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
-from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, write_report
+from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, publish_report
 from arbooth.metrics.subject import PROTOCOLS, SubjectEvaluator
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,9 @@ def main(args: argparse.Namespace) -> int:
                                          "lpips_backbone": str(w(args.lpips_backbone))}},
               "subject": str(args.subject), "n_subject_images": len(subject.images),
               "generated": str(args.generated), "average": avg, "per_prompt": rows, "skipped": skipped}
-    md = f"# eval-subject (protocol: {args.protocol})\n\n"
-    if args.random_weights:
-        md += f"**{RANDOM_WEIGHTS_NOTE}**\n\n"
-    md += "## Averaged\n\n" + markdown_table([avg], [c for c in ("PRES", *METRICS, "n_images") if c in avg])
-    md += "\n\n## Per prompt\n\n" + markdown_table(rows, ["prompt", *METRICS, "n_images"])
-    if skipped:
-        md += f"\n\nSkipped {len(skipped)} unreadable file(s): see the JSON report."
-    print(md)
-    jpath, mpath = write_report(args.out or args.generated / "eval_subject", "eval_subject", report, md)
-    print(f"\nsaved {jpath} and {mpath}")
+    body = ("## Averaged\n\n" + markdown_table([avg], [c for c in ("PRES", *METRICS, "n_images") if c in avg]) +
+            "\n\n## Per prompt\n\n" + markdown_table(rows, ["prompt", *METRICS, "n_images"]))
+    publish_report(args.out or args.generated / "eval_subject", "eval_subject", report,
+                   f"eval-subject (protocol: {args.protocol})", body,
+                   random_weights=args.random_weights, n_skipped=len(skipped))
     return 0

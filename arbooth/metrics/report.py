@@ -43,6 +43,22 @@ def write_report(out_dir: Path, stem: str, data: dict[str, Any], markdown: str) 
     return jpath, mpath
 
 
+def publish_report(out_dir: Path, stem: str, data: dict[str, Any], title: str, body: str, *,
+                   random_weights: bool, n_skipped: int) -> tuple[Path, Path]:
+    """The eval commands' ending: the Markdown report (title, the random-weights banner, body, a line on
+    skipped files) printed and written with the JSON next to it."""
+    md = f"# {title}\n\n"
+    if random_weights:
+        md += f"**{RANDOM_WEIGHTS_NOTE}**\n\n"
+    md += body
+    if n_skipped:
+        md += f"\n\nSkipped {n_skipped} unreadable file(s): see the JSON report."
+    print(md)
+    jpath, mpath = write_report(out_dir, stem, data, md)
+    print(f"\nsaved {jpath} and {mpath}")
+    return jpath, mpath
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
