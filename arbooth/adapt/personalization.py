@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from arbooth.adapt.selective import tensors_sha256
+from arbooth.adapt.selective import tensors_sha256, tuned_parameter_names
+from arbooth.adapt.subject_lora import base_weights_sha256, inject_lora, merged_weights, spec_from_metadata
 from arbooth.adapt.subject_token import (
     PLACEHOLDER,
     add_placeholder_token,
@@ -40,6 +41,8 @@ from arbooth.errors import CheckpointError
 
 FORMAT = "arbooth-personalization/1"
 _MODEL_PREFIX = "model."
+_WRONG_BASE = ("this personalization was trained on a different base model (or was already applied); "
+               "load the base checkpoint it names: ")
 
 
 @dataclass
@@ -56,9 +59,24 @@ class Personalization:
     def config(self) -> dict:
         return json.loads(self.metadata.get("config", "{}"))
 
+    @property
+    def kind(self) -> str:
+        """"full" (tuned tensors; files written before LoRA existed have no `kind`) or "lora" (adapters)."""
+        return self.metadata.get("kind", "full")
+
     def apply(self, model: nn.Module, *, check_base: bool = True) -> None:
-        """Copy the tuned tensors into `model` (in place). Checks names, shapes and, unless
-        `check_base=False`, that `model` holds the base weights the personalization was trained from."""
+        """Put the personalization into `model` (in place): full: copy the tuned tensors in; lora: inject
+        the adapters (peft layers, enabled, frozen). Checks names, shapes and, unless `check_base=False`,
+        that `model` holds the base weights the personalization was trained from."""
+        if self.kind == "lora":
+            spec, dtype = spec_from_metadata(self.metadata)
+            expected = self.metadata.get("base_tuned_sha256")
+            if check_base and expected and base_weights_sha256(model, spec.targets, dtype) != expected:
+                raise CheckpointError(_WRONG_BASE + self.metadata.get("base_model", "?"))
+            inject_lora(model, spec, self.tensors)
+            return
+        if self.kind != "full":
+            raise CheckpointError(f"unknown personalization kind {self.kind!r} (this arbooth knows full and lora)")
         params = dict(model.named_parameters())
         missing = [k for k in self.tensors if k not in params]
         if missing:
@@ -71,9 +89,7 @@ class Personalization:
         if check_base and expected:
             current = tensors_sha256({k: params[k].detach().to(self.tensors[k].dtype) for k in self.tensors})
             if current != expected:
-                raise CheckpointError("this personalization was trained on a different base model (or was "
-                                      "already applied); load the base checkpoint it names: "
-                                      f"{self.metadata.get('base_model', '?')}")
+                raise CheckpointError(_WRONG_BASE + self.metadata.get("base_model", "?"))
         with torch.no_grad():
             for k, v in self.tensors.items():
                 params[k].copy_(v)
@@ -113,3 +129,33 @@ def load_personalization(path: str | Path, device: str | torch.device = "cpu") -
     token = tensors.pop("subject_token")
     tuned = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     return Personalization(tuned, token, metadata)
+
+
+def merge_lora_personalization(pers: Personalization, base: nn.Module, *, dtype: torch.dtype | None = None,
+                               check_base: bool = True) -> Personalization:
+    """A LoRA personalization as a full one: every tensor of the sub-layers it adapted (as the full
+    recipe would have trained them), the adapted weights merged W + (alpha / r) B A in fp32 and stored
+    in `dtype` (default: the dtype the base blocks had in training, bf16 at 2B), the rest copied from
+    `base` (the plain base model, e.g. from PersonalizedSampler's build). `base` is not modified.
+    The result's `base_tuned_sha256` is the full kind's, so `apply` and `generate` take it as any full file.
+    """
+    if pers.kind != "lora":
+        raise CheckpointError("only a LoRA personalization can be merged (this one is already full)")
+    spec, base_dtype = spec_from_metadata(pers.metadata)
+    dtype = dtype or base_dtype
+    if check_base and base_weights_sha256(base, spec.targets, base_dtype) != pers.metadata.get("base_tuned_sha256"):
+        raise CheckpointError(_WRONG_BASE + pers.metadata.get("base_model", "?"))
+    kinds = sorted({t.split(".")[2] for t in spec.targets})
+    params = dict(base.named_parameters())
+    names = tuned_parameter_names(base, kinds)
+    merged = merged_weights(base, spec, pers.tensors)
+    originals = {k: params[k].detach().to(dtype) for k in names}
+    tensors = {k: merged[k].to(dtype) if k in merged else originals[k].clone() for k in names}
+    config = pers.config
+    if config:
+        config.setdefault("tuning", {})["method"] = "full"
+    meta = {k: v for k, v in pers.metadata.items() if k not in ("kind", "lora_rank", "lora_alpha", "lora_targets",
+                                                                "base_dtype")}
+    meta |= {"kind": "full", "config": json.dumps(config), "base_tuned_sha256": tensors_sha256(originals),
+             "merged_from": f"LoRA r={spec.rank} alpha={spec.alpha:g}"}
+    return Personalization(tensors, pers.subject_token_PC.clone(), meta)

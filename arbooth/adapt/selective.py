@@ -56,6 +56,7 @@ class SelectiveTuner:
             p.requires_grad_(True)
         # The teacher's weights: the values before training (same dtype, so the swap is exact).
         self.originals = {k: p.detach().clone() for k, p in self.params.items()}
+        self.base_tuned_sha256 = tensors_sha256(self.originals)
         self._swapped = False
 
     # ---- what trains ----
@@ -70,6 +71,9 @@ class SelectiveTuner:
 
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}
+
+    def file_metadata(self) -> dict[str, str]:
+        return {"kind": "full"}
 
     def teacher_memory(self) -> dict[str, int]:
         """Bytes of the teacher's stored weights versus a full model copy (the authors' deepcopy)."""
@@ -98,6 +102,12 @@ class SelectiveTuner:
         for k, p in self.params.items():
             p.data, self.originals[k] = self.originals[k], p.data
         self._swapped = not self._swapped
+
+
+def tuned_parameter_names(model: nn.Module, kinds: Sequence[str]) -> list[str]:
+    """The state_dict names SelectiveTuner(model, kinds) trains (without cloning anything)."""
+    return [f"blocks.{i}.{kind}.{n}" for i, block in enumerate(model.blocks) for kind in kinds
+            for n, _ in getattr(block, kind).named_parameters()]
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -1,10 +1,15 @@
-"""Export a fine-tuned VAR as one plain state dict in the official layout (adapters merged).
+"""Export a fine-tuned VAR as one plain state dict in the official layout (adapters merged), or a
+LoRA personalization of Infinity as a full one (the tuned tensors, adapters merged).
 
-Example:
+Examples:
   arbooth export runs/flowers102_lora_d16/final --merge --out var_d16_flowers.safetensors \\
       --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth
-The file loads with `arbooth.models.load_var(...)` and, with --include-buffers, with the official
-code's `load_state_dict(strict=True)` too.
+  arbooth export runs/my_dog/personalization.safetensors --merge --out my_dog_full.safetensors \\
+      [--model-ckpt infinity_2b_reg.pth --vae-ckpt infinity_vae_d32_reg.pth --t5 flan-t5-xl] [--dtype bf16]
+The VAR file loads with `arbooth.models.load_var(...)` and, with --include-buffers, with the official
+code's `load_state_dict(strict=True)` too. The merged personalization holds every tensor of the adapted
+sub-layers (W + alpha/r B A for the adapted weights) and <S*>, like the full recipe's file (3 GB at 2B),
+and is used the same way (`arbooth generate --personalization`).
 """
 from __future__ import annotations
 
@@ -15,11 +20,16 @@ from arbooth.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("result", help="a result folder of train-class (final/ or checkpoints/step_*)")
+    parser.add_argument("result", help="a result folder of train-class (final/ or checkpoints/step_*), or a LoRA "
+                        "personalization file of train-subject (personalization.safetensors)")
     parser.add_argument("--merge", action="store_true", help="fold LoRA/LNTuning into the weights (required)")
     parser.add_argument("--out", required=True, help="output .safetensors or .pth")
     parser.add_argument("--vae-ckpt", help="base tokenizer, if it moved since training")
     parser.add_argument("--var-ckpt", help="base transformer (LoRA/LNTuning), if it moved since training")
+    parser.add_argument("--model-ckpt", help="personalization: base Infinity checkpoint, if it moved since training")
+    parser.add_argument("--t5", help="personalization: flan-t5-xl folder, if it moved since training")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"),
+                        help="personalization: dtype of the merged tensors (default: the blocks' dtype in training)")
     parser.add_argument("--include-buffers", action="store_true",
                         help="add the official constant buffers (for the official strict loader)")
 
@@ -46,6 +56,12 @@ def main(args: argparse.Namespace) -> int:
     if not args.merge:
         raise ConfigError("only merged export is supported (pass --merge); the adapter itself is already "
                           f"saved in peft's format in {args.result}")
+    if Path(args.result).is_file():  # a personalization file
+        from arbooth.recipes.subject_sampling import export_merged_personalization
+        out = export_merged_personalization(args.result, args.out, model_ckpt=args.model_ckpt,
+                                            vae_ckpt=args.vae_ckpt, t5=args.t5, dtype=args.dtype)
+        print(f"wrote {out}")
+        return 0
     out = export_merged(args.result, args.out, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt,
                         include_buffers=args.include_buffers)
     print(f"wrote {out}")

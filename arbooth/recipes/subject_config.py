@@ -37,16 +37,32 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class TuningConfig:
+    # full: every weight of the chosen sub-layers trains (the authors); lora: peft LoRA adapters on their
+    # linear layers (arbooth/adapt/subject_lora.py), base frozen, teacher = adapters disabled
+    method: Literal["full", "lora"] = "full"
     cross_attention: bool = True
     ffn: bool = True
     self_attention: bool = False
     all_layers: bool = False
     text_prefix_length: int = 4                          # rows of <S*>
     token_init: Literal["zeros", "class_noun"] = "zeros"  # zeros = authors
+    lora_rank: int = 16
+    # None: 2 * lora_rank (scaling alpha/r = 2, as the class-conditional LoRA's r=16 alpha=32), so the
+    # size of an update does not change with the rank (docs/arbooth.md "LoRA")
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_init: Literal["default", "gaussian"] = "default"  # peft's; both start at B = 0 (= the base model)
+    # the lr of the adapters, as a multiple of optim.lr (<S*> keeps optim.lr): LoRA's factors start at
+    # zero/small and need larger steps than full tuning (docs/toy.md, "LoRA")
+    lora_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.text_prefix_length < 1:
             raise ValueError("text_prefix_length must be >= 1")
+        if self.lora_rank < 1 or not 0 <= self.lora_dropout < 1 or self.lora_lr_scale <= 0:
+            raise ValueError("tuning.lora_rank must be >= 1, lora_dropout in [0, 1), lora_lr_scale > 0")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError("tuning.lora_alpha must be > 0 (or null for 2 * lora_rank)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,14 @@ class TeacherConfig:
     tau: float = 0.5
     top_k: int = 900
     top_p: float = 0.97
+    # 0: sample the class prompt afresh every step (the authors). N > 0: draw N class samples and the
+    # teacher's logits on them once at the start and reuse them (batches drawn from the bank): the
+    # teacher then costs N / batch_size sampling passes in all instead of one per step
+    bank_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bank_size < 0:
+            raise ValueError("teacher.bank_size must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Sampling from a personalization file: rebuild the base model its config records, apply the tuned
-tensors and <S*>, and generate. Used by `arbooth generate --personalization` and `arbooth eval-subject
+tensors (or inject the LoRA adapters) and <S*>, and generate. Used by `arbooth generate --personalization` and `arbooth eval-subject
 --model`; prompts name the subject with the placeholder ("a <S*> dog wearing a santa hat")."""
 from __future__ import annotations
 
@@ -10,12 +10,48 @@ import torch
 from PIL import Image
 from torch import nn
 
-from arbooth.adapt.personalization import Personalization, load_personalization
+from arbooth.adapt.personalization import (
+    Personalization,
+    load_personalization,
+    merge_lora_personalization,
+    save_personalization,
+)
 from arbooth.config import from_dict
 from arbooth.data.images import tensor_to_pil
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
 from arbooth.recipes.train_subject import build_models, subject_schedule
+
+
+def build_base(pers: Personalization, path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
+               t5: str | None = None) -> tuple[SubjectTrainConfig, nn.Module, object, nn.Module]:
+    """(config, base model, tokenizer, T5 encoder) the personalization was trained on (CPU, fp32, eval)."""
+    try:
+        cfg = from_dict(SubjectTrainConfig, pers.config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
+    m = cfg.model
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
+        drop_path_rate=0.0))
+    _, model, tokenizer, encoder, _ = build_models(cfg)
+    return cfg, model, tokenizer, encoder
+
+
+def export_merged_personalization(path: str | Path, out: str | Path, *, model_ckpt: str | None = None,
+                                  vae_ckpt: str | None = None, t5: str | None = None,
+                                  dtype: str | None = None) -> Path:
+    """`arbooth export PERSONALIZATION --merge`: a LoRA personalization file -> a full one (the tuned
+    tensors of every adapted sub-layer with the adapters merged in, the authors' kind of result), which
+    `generate --personalization` and `eval-subject --model` take like any full file. `dtype`: "bf16" or
+    "fp32" (default: the dtype the blocks had in training)."""
+    pers = load_personalization(path)
+    _, model, _, _ = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
+    dt = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    merged = merge_lora_personalization(pers, model, dtype=dt)
+    meta = {k: v for k, v in merged.metadata.items() if k not in ("format", "base_tuned_sha256")}
+    return save_personalization(out, merged.tensors, merged.subject_token_PC,
+                                base_tuned_sha256=merged.metadata["base_tuned_sha256"], metadata=meta)
 
 
 @dataclasses.dataclass
@@ -31,17 +67,10 @@ class PersonalizedSampler:
     @classmethod
     def from_file(cls, path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
                   t5: str | None = None, device: str | torch.device = "cpu") -> PersonalizedSampler:
-        """Load `path`; the base checkpoints default to those recorded at training time."""
+        """Load `path` (a full or a LoRA personalization); the base checkpoints default to those recorded
+        at training time."""
         pers = load_personalization(path)
-        try:
-            cfg = from_dict(SubjectTrainConfig, pers.config)
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
-        m = cfg.model
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
-            drop_path_rate=0.0))
-        _, model, tokenizer, encoder, _ = build_models(cfg)
+        cfg, model, tokenizer, encoder = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
         pers.apply(model)  # checks that this is the base model it was trained from
         device = torch.device(device)
         return cls(model.to(device).eval(), tokenizer, encoder.to(device), pers, subject_schedule(cfg), cfg, device)

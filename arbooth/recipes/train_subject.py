@@ -1,9 +1,11 @@
 """ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
 
 setup: subject photos -> raw VAE features (once; the VAE is frozen), prompts -> T5 features (once; T5 is
-then moved off the accelerator), selective tuning + <S*>, AdamW. Each step: bitwise self-correction turns the photos' features into
-teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher (base weights
-swapped in) samples class-prompt token maps; the student's scale-weighted instance loss; the
+then moved off the accelerator), selective tuning (tuning.method=full) or LoRA on the same layers
+(tuning.method=lora) + <S*>, AdamW. Each step: bitwise self-correction turns the photos' features into
+teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher
+(full: base weights swapped in; lora: adapters disabled) samples class-prompt token maps, or they come
+from a bank drawn once (teacher.bank_size); the student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
 sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
 `config.yaml` and a resumable `train_state.pt` in `out_dir`.
@@ -24,7 +26,8 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from arbooth.adapt.personalization import save_personalization
-from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
+from arbooth.adapt.selective import SelectiveTuner, tuned_module_kinds
+from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_token import (
     SubjectToken,
     add_placeholder_token,
@@ -43,7 +46,7 @@ from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
 from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.recipes.subject_config import SubjectTrainConfig
+from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.recipes.subject_teacher import teacher_targets
 
 log = logging.getLogger(__name__)
@@ -109,7 +112,7 @@ class Run:
     cfg: SubjectTrainConfig
     accelerator: Accelerator
     model: torch.nn.Module
-    tuner: SelectiveTuner
+    tuner: SelectiveTuner | LoRATuner
     token: SubjectToken
     optimizer: torch.optim.Optimizer
     schedule: list
@@ -124,6 +127,7 @@ class Run:
     base_id: str
     base_tuned_sha256: str
     class_noun: str = ""               # resolved (from --class-noun or subject.yaml)
+    bank: tuple | None = None          # teacher bank (teacher.bank_size > 0): class inputs, teacher logits
 
 
 def setup(cfg: SubjectTrainConfig) -> Run:
@@ -160,25 +164,64 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     model.to(dev)
     if cfg.model.tuned_dtype == "bf16":
         model.blocks.to(torch.bfloat16)
-    t = cfg.tuning
-    tuner = SelectiveTuner(model, tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers))
+    tuner = build_tuner(model, cfg.tuning)
     token.to(dev)
     log.info("%s; + <S*> %s", tuner.summary(), tuple(token.embedding_PC.shape))
     mem = tuner.teacher_memory()
     log.info("teacher keeps %.1f MB of original weights instead of a %.1f MB model copy (saves %.1f MB)",
              mem["teacher_bytes"] / 2**20, mem["full_copy_bytes"] / 2**20, mem["saved_bytes"] / 2**20)
-    o = cfg.optim
-    opt_cls = torch.optim.AdamW
-    if o.stochastic_rounding and cfg.model.tuned_dtype == "bf16":
-        opt_cls = functools.partial(StochasticRoundingAdamW, generator=torch.Generator(dev).manual_seed(cfg.seed + 3))
-    optimizer = opt_cls([token.embedding_PC, *tuner.params.values()], lr=o.lr, betas=o.betas, eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = build_optimizer(cfg, token, tuner, dev)
     model, optimizer = accelerator.prepare(model, optimizer)
     to = lambda xs: tuple(x.to(dev) for x in xs)
-    return Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
-               vae, features, to(inst), to(cls), to(val) if val else None,
-               torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
-               base_id, tensors_sha256(tuner.originals), class_noun=cls_noun)
+    run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
+              vae, features, to(inst), to(cls), to(val) if val else None,
+              torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
+              base_id, tuner.base_tuned_sha256, class_noun=cls_noun)
+    if cfg.teacher.bank_size and cfg.loss.prior:
+        run.bank = draw_teacher_bank(run, cfg.teacher.bank_size)
+    return run
+
+
+def build_tuner(model: torch.nn.Module, t: TuningConfig) -> SelectiveTuner | LoRATuner:
+    """What trains besides <S*>: the chosen sub-layers' weights (full) or LoRA adapters on them (lora)."""
+    kinds = tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers)
+    if t.method == "lora":
+        return LoRATuner(model, kinds, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, init=t.lora_init)
+    return SelectiveTuner(model, kinds)
+
+
+def build_optimizer(cfg: SubjectTrainConfig, token: SubjectToken, tuner: SelectiveTuner | LoRATuner,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over <S*> and the tuned tensors; stochastic rounding for bf16 tuned weights (full method
+    only: LoRA adapters are fp32); LoRA adapters at lr * tuning.lora_lr_scale."""
+    o = cfg.optim
+    opt_cls = torch.optim.AdamW
+    if o.stochastic_rounding and cfg.model.tuned_dtype == "bf16" and cfg.tuning.method == "full":
+        opt_cls = functools.partial(StochasticRoundingAdamW, generator=torch.Generator(device).manual_seed(cfg.seed + 3))
+    scale = cfg.tuning.lora_lr_scale if cfg.tuning.method == "lora" else 1.0
+    params = [token.embedding_PC, *tuner.params.values()]
+    groups = params if scale == 1.0 else [{"params": params[:1]}, {"params": params[1:], "lr": o.lr * scale}]
+    return opt_cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+@torch.no_grad()
+def draw_teacher_bank(run: Run, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """teacher.bank_size > 0: `size` class-prompt samples of the teacher and its logits on them, drawn once
+    (batches of batch_size). The teacher never changes, so per-step sampling draws i.i.d. from the same
+    distribution; the bank replaces that by sampling with replacement from `size` such draws.
+    Returns (x_NLC (size, L - 1, d), logits_NLV (size, L, V))."""
+    cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
+    t, xs, logits = cfg.teacher, [], []
+    for start in range(0, size, cfg.batch_size):
+        n = min(cfg.batch_size, size - start)
+        cls_text, cls_mask = (x.expand(n, *x.shape[1:]) for x in run.cls)
+        with run.tuner.teacher(), autocast(cfg.dtype, run.accelerator.device):
+            x, lg = teacher_targets(model, cls_text, cls_mask, run.schedule, mode=t.mode, tau=t.tau, top_k=t.top_k,
+                                    top_p=t.top_p, generator=run.generator)
+        xs.append(x)
+        logits.append(lg)
+    log.info("teacher bank: %d class samples drawn once", size)
+    return torch.cat(xs), torch.cat(logits)
 
 
 def instance_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +245,10 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     params = [run.token.embedding_PC, *run.tuner.params.values()]
     cls_text, cls_mask = (x.expand(B, *x.shape[1:]) for x in run.cls)
     # 1. the teacher first, while no graph holds the student's weights (see SelectiveTuner)
-    if cfg.loss.prior:
+    if cfg.loss.prior and run.bank is not None:  # teacher.bank_size: reuse samples drawn at the start
+        pick = torch.randint(run.bank[0].shape[0], (B,), generator=run.generator, device=run.generator.device)
+        x_cls, teacher_logits = (b[pick.to(b.device)] for b in run.bank)
+    elif cfg.loss.prior:
         on_phase("teacher")
         with run.tuner.teacher(), ctx:
             t = cfg.teacher
@@ -263,7 +309,7 @@ def save_outputs(run: Run, step: int) -> Path:
     out = Path(run.cfg.out_dir)
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
-            "instance_template": run.cfg.prompts.instance_template}
+            "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
     path = save_personalization(out / "personalization.safetensors", run.tuner.tuned_state_dict(),
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
