@@ -1,13 +1,17 @@
 """Ablation of the ARBooth recipe on the toy base and demo subject (docs/toy.md).
 
 Variants: the full recipe (configs/subject/toy.yaml: cross-attention + FFN + <S*>, scale-weighted loss,
-prior distillation) against no scale weighting, no prior distillation, all-layer tuning, and
-self-attention tuning (self-attention + <S*> instead of cross-attention + FFN). Each variant trains
+prior distillation) against no scale weighting, no prior distillation, all-layer tuning,
+self-attention tuning (self-attention + <S*> instead of cross-attention + FFN), LoRA of rank 4 / 16 / 64
+on the full recipe's layers (tuning.method=lora), and a teacher bank of 16 class samples drawn once
+instead of fresh ones every step (teacher.bank_size=16). Each variant trains
 with several seeds; each run is scored by the toy evaluators over 4 sampling seeds. Prints a Markdown
 table (mean ± std across training seeds) and writes JSON.
 
     python benchmarks/toy_ablation.py                      # 3 seeds, the config's steps
     python benchmarks/toy_ablation.py --seeds 0 1 --steps 100 --out benchmarks/results/toy_ablation.json
+    python benchmarks/toy_ablation.py --variants full lora_r4 lora_r16 lora_r64 teacher_bank16 \
+        --set tuning.lora_lr_scale=10 --out benchmarks/results/toy_lora.json
 """
 from __future__ import annotations
 
@@ -35,12 +39,18 @@ VARIANTS = {
     "no_prior": ["loss.prior=false"],
     "all_layers": ["tuning.all_layers=true"],
     "self_attention": ["tuning.self_attention=true", "tuning.cross_attention=false", "tuning.ffn=false"],
+    # LoRA on the same layers as full (cross-attention + FFN), alpha = 2 * rank (docs/arbooth.md "LoRA")
+    "lora_r4": ["tuning.method=lora", "tuning.lora_rank=4"],
+    "lora_r16": ["tuning.method=lora", "tuning.lora_rank=16"],
+    "lora_r64": ["tuning.method=lora", "tuning.lora_rank=64"],
+    # the teacher's class samples drawn once for a bank of 16 and reused (100 steps x batch 2 = 200 per-step draws)
+    "teacher_bank16": ["teacher.bank_size=16"],
 }
 COLUMNS = ("I_ID", "I_CLIP", "T_CLIP", "PRES", "DIV", "texture_acc", "colour_acc", "class_drift_id")
 
 
-def run_one(name: str, seed: int, steps: int | None, work: Path) -> dict:
-    overrides = [*VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}",
+def run_one(name: str, seed: int, steps: int | None, work: Path, extra: list[str] = ()) -> dict:
+    overrides = [*extra, *VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}",
                  f"subject={ROOT / 'subjects' / 'toy_star'}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
@@ -85,19 +95,21 @@ def main() -> None:
     ap.add_argument("--work", default="runs/toy_ablation")
     ap.add_argument("--out", default="benchmarks/results/toy_ablation.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="config overrides for every variant (a variant's own settings win)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
     for name in args.variants:
         for seed in args.seeds:
-            runs.append(run_one(name, seed, args.steps, Path(args.work)))
+            runs.append(run_one(name, seed, args.steps, Path(args.work), args.set))
             r = runs[-1]
             print(f"{name} seed {seed}: I_ID {r['personalized']['I_ID']:.3f} PRES {r['personalized']['PRES']:.3f} "
                   f"({r['train_seconds']:.0f} s)", flush=True)
     print(table(runs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seeds": args.seeds, "steps": args.steps, "threads": args.threads,
+    out.write_text(json.dumps({"seeds": args.seeds, "steps": args.steps, "threads": args.threads, "set": args.set,
                                "runs": runs, "table": table(runs)}, indent=1) + "\n")
     print(f"wrote {out}")
 

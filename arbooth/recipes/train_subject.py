@@ -310,7 +310,11 @@ def save_outputs(run: Run, step: int) -> Path:
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
-    path = save_personalization(out / "personalization.safetensors", run.tuner.tuned_state_dict(),
+    tuned = run.tuner.tuned_state_dict()
+    if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
+        tuned = {k: v.to(dt) for k, v in tuned.items()}
+    path = save_personalization(out / "personalization.safetensors", tuned,
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
                 "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
