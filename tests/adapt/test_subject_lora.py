@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from arbooth.adapt.personalization import load_personalization, merge_lora_personalization, save_personalization
+from arbooth.adapt.personalization import (
+    load_personalization,
+    merge_lora_personalization,
+    save_personalization,
+)
 from arbooth.adapt.selective import CROSS_ATTENTION, FFN, SELF_ATTENTION
 from arbooth.adapt.subject_lora import LoRATuner, lora_targets
 from arbooth.adapt.subject_token import SubjectToken
