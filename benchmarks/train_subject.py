@@ -25,7 +25,8 @@ from accelerate import Accelerator
 from arbooth.adapt.subject_token import SubjectToken
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import ModelConfig, SubjectTrainConfig, TuningConfig
-from arbooth.recipes.train_subject import TINY, Run, build_optimizer, build_tuner, train_step
+from arbooth.recipes.train_subject import Run, build_optimizer, build_tuner, train_step
+from arbooth.toy.tiny import TINY
 
 
 def bench(size: str, steps: int, method: str = "full", rank: int = 16, checkpointing: bool = True) -> dict:

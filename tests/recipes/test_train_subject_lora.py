@@ -15,8 +15,7 @@ from arbooth.cli import main as cli
 from arbooth.config import load_config
 from arbooth.errors import CheckpointError
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.subject_sampling import PersonalizedSampler, build_base
-from arbooth.recipes.train_subject import setup, train, train_step
+from arbooth.recipes.train_subject import build_base, load_sampler, setup, train, train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "configs" / "subject" / "toy.yaml"
@@ -47,7 +46,7 @@ def test_lora_file_holds_only_adapters_and_the_token(lora_run):
 
 def test_reloaded_lora_samples_like_the_trained_model(lora_run, tmp_path):
     """The sampler rebuilds the base and injects the adapters: its logits equal the trained model's."""
-    sampler = PersonalizedSampler.from_file(lora_run)
+    sampler = load_sampler(lora_run)
     run = setup(toy_config(tmp_path))  # a fresh run on the same base: put the file's adapters in
     with torch.no_grad():
         pers = load_personalization(lora_run)
@@ -91,7 +90,7 @@ def test_generate_eval_subject_and_export_take_a_lora_file(lora_run, tmp_path):
     full = load_personalization(merged)
     assert full.kind == "full" and "blocks.0.ca.q.weight" in full.tensors and "blocks.0.ca.q.bias" in full.tensors
     assert json.loads(full.metadata["config"])["tuning"]["method"] == "full"
-    a, b = PersonalizedSampler.from_file(lora_run), PersonalizedSampler.from_file(merged)
+    a, b = load_sampler(lora_run), load_sampler(merged)
     text, mask = a.personalization.encode(a.tokenizer, a.encoder, [PROMPT], max_length=a.model.text_maxlen)
     x = torch.randn(1, sum(h * w for _, h, w in a.schedule) - 1, a.model.d)
     with torch.no_grad():

@@ -1,0 +1,57 @@
+"""Sampling from a personalized Infinity: the base model with a `Personalization` applied (tuned tensors
+and <S*>). Prompts name the subject with the placeholder ("a <S*> dog wearing a santa hat").
+
+`arbooth.recipes.train_subject.load_sampler(path)` builds one from a personalization file (it rebuilds
+the base model the file's training config records); `arbooth generate --personalization` and
+`arbooth eval-subject --model` use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from arbooth.adapt.personalization import Personalization
+from arbooth.data.images import tensor_to_pil
+
+
+@dataclasses.dataclass
+class PersonalizedSampler:
+    """A personalized Infinity ready to sample: `model` already has `personalization` applied."""
+
+    model: nn.Module
+    tokenizer: object
+    encoder: nn.Module
+    personalization: Personalization
+    schedule: list[tuple[int, int, int]]
+    config: Any                       # the training config: its val_cfg / val_tau are the defaults
+    device: torch.device
+
+    @property
+    def class_noun(self) -> str:
+        return self.personalization.metadata.get("class_noun", "")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, seed: int | list[int] = 0, cfg: float | list[float] | None = None,
+                 tau: float | list[float] | None = None, top_k: int = 900, top_p: float = 0.97,
+                 dtype: str = "bf16") -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1]; guidance and temperature default to the run's validation settings.
+        A list of seeds (one per prompt) samples every image from its own seed."""
+        text_BTC, mask_BT = self.personalization.encode(self.tokenizer, self.encoder, prompts,
+                                                        max_length=self.model.text_maxlen, device=self.device)
+        out = self.model.generate(text_BTC, mask_BT, self.schedule, cfg=self.config.val_cfg if cfg is None else cfg,
+                                  tau=self.config.val_tau if tau is None else tau, top_k=top_k, top_p=top_p,
+                                  seed=seed, dtype=dtype)
+        return out.images
+
+    def images(self, prompt: str, seeds: list[int]) -> list[Image.Image]:
+        """One image of `prompt` per seed, sampled as one batch; image i depends on seeds[i] only
+        (`arbooth eval-subject --model` batches with this)."""
+        return [tensor_to_pil(x) for x in self.generate([prompt] * len(seeds), seed=list(seeds))]
+
+    def __call__(self, prompt: str, seed: int) -> Image.Image:
+        """The (prompt, seed) -> image contract of `arbooth eval-subject --model`."""
+        return self.images(prompt, [seed])[0]
