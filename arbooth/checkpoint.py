@@ -2,6 +2,7 @@
 readable report, and atomic writes (temp file + rename, so a crash never leaves half a file)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -90,3 +91,13 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 def save_torch(obj: object, path: str | os.PathLike) -> None:
     """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG)."""
     _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 16 MiB chunks (base-model ids, shipped-asset checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+

@@ -183,7 +183,7 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     if method in PEFT_METHODS and mc.var_ckpt is None:
         log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
                     "re-drawn from the run's seed", result_dir)
-    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.lora_alpha,
+    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
                                lora_dropout=method_cfg.lora_dropout)
     load_result_weights(model, method, Path(result_dir))
     model.requires_grad_(False)

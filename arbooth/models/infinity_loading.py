@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 
-from arbooth.checkpoint import read_state_dict
-from arbooth.errors import CheckpointError
+from arbooth.checkpoint import file_sha256, read_state_dict
+from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.bsq_vae import BSQVAE
 from arbooth.models.infinity import CrossAttention, Infinity, SelfAttention
 from arbooth.models.infinity_keys import from_official_keys
 
-__all__ = ["from_official_keys", "load_infinity", "official_state_dict"]
+__all__ = ["from_official_keys", "infinity_2b_base", "load_infinity", "official_state_dict"]
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -79,6 +80,25 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
     vae.eval().requires_grad_(False)
     model.eval().requires_grad_(False)
     return vae.to(device), model.to(device)
+
+
+def infinity_2b_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=infinity_2b`: the released Infinity-2B, its BSQ-VAE and flan-t5-xl as (vae, model,
+    tokenizer, t5_encoder, base_id), frozen, eval mode, on the CPU (T5 in bf16). `model_cfg` names the
+    files (`model_ckpt`, `vae_ckpt`, `t5`); `base_id` records the transformer file's SHA-256.
+    Raises ConfigError when a path is not set, CheckpointError when a file is missing or does not fit."""
+    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(model_cfg, k)]
+    if missing:
+        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {model_cfg.preset} "
+                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    vae, model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs)
+    if not Path(model_cfg.t5).is_dir():
+        raise CheckpointError(f"T5 folder not found: {model_cfg.t5} (download google/flan-t5-xl)")
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.t5, legacy=True)
+    encoder = T5EncoderModel.from_pretrained(model_cfg.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+    return vae, model, tokenizer, encoder, f"{Path(model_cfg.model_ckpt).name} sha256={file_sha256(model_cfg.model_ckpt)}"
 
 
 def _read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:

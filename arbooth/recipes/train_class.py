@@ -94,7 +94,7 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
     torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
     vae, var = build_vae_var(cfg.model, device="cpu")
     model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
+                               lora_alpha=cfg.method.alpha, lora_dropout=cfg.method.lora_dropout)
     if cfg.model.gradient_checkpointing:
         unwrap_peft(model).grad_checkpointing = True
     if acc.is_main_process:

@@ -87,7 +87,7 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
     torch.manual_seed(cfg.train.seed)  # same initial model on every rank (DPDDP also broadcasts rank 0's)
     vae, var = build_vae_var(cfg.model, device="cpu")
     model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
+                               lora_alpha=cfg.method.alpha, lora_dropout=cfg.method.lora_dropout)
     if cfg.model.gradient_checkpointing:
         raise ConfigError("gradient checkpointing re-runs forward hooks, which Opacus' per-sample "
                           "gradients cannot follow; use privacy.max_physical_batch_size to save memory")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from arbooth.adapt.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
-from arbooth.checkpoint import save_safetensors
+from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import to_dict
 from arbooth.toy import models as tm
 from arbooth.toy.text import build_toy_tokenizer, tokenize_ids
@@ -248,7 +248,7 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
                 "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
-                "sha256": {f: tm.file_sha256(out / f) for f in files if (out / f).is_file()}}
+                "sha256": {f: file_sha256(out / f) for f in files if (out / f).is_file()}}
     (out / "toy.json").write_text(json.dumps(manifest, indent=1, default=_jsonable) + "\n")
     return out
 

@@ -67,3 +67,18 @@ def build_tiny_var(seed: int = 0, device: str | torch.device = "cpu", **override
         vae = VQVAE(**TINY_VAE)
         var = VAR(vae, **{**TINY_VAR, **overrides})
     return var.to(device).eval()
+
+
+def tiny_infinity_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=tiny`: (vae, model, tokenizer, t5_encoder, base_id), random weights drawn from
+    `model_cfg.seed`, frozen, eval mode, on the CPU. `model_kwargs` go to `Infinity` (drop path,
+    level-embedding quirk, gradient checkpointing)."""
+    from arbooth.models.bsq_vae import BSQVAE
+    from arbooth.models.infinity import Infinity
+
+    torch.manual_seed(model_cfg.seed)
+    vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
+    model = Infinity(vae, **TINY["model"], **model_kwargs).eval().requires_grad_(False)
+    tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=model_cfg.seed)
+    return vae, model, tokenizer, encoder, f"tiny-random seed={model_cfg.seed}"
+
