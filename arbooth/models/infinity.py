@@ -29,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from arbooth.errors import ConfigError
 from arbooth.models.infinity_keys import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
+from arbooth.models.kv_cache import KVCache
+from arbooth.models.sampling import sample_bits
 from arbooth.precision import autocast
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,7 +99,7 @@ class SelfAttention(nn.Module):
         self.max_scale_mul = math.log(100)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: KVCache | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         q, k, v = (f(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
@@ -106,9 +108,7 @@ class SelfAttention(nn.Module):
         # that dtype too (half the cache under bf16 autocast, no re-cast of the whole cache each scale)
         q, k = apply_rope(q, cos_Lc, sin_Lc).to(v.dtype), apply_rope(k, cos_Lc, sin_Lc).to(v.dtype)
         if cache is not None:  # generation: earlier scales' keys/values (RoPE already applied)
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
+            k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -364,7 +364,7 @@ class Infinity(nn.Module):
             text_BTC, text_mask_BT = torch.cat([text_BTC, text_BTC]), torch.cat([text_mask_BT, text_mask_BT])
         tc = self.encode_text(text_BTC, text_mask_BT, drop if guided else None)
         full, d = tuple(schedule[-1]), self.d
-        caches = [[] for _ in self.blocks] if use_cache else None
+        caches = [KVCache() for _ in self.blocks] if use_cache else None
         cos_all, sin_all = rope_cos_sin(schedule, self.C // self.num_heads, dev)
         ids_all, start = self._scale_ids(schedule, dev), 0
         x_inputs = [tc.cond_BD.unsqueeze(1) + self.pos_start]  # one entry per scale, (2B or B, l, C)
@@ -424,26 +424,3 @@ def _per_scale(value, n: int, name: str) -> list[float]:
     if len(values) < n:
         raise ConfigError(f"{name} has {len(values)} entries for {n} scales")
     return values
-
-
-def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
-                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Top-k / top-p filtering and one multinomial draw per row (infinity.py
-    sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls). A list of
-    generators, one per batch row, draws each row from its own (per-image seeds in a batch)."""
-    B, l, V = logits_BlV.shape
-    logits = logits_BlV.float().clone()
-    if 0 < top_k < V:
-        logits.masked_fill_(logits < logits.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    probs_BlV = logits.softmax(-1)
-    if isinstance(generator, torch.Generator) or generator is None:
-        return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=generator).view(B, l)
-    if len(generator) != B:
-        raise ValueError(f"{len(generator)} generators for a batch of {B}")
-    return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g).view(l)
-                        for p_lV, g in zip(probs_BlV, generator, strict=True)])

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
+from arbooth.models.kv_cache import KVCache
 from arbooth.models.sampling import gumbel_softmax, sample_top_k_top_p, top_k_top_p_filter
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
@@ -154,20 +155,6 @@ def _ada_gss_grad_sample(layer: AdaGSS, activations, backprops: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------ blocks (basic_var.py)
-class KVCache:
-    """Keys and values of the scales generated so far, for one block. Owned by the sampler."""
-
-    def __init__(self):
-        self.k_BHLc: torch.Tensor | None = None
-        self.v_BHLc: torch.Tensor | None = None
-
-    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_BHLc is not None:
-            k_BHlc, v_BHlc = torch.cat((self.k_BHLc, k_BHlc), dim=2), torch.cat((self.v_BHLc, v_BHlc), dim=2)
-        self.k_BHLc, self.v_BHLc = k_BHlc, v_BHlc
-        return k_BHlc, v_BHlc
-
-
 class SelfAttention(nn.Module):
     def __init__(self, C: int, H: int, attn_l2_norm: bool):
         super().__init__()
