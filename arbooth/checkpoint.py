@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -100,4 +101,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def partial_dir(folder: str | os.PathLike) -> Path:
+    """A fresh, empty `.<name>.partial` folder beside `folder` to write a whole result or checkpoint into;
+    `commit_dir` then moves it into place, so `folder` is always complete or absent."""
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_dir(partial: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Replace `folder` (if any) by the finished `partial` (a rename on the same file system)."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    Path(partial).rename(folder)
 

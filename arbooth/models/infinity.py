@@ -232,14 +232,15 @@ class Infinity(nn.Module):
     `vae` gives the bit depth and decodes in `generate`; it is kept out of this module's parameters
     and state_dict (the release's state_dict has none of it; optimisers must not see it).
     `lvl_embed_every_chunk=True` adds the level embedding before every block chunk, as the ARBooth
-    fork does (official: before the first block only). `checkpointing` recomputes blocks in backward.
-    `cond_drop_rate` is the train-mode probability of replacing a prompt by `cfg_uncond`.
+    fork does (official: before the first block only). `gradient_checkpointing` (also an attribute, as
+    on VAR) recomputes blocks in backward. `forward` is deterministic apart from DropPath: prompt dropout
+    for guidance training is decided by the caller (`cond_drop_B`, e.g. from `draw_prompt_drop`).
     """
 
     def __init__(self, vae: nn.Module, depth: int = 32, embed_dim: int = 2048, num_heads: int = 16,
                  mlp_ratio: float = 4.0, text_channels: int = 2048, text_maxlen: int = 512, block_chunks: int = 8,
-                 norm_eps: float = 1e-6, drop_path_rate: float = 0.1, cond_drop_rate: float = 0.1,
-                 lvl_embed_every_chunk: bool = False, checkpointing: bool = False):
+                 norm_eps: float = 1e-6, drop_path_rate: float = 0.1, lvl_embed_every_chunk: bool = False,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if depth % block_chunks or embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ConfigError(f"need depth % block_chunks == 0 and head width % 4 == 0, got depth={depth}, "
@@ -247,7 +248,7 @@ class Infinity(nn.Module):
         object.__setattr__(self, "vae", vae)  # deliberately unregistered, see the class docstring
         self.d, self.C, self.depth, self.num_heads = vae.codebook_dim, embed_dim, depth, num_heads
         self.text_channels, self.text_maxlen, self.block_chunks = text_channels, text_maxlen, block_chunks
-        self.cond_drop_rate, self.lvl_embed_every_chunk, self.checkpointing = cond_drop_rate, lvl_embed_every_chunk, checkpointing
+        self.lvl_embed_every_chunk, self.gradient_checkpointing = lvl_embed_every_chunk, gradient_checkpointing
         C, init_std = embed_dim, math.sqrt(1 / embed_dim / 3)
         # 1. text conditioning. cfg_uncond: fixed-seed init, as released (infinity.py __init__)
         uncond = torch.empty(text_maxlen, text_channels, device="cpu")  # CPU generator, any default device
@@ -304,7 +305,7 @@ class Infinity(nn.Module):
             if i % per_chunk == 0 and (i == 0 or self.lvl_embed_every_chunk):
                 x_BLC = x_BLC + lvl_LC
             args = (x_BLC, tc.gss_B16C, tc.kv_BTC, tc.mask_BT, cos_Lc, sin_Lc, mask_LL)
-            if self.checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x_BLC = checkpoint(block, *args, use_reentrant=False)
             else:
                 x_BLC = block(*args, cache=None if caches is None else caches[i])
@@ -316,13 +317,14 @@ class Infinity(nn.Module):
 
     def forward(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, x_BLC: torch.Tensor,
                 schedule: Schedule, cond_drop_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, L, 2d). `x_BLC` (B, L - 1, d) is `BSQVAE.bits_to_var_input`.
-        In train mode prompts are dropped with `cond_drop_rate` unless `cond_drop_B` decides."""
+        """Teacher-forced logits (B, L, 2d), fp32 (a (bit 0, bit 1) pair per bit). `text_BTC` (B, T, Ct) T5
+        features with the bool mask `text_mask_BT` of real tokens; `x_BLC` (B, L - 1, d) is
+        `BSQVAE.bits_to_var_input`; `schedule` the (t, h, w) scales. Rows of `cond_drop_B` (bool, B) use
+        `cfg_uncond` instead of their prompt (guidance training; None = none dropped). Raises ConfigError
+        for inputs of the wrong shape."""
         L = sum(h * w for _, h, w in schedule)
         if x_BLC.shape[1:] != (L - 1, self.d):
             raise ConfigError(f"x_BLC must be (B, {L - 1}, {self.d}) for this schedule, got {tuple(x_BLC.shape)}")
-        if cond_drop_B is None and self.training and self.cond_drop_rate > 0:
-            cond_drop_B = torch.rand(x_BLC.shape[0], device=x_BLC.device) < self.cond_drop_rate
         tc = self.encode_text(text_BTC, text_mask_BT, cond_drop_B)
         sos = tc.cond_BD.unsqueeze(1) + self.pos_start
         x = torch.cat([sos, self.word_embed(x_BLC.float())], 1)
@@ -417,6 +419,16 @@ class Infinity(nn.Module):
             converted["cfg_uncond"] = old[: self.text_maxlen] if old.shape[0] > self.text_maxlen else \
                 torch.cat([old.to(new), new[old.shape[0]:]])
         state_dict.update({prefix + k: v for k, v in converted.items()})
+
+
+def draw_prompt_drop(batch: int, rate: float, device: torch.device | str,
+                     generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Prompt dropout for classifier-free-guidance training (infinity.py forward, cond_drop_rate): a bool
+    (batch,) mask, each row True with probability `rate`, for `Infinity.forward(cond_drop_B=...)`; None
+    when `rate` is 0 (no draw). Drawn from `generator`, else the global RNG."""
+    if rate <= 0:
+        return None
+    return torch.rand(batch, device=device, generator=generator) < rate
 
 
 def _per_scale(value, n: int, name: str) -> list[float]:

@@ -7,7 +7,8 @@ adapt it without patches:
   by a small module, so a LoRA on `mat_qkv` gets gradients;
 - every raw parameter of the official code (`pos_start`, `pos_1LC`, `q_bias`, `v_bias`,
   `scale_mul_1H11`, `ada_gss`) lives in a small leaf module with a registered Opacus grad sampler;
-- no buffers, no randomness in `forward` (class dropout is `drop_labels`, called by the recipe).
+- no buffers, no randomness in `forward`: class dropout for guidance training is decided by the caller
+  (`arbooth.models.var_training.drop_labels`).
 The renames this needs are listed once, in `_RENAMES`; `load_state_dict` accepts official state
 dicts as they are, and `arbooth.models.official_state_dict` writes them back.
 
@@ -245,7 +246,7 @@ class VAR(nn.Module):
         shared_aln: bool = False,
         attn_l2_norm: bool = True,
         patch_nums: tuple[int, ...] = PATCH_NUMS,
-        cond_drop_rate: float = 0.1,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         # 0. hyperparameters
@@ -255,11 +256,11 @@ class VAR(nn.Module):
             raise ConfigError(f"VAR patch_nums {tuple(patch_nums)} differ from the tokenizer's {vae.patch_nums}")
         self.num_classes, self.depth, self.C, self.num_heads = num_classes, depth, embed_dim, num_heads
         self.Cvae, self.V, self.patch_nums = vae.Cvae, vae.vocab_size, tuple(patch_nums)
-        self.shared_aln, self.cond_drop_rate = shared_aln, cond_drop_rate
+        self.shared_aln = shared_aln
         self.L, self.first_l = sum(pn * pn for pn in self.patch_nums), self.patch_nums[0] ** 2
         ends = [sum(pn * pn for pn in self.patch_nums[: i + 1]) for i in range(len(self.patch_nums))]
         self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, self.patch_nums)]
-        self.grad_checkpointing = False  # recompute blocks in backward (training memory); off by default
+        self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward (less memory)
         # The frozen tokenizer generate() decodes with. Deliberately not a submodule: parameters(),
         # state_dict(), optimizers, peft and Opacus see only the transformer, as in the official
         # checkpoints. `_apply` below moves it with the model (.to / .cuda / .half).
@@ -293,15 +294,6 @@ class VAR(nn.Module):
         """Scale index of every token: (L,) LongTensor."""
         return torch.cat([torch.full((pn * pn,), i, device=device) for i, pn in enumerate(self.patch_nums)])
 
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Classifier-free-guidance training: replace each label by the unconditional class with
-        probability cond_drop_rate (train mode only; the identity in eval mode). Call it in the recipe."""
-        if not self.training or self.cond_drop_rate <= 0:
-            return labels_B
-        device = generator.device if generator is not None else labels_B.device
-        drop_B = torch.rand(labels_B.shape, generator=generator, device=device).to(labels_B.device) < self.cond_drop_rate
-        return labels_B.masked_fill(drop_B, self.num_classes)
-
     def _block_cond(self, cond_BD: torch.Tensor) -> torch.Tensor:
         return cond_BD if self.shared_ada_lin is None else self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.C)
 
@@ -311,11 +303,13 @@ class VAR(nn.Module):
             return self.head(self.head_nm(x_BLC.to(w), cond_BD.to(w))).float()
 
     def forward(self, labels_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: class labels (B,) and tokenizer input (B, L - first_l, Cv) -> logits (B, L, V).
-        Deterministic: no class dropout here (see `drop_labels`)."""
+        """Teacher forcing: class labels (B,) in [0, num_classes] (num_classes = unconditional) and tokenizer
+        input (B, L - first_l, Cv) (`VQVAE.idxBl_to_var_input`) -> logits (B, L, V), fp32. Deterministic:
+        class dropout is the caller's (`var_training.drop_labels`). Raises ConfigError for an input of
+        the wrong shape."""
         B = labels_B.shape[0]
         if tuple(x_BLCv_wo_first_l.shape) != (B, self.L - self.first_l, self.Cvae):
-            raise ValueError(f"expected teacher-forcing input of shape {(B, self.L - self.first_l, self.Cvae)}, "
+            raise ConfigError(f"expected teacher-forcing input of shape {(B, self.L - self.first_l, self.Cvae)}, "
                              f"got {tuple(x_BLCv_wo_first_l.shape)}")
         lvl_L = self.levels(labels_B.device)
         with torch.autocast(labels_B.device.type, enabled=False):  # embeddings in full precision, as official
@@ -326,7 +320,7 @@ class VAR(nn.Module):
             cond = self._block_cond(cond_BD)
         mask_LL = lvl_L[:, None] >= lvl_L[None, :]  # block-causal: a token sees its own and coarser scales
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x_BLC = checkpoint(block, x_BLC, cond, mask_LL, use_reentrant=False)
             else:
                 x_BLC = block(x_BLC, cond, mask_LL)

@@ -44,6 +44,7 @@ from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
+from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
 from arbooth.recipes.subject_config import SUBJECT_PRESETS, SubjectTrainConfig
@@ -54,8 +55,8 @@ def build_models(cfg: SubjectTrainConfig):
     """(vae, model, tokenizer, t5_encoder, base_id) of `model.preset` (SUBJECT_PRESETS), on the CPU;
     frozen, eval mode."""
     m = cfg.model
-    kw = {"drop_path_rate": m.drop_path_rate, "cond_drop_rate": m.cond_drop_rate,
-          "lvl_embed_every_chunk": m.lvl_embed_every_chunk, "checkpointing": cfg.gradient_checkpointing}
+    kw = {"drop_path_rate": m.drop_path_rate, "lvl_embed_every_chunk": m.lvl_embed_every_chunk,
+          "gradient_checkpointing": cfg.gradient_checkpointing}
     return SUBJECT_PRESETS[m.preset].build(m, kw)
 
 
@@ -205,7 +206,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
     x_BLd, gt = instance_batch(run, idx)
     with ctx:
-        logits = run.model(text, mask, x_BLd, run.schedule)
+        logits = run.model(text, mask, x_BLd, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
     out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
     total = loss
@@ -217,7 +218,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     if cfg.loss.prior:
         on_phase("distill")
         with ctx:
-            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule)
+            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
         lo = cfg.loss
         reg = lo.reg_lambda * distill_loss(student_logits, teacher_logits, kind=lo.distill_type,
                                            temperature=lo.distill_temperature, softmax_over=lo.distill_softmax)
@@ -226,6 +227,13 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     on_phase("update")
     _step(run, total, params)
     return out
+
+
+def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor | None:
+    """The student's prompt dropout (`model.cond_drop_rate`, the authors' 10% to cfg_uncond), in train mode
+    only, drawn from the global RNG as the authors' forward does."""
+    rate = run.cfg.model.cond_drop_rate if model.training else 0.0
+    return draw_prompt_drop(batch, rate, run.accelerator.device)
 
 
 def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:

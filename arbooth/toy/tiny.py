@@ -14,6 +14,7 @@ import torch
 
 from arbooth.models.var import VAR
 from arbooth.models.vqvae import VQVAE
+from arbooth.toy.text import word_level_tokenizer
 
 if TYPE_CHECKING:  # transformers is imported only when a tiny T5 is built (`sample --tiny` stays light)
     from transformers import PreTrainedTokenizerFast, T5EncoderModel
@@ -33,17 +34,8 @@ _WORDS = ["a", "an", "the", "of", "photo", "picture", "in", "on", "with", "and",
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
+    """The tiny T5's word-level tokenizer over `_WORDS` (punctuation split off)."""
+    return word_level_tokenizer(_WORDS)
 
 
 def build_tiny_t5(channels: int = 32, *, seed: int = 0) -> tuple[PreTrainedTokenizerFast, T5EncoderModel]:

@@ -164,7 +164,7 @@ def test_train_mode_condition_drop_and_checkpointing():
     grads = []
     for flag in (False, True):
         model.zero_grad()
-        model.checkpointing = flag
+        model.gradient_checkpointing = flag
         model(text, mask, x, schedule, cond_drop_B=torch.zeros(2, dtype=torch.bool)).square().mean().backward()
         grads.append(model.blocks[1].ffn.fc1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
