@@ -348,9 +348,15 @@ class Infinity(nn.Module):
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
         the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
         random stream, so an image depends on its seed and not on what else is in the batch (up to
-        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images.
+        `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
         dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
+        Inputs: T5 features `text_BTC` (B, T, Ct) with the bool mask `text_mask_BT`, and the (t, h, w)
+        `schedule` (`infinity_scale_schedule`). Returns InfinityOutput: images (B, 3, H, W) in [0, 1]
+        (H = 16 h of the last scale), per-scale bits (B, h, w, d) in {0, 1}, the summed codes and,
+        with `return_logits`, the logits. Raises ConfigError for text of the wrong shape or an empty
+        prompt, per-scale `cfg`/`tau` lists shorter than the schedule, or a seed list of the wrong length.
         """
         n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
         cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")

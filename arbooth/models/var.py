@@ -345,7 +345,10 @@ class VAR(nn.Module):
         logits = (1 + t) cond - t uncond, t = cfg * si / (num_scales - 1). `dtype` ("fp32", "bf16",
         "fp16") sets the autocast of the blocks; head, sampling and tokenizer run in full precision.
         `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
-        `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images."""
+        `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images.
+        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int or a
+        `torch.Generator` on the model's device (the same seed gives the same images); `top_k`,
+        `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels out of range."""
         device = self.head.weight.device
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype)
         labels_B = torch.as_tensor(labels_B, device=device).long().view(-1)
