@@ -31,6 +31,7 @@ from arbooth.models.infinity_keys import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
 from arbooth.models.kv_cache import KVCache
 from arbooth.models.sampling import sample_bits
+from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.precision import autocast
 
 # ----------------------------------------------------------------------------- helpers
@@ -226,11 +227,12 @@ class InfinityOutput:
     logits: list[torch.Tensor] | None   # per scale (B or 2B, l, 2d) before tau and guidance, if asked
 
 
-class Infinity(nn.Module):
+class Infinity(TokenizerHolder):
     """Defaults build the released Infinity-2B (`infinity_2b_reg.pth`).
 
     `vae` gives the bit depth and decodes in `generate`; it is kept out of this module's parameters
-    and state_dict (the release's state_dict has none of it; optimisers must not see it).
+    and state_dict (the release's state_dict has none of it; optimisers must not see it) and moves with
+    the model, as VAR's tokenizer (arbooth/models/tokenizer_holder.py).
     `lvl_embed_every_chunk=True` adds the level embedding before every block chunk, as the ARBooth
     fork does (official: before the first block only). `gradient_checkpointing` (also an attribute, as
     on VAR) recomputes blocks in backward. `forward` is deterministic apart from DropPath: prompt dropout
@@ -245,7 +247,7 @@ class Infinity(nn.Module):
         if depth % block_chunks or embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ConfigError(f"need depth % block_chunks == 0 and head width % 4 == 0, got depth={depth}, "
                               f"block_chunks={block_chunks}, embed_dim={embed_dim}, num_heads={num_heads}")
-        object.__setattr__(self, "vae", vae)  # deliberately unregistered, see the class docstring
+        self.attach_tokenizer(vae)  # not a submodule, moved with the model (arbooth/models/tokenizer_holder.py)
         self.d, self.C, self.depth, self.num_heads = vae.codebook_dim, embed_dim, depth, num_heads
         self.text_channels, self.text_maxlen, self.block_chunks = text_channels, text_maxlen, block_chunks
         self.lvl_embed_every_chunk, self.gradient_checkpointing = lvl_embed_every_chunk, gradient_checkpointing

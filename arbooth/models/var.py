@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from arbooth.errors import ConfigError
 from arbooth.models.kv_cache import KVCache
 from arbooth.models.sampling import gumbel_softmax, sample_top_k_top_p, top_k_top_p_filter
+from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
 
@@ -231,7 +232,7 @@ VAR_PRESETS = {  # the released sizes (official models/__init__.py build_vae_var
 VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "patch_nums": PATCH_NUMS}
 
 
-class VAR(nn.Module):
+class VAR(TokenizerHolder):
     """Class-conditional next-scale transformer over the tokenizer `vae` (kept at `self.vae`)."""
 
     def __init__(
@@ -261,10 +262,9 @@ class VAR(nn.Module):
         ends = [sum(pn * pn for pn in self.patch_nums[: i + 1]) for i in range(len(self.patch_nums))]
         self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, self.patch_nums)]
         self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward (less memory)
-        # The frozen tokenizer generate() decodes with. Deliberately not a submodule: parameters(),
-        # state_dict(), optimizers, peft and Opacus see only the transformer, as in the official
-        # checkpoints. `_apply` below moves it with the model (.to / .cuda / .half).
-        object.__setattr__(self, "vae", vae)
+        # The frozen tokenizer generate() decodes with: not a submodule, moved with the model
+        # (arbooth/models/tokenizer_holder.py, the same for Infinity).
+        self.attach_tokenizer(vae)
 
         # 1. input embedding of the tokenizer features
         self.word_embed = nn.Linear(self.Cvae, embed_dim)
@@ -285,10 +285,6 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, self.V)
         self.register_load_state_dict_pre_hook(_accept_official_layout)
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), .to_empty() also reach the tokenizer
-        self.vae._apply(fn, recurse)
-        return super()._apply(fn, recurse)
 
     def levels(self, device: torch.device) -> torch.Tensor:
         """Scale index of every token: (L,) LongTensor."""
