@@ -119,7 +119,7 @@ def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str, count_flop
     base = _status_gib("VmRSS")
     _reset_peak()
     torch.manual_seed(0)
-    model = Infinity(vae, depth=depth, block_chunks=1, checkpointing=checkpointing)  # 2B width, heads, text channels
+    model = Infinity(vae, depth=depth, block_chunks=1, gradient_checkpointing=checkpointing)  # 2B width, heads, text channels
     model.blocks.to(torch.bfloat16)
     tuner = build_tuner(model, cfg.tuning)
     token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)

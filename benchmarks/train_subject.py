@@ -40,10 +40,10 @@ def bench(size: str, steps: int, method: str = "full", rank: int = 16, checkpoin
     with torch.device(dev):
         if cuda:
             vae = BSQVAE().eval().requires_grad_(False)
-            model = Infinity(vae, checkpointing=checkpointing)
+            model = Infinity(vae, gradient_checkpointing=checkpointing)
         else:
             vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
-            model = Infinity(vae, **TINY["model"], checkpointing=checkpointing)
+            model = Infinity(vae, **TINY["model"], gradient_checkpointing=checkpointing)
     if cuda:
         model.blocks.to(torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()

@@ -1,11 +1,13 @@
 """ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
 
-setup: subject photos -> raw VAE features (once; the VAE is frozen), prompts -> T5 features (once; T5 is
-then moved off the accelerator), selective tuning (tuning.method=full) or LoRA on the same layers
-(tuning.method=lora) + <S*>, AdamW. Each step: bitwise self-correction turns the photos' features into
-teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher
-(full: base weights swapped in; lora: adapters disabled) samples class-prompt token maps, or they come
-from a bank drawn once (teacher.bank_size); the student's scale-weighted instance loss; the
+The base model comes from `model.preset` through SUBJECT_PRESETS (arbooth/recipes/subject_config.py),
+the built-in toy and tiny ones included. setup: subject photos -> raw VAE features (once; the VAE is
+frozen), prompts -> T5 features (once; T5 is then released), selective tuning (tuning.method=full) or
+LoRA on the same layers (tuning.method=lora) + <S*>, AdamW. Each step: bitwise self-correction turns
+the photos' features into teacher-forcing inputs and labels (`bsc.*`,
+arbooth/models/bitwise_self_correction.py); the teacher (full: base weights swapped in; lora: adapters
+disabled) samples class-prompt token maps, or they come from a bank drawn once (teacher.bank_size); the
+student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
 sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
 `config.yaml` and a resumable `train_state.pt` in `out_dir`.
@@ -51,72 +53,55 @@ from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
-from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
-from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
+from arbooth.recipes.subject_config import SUBJECT_PRESETS, SubjectTrainConfig, TuningConfig
 
 log = logging.getLogger(__name__)
 
 def build_models(cfg: SubjectTrainConfig):
-    """(vae, model, tokenizer, t5_encoder, base_id) on the CPU; frozen, eval mode."""
-    from arbooth.models import BSQVAE, Infinity
+    """(vae, model, tokenizer, t5_encoder, base_id) of `model.preset` (SUBJECT_PRESETS), on the CPU;
+    frozen, eval mode."""
     m = cfg.model
-    kw = {"drop_path_rate": m.drop_path_rate, "cond_drop_rate": m.cond_drop_rate,
-          "lvl_embed_every_chunk": m.lvl_embed_every_chunk, "checkpointing": cfg.gradient_checkpointing}
-    if m.preset == "tiny":
-        from arbooth.toy.tiny import TINY, build_tiny_t5
-        torch.manual_seed(m.seed)
-        vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
-        model = Infinity(vae, **TINY["model"], **kw).eval().requires_grad_(False)
-        tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=m.seed)
-        return vae, model, tokenizer, encoder, f"tiny-random seed={m.seed}"
-    if m.preset == "toy":  # the pretrained toy base (docs/toy.md); its own scale schedule, see setup
-        from arbooth.toy.models import TOY_DIR, load_toy_base
-        base = load_toy_base(m.model_ckpt or TOY_DIR, **kw)
-        return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
-    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(m, k)]
-    if missing:
-        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {m.preset} "
-                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    from arbooth.models.infinity_loading import load_infinity
-    vae, model = load_infinity(m.model_ckpt, m.vae_ckpt, model_kwargs=kw)
-    if not Path(m.t5).is_dir():
-        raise CheckpointError(f"T5 folder not found: {m.t5} (download google/flan-t5-xl)")
-    tokenizer = AutoTokenizer.from_pretrained(m.t5, legacy=True)
-    encoder = T5EncoderModel.from_pretrained(m.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
-    return vae, model, tokenizer, encoder, f"{Path(m.model_ckpt).name} sha256={_file_sha256(m.model_ckpt)}"
+    kw = {"drop_path_rate": m.drop_path_rate, "lvl_embed_every_chunk": m.lvl_embed_every_chunk,
+          "gradient_checkpointing": cfg.gradient_checkpointing}
+    return SUBJECT_PRESETS[m.preset].build(m, kw)
 
 
 def subject_schedule(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
-    """The scale schedule the model is trained (and sampled) at."""
-    if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
-        from arbooth.toy.models import TOY_DIR, read_manifest
-        return [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
-    return [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+    """The scale schedule the model is trained (and sampled) at, from the preset (no weights read)."""
+    return SUBJECT_PRESETS[cfg.model.preset].schedule(cfg.model)
+
+
+def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
+    """The cross-field checks that need the scale schedule, before any weights load; returns the
+    schedule. Raises ConfigError naming the key (e.g. `loss.scale_weights` of the wrong length)."""
+    schedule = subject_schedule(cfg)
+    cfg.loss.weights_for(len(schedule))
+    return schedule
 
 
 def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
                  t5: str | None = None, device: str | torch.device = "cpu") -> PersonalizedSampler:
     """A `PersonalizedSampler` from a personalization file written by this recipe (full or LoRA): the
     base model its recorded config names is rebuilt (the checkpoints default to those recorded at
-    training time) and the personalization applied, which checks that it is the base model it was
-    trained from. Raises CheckpointError for a missing or foreign file or a recorded config that does not load."""
+    training time) and the personalization applied (tuned tensors copied in, or LoRA adapters
+    injected), which checks that it is the base model it was trained from.
+    Raises CheckpointError for a missing or foreign file or a recorded config that does not load."""
     pers = load_personalization(path)
-    cfg, model, tokenizer, encoder = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
+    cfg, schedule, model, tokenizer, encoder = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
     pers.apply(model)
     device = torch.device(device)
-    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, subject_schedule(cfg),
-                               cfg, device)
+    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, schedule, cfg, device)
 
 
 def build_base(pers: Personalization, path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
-               t5: str | None = None) -> tuple[SubjectTrainConfig, torch.nn.Module, object, torch.nn.Module]:
-    """(config, base model, tokenizer, T5 encoder) the personalization was trained on (CPU, fp32, eval)."""
+               t5: str | None = None) -> tuple[SubjectTrainConfig, list, torch.nn.Module, object, torch.nn.Module]:
+    """(config, schedule, base model, tokenizer, T5 encoder) the personalization was trained on (CPU, eval)."""
     try:
         cfg = from_dict(SubjectTrainConfig, pers.config)
+        schedule = check_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
     m = cfg.model
@@ -124,7 +109,7 @@ def build_base(pers: Personalization, path: str | Path, *, model_ckpt: str | Non
         m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
         drop_path_rate=0.0))
     _, model, tokenizer, encoder, _ = build_models(cfg)
-    return cfg, model, tokenizer, encoder
+    return cfg, schedule, model, tokenizer, encoder
 
 
 def export_merged_personalization(path: str | Path, out: str | Path, *, model_ckpt: str | None = None,
@@ -135,21 +120,12 @@ def export_merged_personalization(path: str | Path, out: str | Path, *, model_ck
     `generate --personalization` and `eval-subject --model` take like any full file. `dtype`: "bf16" or
     "fp32" (default: the dtype the blocks had in training)."""
     pers = load_personalization(path)
-    _, model, _, _ = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
+    _, _, model, _, _ = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
     dt = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     merged = merge_lora_personalization(pers, model, dtype=dt)
     meta = {k: v for k, v in merged.metadata.items() if k not in ("format", "base_tuned_sha256")}
     return save_personalization(out, merged.tensors, merged.subject_token_PC,
                                 base_tuned_sha256=merged.metadata["base_tuned_sha256"], metadata=meta)
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -183,8 +159,8 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     dev = accelerator.device
     set_seed(cfg.seed)
+    schedule = check_config(cfg)
     vae, model, tokenizer, encoder, base_id = build_models(cfg)
-    schedule = subject_schedule(cfg)
     subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
@@ -306,7 +282,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
     x_BLd, gt = instance_batch(run, idx)
     with ctx:
-        logits = run.model(text, mask, x_BLd, run.schedule)
+        logits = run.model(text, mask, x_BLd, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
     out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
     total = loss
@@ -318,7 +294,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     if cfg.loss.prior:
         on_phase("distill")
         with ctx:
-            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule)
+            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
         lo = cfg.loss
         reg = lo.reg_lambda * distill_loss(student_logits, teacher_logits, kind=lo.distill_type,
                                            temperature=lo.distill_temperature, softmax_over=lo.distill_softmax)
@@ -327,6 +303,13 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     on_phase("update")
     _step(run, total, params)
     return out
+
+
+def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor | None:
+    """The student's prompt dropout (`model.cond_drop_rate`, the authors' 10% to cfg_uncond), in train mode
+    only, drawn from the global RNG as the authors' forward does."""
+    rate = run.cfg.model.cond_drop_rate if model.training else 0.0
+    return draw_prompt_drop(batch, rate, run.accelerator.device)
 
 
 def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
@@ -392,6 +375,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
+    check_config(cfg)  # before any weights load
     out = Path(cfg.out_dir)
     run = setup(cfg)
     main = run.accelerator.is_main_process

@@ -25,7 +25,7 @@ def tiny_model(seed: int = 0, bf16_blocks: bool = False) -> Infinity:
     torch.manual_seed(seed)
     vae = BSQVAE(codebook_dim=4, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
     model = Infinity(vae, depth=2, embed_dim=64, num_heads=4, mlp_ratio=4.0, text_channels=128, text_maxlen=16,
-                     block_chunks=1, drop_path_rate=0.0, cond_drop_rate=0.0).eval().requires_grad_(False)
+                     block_chunks=1, drop_path_rate=0.0).eval().requires_grad_(False)
     if bf16_blocks:
         model.blocks.to(torch.bfloat16)
     return model
