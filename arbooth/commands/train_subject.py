@@ -8,7 +8,9 @@ Examples:
 The defaults are configs/subject/infinity_2b.yaml (the authors' settings: 500 steps at batch 2,
 lr 2.34375e-5, AdamW with weight decay 0.005, 1024x1024, cross-attention + FFN + <S*> trained,
 prior distillation with reg_lambda 0.5). Any config key can be overridden as key=value, e.g.
-`steps=150 batch_size=1 tuning.self_attention=true loss.distill_type=hard teacher.mode=arbooth_compat`.
+`steps=150 batch_size=1 tuning.self_attention=true loss.distill_type=hard teacher.mode=arbooth_compat`;
+`tuning.method=lora` trains LoRA adapters (rank 16) instead of the layers: a ~38 MB file at 2B instead of
+~3 GB (docs/arbooth.md); `teacher.bank_size=16` draws the teacher's class samples once.
 Outputs in out_dir: personalization.safetensors, val/step_*.png grids, metrics.jsonl, config.yaml,
 train_state.pt (resume=true continues from it). Use the file with
 `arbooth generate --personalization out_dir/personalization.safetensors --prompt "a <S*> dog ..."`.
