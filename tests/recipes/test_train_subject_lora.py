@@ -66,7 +66,7 @@ def test_reloaded_lora_samples_like_the_trained_model(lora_run, tmp_path):
 
 def test_lora_refuses_a_different_base(lora_run):
     pers = load_personalization(lora_run)
-    _, model, _, _ = build_base(pers, lora_run)
+    _, _, model, _, _ = build_base(pers, lora_run)
     with torch.no_grad():
         model.blocks[0].ffn.fc1.weight[0, 0] += 1.0  # another base model
     with pytest.raises(CheckpointError, match="different base model"):
