@@ -24,6 +24,7 @@ from arbooth.adapt.methods import PEFT_METHODS, merge_adapters, unwrap_peft
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def load_result_weights(model: nn.Module, method: str, folder: Path) -> None:
 def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str]) -> None:
     meta = to_dict(cfg)
     meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes)}
-    (Path(folder) / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    write_text(Path(folder) / META_FILE, yaml.safe_dump(meta, sort_keys=False))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from scipy import linalg
 
 from arbooth.errors import ArboothError
+from arbooth.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,9 @@ def load_cached_features(cache_dir: Path, key: str) -> dict[str, np.ndarray] | N
 
 def save_cached_features(cache_dir: Path, key: str, feats: dict[str, np.ndarray]) -> Path:
     """Atomic write of the reference features (float32) for `key`."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{key}.npz"
-    tmp = cache_dir / f".{key}.tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in feats.items()})
-    tmp.replace(path)
-    return path
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in feats.items()}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+    return atomic_write(Path(cache_dir) / f"{key}.npz", write)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from arbooth.errors import ConfigError
 from arbooth.models.infinity_loading import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
+from arbooth.models.sampling import check_sampling_args, multinomial_rows, seed_generators
 from arbooth.precision import autocast
 
 # ----------------------------------------------------------------------------- helpers
@@ -346,18 +347,16 @@ class Infinity(nn.Module):
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
         the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
         random stream, so an image depends on its seed and not on what else is in the batch (up to
-        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the last bits of batched arithmetic). Ranges (ConfigError otherwise): top_k >= 0 (0 = off),
+        top_p in [0, 1] (0 = off), cfg >= 0 (1 = no guidance), tau > 0. `decode=False` returns the
+        bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
         dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
         """
         n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
+        check_sampling_args(top_k=top_k, top_p=top_p, cfg=cfg, tau=tau, where="Infinity.generate")
         cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
-        if generator is None and isinstance(seed, int):
-            generator = torch.Generator(dev).manual_seed(seed)
-        elif generator is None and seed is not None:
-            if len(seed) != B:
-                raise ConfigError(f"{len(seed)} seeds for {B} prompts")
-            generator = [torch.Generator(dev).manual_seed(int(s)) for s in seed]
+        generator = seed_generators(seed if generator is None else generator, B, dev)
         guided = any(c != 1 for c in cfgs)
         if guided:  # second half of the batch: the unconditional prompt
             drop = torch.arange(2 * B, device=dev) >= B
@@ -431,7 +430,7 @@ def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
     """Top-k / top-p filtering and one multinomial draw per row (infinity.py
     sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls). A list of
     generators, one per batch row, draws each row from its own (per-image seeds in a batch)."""
-    B, l, V = logits_BlV.shape
+    V = logits_BlV.shape[-1]
     logits = logits_BlV.float().clone()
     if 0 < top_k < V:
         logits.masked_fill_(logits < logits.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
@@ -440,10 +439,4 @@ def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
         remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
         remove[..., -1:] = False
         logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    probs_BlV = logits.softmax(-1)
-    if isinstance(generator, torch.Generator) or generator is None:
-        return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=generator).view(B, l)
-    if len(generator) != B:
-        raise ValueError(f"{len(generator)} generators for a batch of {B}")
-    return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g).view(l)
-                        for p_lV, g in zip(probs_BlV, generator, strict=True)])
+    return multinomial_rows(logits.softmax(-1), generator)
