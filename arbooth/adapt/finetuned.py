@@ -111,9 +111,22 @@ def read_result_config(result_dir: str | Path):
     path = Path(result_dir) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{result_dir} is not an arbooth result folder (no {META_FILE})")
-    meta = yaml.safe_load(path.read_text())
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid YAML ({type(e).__name__}); the result folder is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("result"), dict):
+        raise CheckpointError(f"{path} has no `result:` section (method, step, classes); the result folder "
+                              "is damaged or was not written by arbooth train-class")
     res = meta.pop("result")
-    return from_dict(ClassTrainConfig, meta), res["method"], int(res["step"]), tuple(res["classes"])
+    missing = [k for k in ("method", "step", "classes") if k not in res]
+    if missing:
+        raise CheckpointError(f"{path}: `result:` lacks {', '.join(missing)}")
+    try:
+        cfg = from_dict(ClassTrainConfig, meta)
+        return cfg, str(res["method"]), int(res["step"]), tuple(res["classes"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the recorded config does not load: {e}") from None
 
 
 def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_ckpt: str | None = None,

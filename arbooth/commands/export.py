@@ -4,7 +4,8 @@ Example:
   arbooth export runs/flowers102_lora_d16/final --merge --out var_d16_flowers.safetensors \\
       --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth
 The file loads with `arbooth.models.load_var(...)` and, with --include-buffers, with the official
-code's `load_state_dict(strict=True)` too.
+code's `load_state_dict(strict=True)` too. --out may not be (or overwrite) a file of the result folder or
+a base checkpoint; it is checked before anything loads and written atomically.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from arbooth.errors import ConfigError
+from arbooth.outputs import check_output, refuse_inputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,8 @@ def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None =
     out = Path(out)
     if out.suffix not in (".safetensors", ".pth", ".pt"):
         raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
+    check_output(out)
+    refuse_inputs([out], [result, vae_ckpt, var_ckpt, *_recorded_bases(result)])
     ft = load_finetuned(result, vae_ckpt=vae_ckpt, var_ckpt=var_ckpt, merge=True)
     sd = official_state_dict(ft.var, include_buffers=include_buffers)
     if out.suffix == ".safetensors":
@@ -40,6 +44,19 @@ def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None =
     else:
         save_torch({k: v.detach().cpu() for k, v in sd.items()}, out)
     return out
+
+
+def _recorded_bases(result: str | Path) -> list[str | None]:
+    """The base checkpoints a result folder records (inputs of the export too); none if unreadable
+    (load_finetuned then reports the folder's problem)."""
+    from arbooth.adapt.finetuned import read_result_config
+    from arbooth.errors import ArboothError
+
+    try:
+        cfg = read_result_config(result)[0]
+    except ArboothError:
+        return []
+    return [cfg.model.vae_ckpt, cfg.model.var_ckpt]
 
 
 def main(args: argparse.Namespace) -> int:

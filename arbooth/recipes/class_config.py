@@ -13,6 +13,7 @@ from typing import Literal
 
 from arbooth.adapt.methods import METHODS
 from arbooth.errors import ConfigError
+from arbooth.models.sampling import check_sampling_args
 
 # The released VAR family (FoundationVision/VAR models/__init__.py build_vae_var): width 64 per layer.
 VAR_WIDTH_PER_DEPTH = 64
@@ -131,9 +132,12 @@ class LogConfig:
     sample_every: int = 0                 # optimizer steps between sample grids; 0 = off
     sample_classes: tuple[int, ...] = (0, 1, 2, 3)
     sample_per_class: int = 2
-    sample_cfg: float = 1.5
-    sample_top_k: int = 900
-    sample_top_p: float = 0.96
+    sample_cfg: float = 1.5               # >= 0
+    sample_top_k: int = 900               # >= 0, 0 = off
+    sample_top_p: float = 0.96            # in [0, 1], 0 = off
+
+    def __post_init__(self) -> None:
+        check_sampling_args(top_k=self.sample_top_k, top_p=self.sample_top_p, cfg=self.sample_cfg, where="log")
 
 
 @dataclass(frozen=True)

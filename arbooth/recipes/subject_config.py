@@ -5,9 +5,12 @@ Defaults are the authors' (jiwoogit/ARBooth arg_util.py, booth_train_final.py; s
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
+from arbooth.errors import ConfigError
+from arbooth.models.sampling import check_sampling_args
 from arbooth.recipes.arbooth_losses import default_scale_weights
 
 
@@ -30,9 +33,38 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PromptConfig:
     placeholder: str = "<S*>"
-    instance_template: str = "a photo of {token} {cls}"   # arg_util.py L522
-    class_template: str = "a photo of {cls}"              # arg_util.py L523
+    instance_template: str = "a photo of {token} {cls}"   # arg_util.py L522; must hold {token} and {cls}
+    class_template: str = "a photo of {cls}"              # arg_util.py L523; must hold {cls}, not {token}
     validation: tuple[str, ...] = ("a {} in the jungle", "a {} on the beach", "a {} wearing a santa hat")
+    #   each with one `{}` for the subject phrase ("<S*> dog")
+
+    def __post_init__(self) -> None:
+        # checked here, when the config loads: a template without {token} trains <S*> never (the subject
+        # goes into the class prompt the prior loss protects), a misspelt field fails after the models load
+        _check_template("prompts.instance_template", self.instance_template, required={"token", "cls"})
+        _check_template("prompts.class_template", self.class_template, required={"cls"}, allowed={"cls"})
+        for i, v in enumerate(self.validation):
+            _check_template(f"prompts.validation[{i}]", v, required={""})
+        if not self.placeholder.strip() or any(c in self.placeholder for c in "{} "):
+            raise ConfigError(f"prompts.placeholder must be one word without braces, got {self.placeholder!r}")
+
+
+def _check_template(name: str, template: str, *, required: set[str], allowed: set[str] | None = None) -> None:
+    """ConfigError unless `template` is a format string whose fields are exactly `required` (each once
+    or more) within `allowed` (default: `required`); "" is the positional `{}`."""
+    allowed = required if allowed is None else allowed
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"{name}: {template!r} is not a valid template ({e})") from None
+    show = {f: "{" + f + "}" for f in (*required, *allowed, *fields)}
+    unknown = [show[f] for f in fields if f not in allowed]
+    if unknown:
+        raise ConfigError(f"{name}: {template!r} has unknown field(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(show[f] for f in allowed))}")
+    missing = [show[f] for f in sorted(required) if f not in fields]
+    if missing:
+        raise ConfigError(f"{name}: {template!r} must contain {' and '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,9 @@ class TeacherConfig:
     top_k: int = 900
     top_p: float = 0.97
 
+    def __post_init__(self) -> None:
+        check_sampling_args(top_k=self.top_k, top_p=self.top_p, tau=self.tau, where="teacher")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -132,3 +167,4 @@ class SubjectTrainConfig:
             raise ValueError("steps must be >= 0 and batch_size >= 1")
         if self.validate_every < 0 or self.save_every < 0:
             raise ValueError("validate_every and save_every must be >= 0")
+        check_sampling_args(cfg=self.val_cfg, tau=self.val_tau, where="val_cfg/val_tau")
