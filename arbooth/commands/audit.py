@@ -46,7 +46,10 @@ def _audit_result(result_dir: Path, members: str, nonmembers: str, device: str):
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.errors import ConfigError
+    from arbooth.outputs import check_output, write_text
 
+    if args.json:
+        check_output(args.json)
     if args.result:
         results = {"result": _audit_result(Path(args.result), args.members, args.nonmembers, args.device)}
     else:
@@ -57,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = train_class_dp.load_class_config(args.config, args.overrides)
         cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
         out = Path(cfg.train.out_dir)
+        check_output(out, folder=True, what="train.out_dir")
         if isinstance(cfg, train_class_dp.ClassDPConfig):
             runs = train_class_dp.train(cfg)
             finals = {f"epsilon={r.epsilon:g}": (out / f"eps_{r.epsilon:g}" if cfg.privacy.is_sweep else out)
@@ -68,5 +72,5 @@ def main(args: argparse.Namespace) -> int:
     for name, res in results.items():
         print(f"{name}: {res}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
+        write_text(args.json, json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
     return 0

@@ -16,7 +16,6 @@ import json
 import math
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -101,9 +100,12 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.data.class_dataset import scan_image_folder
+    from arbooth.outputs import check_output, write_text
     from arbooth.recipes.class_config import ClassTrainConfig
 
     cfg = load_config(ClassTrainConfig, args.config, args.overrides)
+    if args.json:
+        check_output(args.json)
     if args.data:
         n = len(scan_image_folder(args.data, cfg.data.split)[0])
     elif args.num_images:
@@ -125,8 +127,7 @@ def main(args: argparse.Namespace) -> int:
               f"{r['flops_step'] / 1e9:>11.1f} {r['run_pflops']:>10.2f} {_fmt(r['step_s'], '7.3f'):>7} "
               f"{_fmt(r['peak_mem_gib'], '8.2f'):>8}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"micro_steps": micro_steps, "num_images": n,
-                                               "methods": rows}, indent=2))
+        write_text(args.json, json.dumps({"micro_steps": micro_steps, "num_images": n, "methods": rows}, indent=2))
     if not math.isfinite(sum(r["run_pflops"] for r in rows.values())):
         raise ConfigError("FLOP count failed")
     return 0

@@ -15,6 +15,7 @@ import argparse
 from dataclasses import replace
 
 from arbooth.errors import ConfigError
+from arbooth.outputs import check_output, refuse_nested
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,9 @@ def main(args: argparse.Namespace) -> int:
                   model=replace(cfg.model, vae_ckpt=args.vae_ckpt or cfg.model.vae_ckpt,
                                 var_ckpt=args.var_ckpt or cfg.model.var_ckpt),
                   train=replace(cfg.train, out_dir=args.out_dir or cfg.train.out_dir))
+    # before any model or data loads: the run folder can be written and is not the data's own folder
+    check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
+    refuse_nested(cfg.train.out_dir, cfg.data.root, what="data")
     if isinstance(cfg, train_class_dp.ClassDPConfig):
         if args.resume:
             raise ConfigError("--resume is not supported for DP runs (the accountant's history is not saved)")

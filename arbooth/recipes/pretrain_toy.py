@@ -28,6 +28,7 @@ from arbooth.checkpoint import save_safetensors
 from arbooth.config import to_dict
 from arbooth.data.toy_text import build_toy_tokenizer, tokenize_ids
 from arbooth.data.toyworld import ToyWorld, images_to_array
+from arbooth.outputs import write_text
 from arbooth.recipes import toy_models as tm
 from arbooth.recipes.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
 
@@ -249,7 +250,7 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
                 "sha256": {f: tm.file_sha256(out / f) for f in files if (out / f).is_file()}}
-    (out / "toy.json").write_text(json.dumps(manifest, indent=1, default=_jsonable) + "\n")
+    write_text(out / "toy.json", json.dumps(manifest, indent=1, default=_jsonable) + "\n")
     return out
 
 

@@ -26,6 +26,7 @@ from arbooth.adapt.personalization import load_personalization
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.data.toyworld import COLOURS, SIZES
+from arbooth.outputs import write_text
 from arbooth.recipes.toy_models import TOY_DIR, ToyEvaluator, load_toy_base
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,7 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
                "base": score(ev, img_b, prompts_cls, sub_imgs, attrs),
                "personalized": score(ev, img_p, prompts_cls, sub_imgs, attrs, base_RS3HW=img_b),
                "prompts": prompts_sub}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     if grid:
         R, S = img_b.shape[:2]
         gap = torch.ones(R, 1, *img_b.shape[2:])

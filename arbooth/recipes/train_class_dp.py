@@ -37,6 +37,7 @@ from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_p
 from arbooth.config import load_config, parse_overrides, save_config
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import ConfigError
+from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.config import PrivacyConfig
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
@@ -229,7 +230,7 @@ def save_result(run: DPRun, folder: Path) -> None:
         save_result_weights(run.model, run.cfg.method.name, partial)
         write_result_meta(partial, run.cfg.without_privacy(), step=run.pt.steps_taken,
                           classes=run.dataset.base.classes)
-        (partial / "privacy.yaml").write_text(yaml.safe_dump(privacy_report(run), sort_keys=False))
+        write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
         if folder.exists():
             shutil.rmtree(folder)
         partial.rename(folder)

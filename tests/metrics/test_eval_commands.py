@@ -64,19 +64,18 @@ def test_class_sampling_is_resumable(tmp_path):
     assert counts == {0: 3, 1: 2}
     calls = []
 
-    def generate(labels_B, seed):  # a deterministic stand-in with the VAR generate() contract
-        calls.append(seed)
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(len(labels_B), 3, 16, 16, generator=g)
+    def generate(labels_B, seeds):  # a deterministic stand-in with the VAR generate() contract (seed per image)
+        calls.append(list(seeds))
+        return torch.stack([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     out = tmp_path / "gen"
     assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 5
-    assert calls == [10, 11, 12]
+    assert calls == [[10, 11], [12, 13], [14]]  # image k uses seed + k
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and lines[2]["seed"] == 11
+    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and [r["seed"] for r in lines] == [10, 11, 12, 13, 14]
     (out / "0001" / "0001_00001.png").unlink()
     assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 1
-    assert calls[3:] == [12]
+    assert calls[3:] == [[14]]  # only the missing image, with its own seed
 
 
 def test_eval_class_var_model_needs_checkpoints(tmp_path):
