@@ -71,8 +71,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--per-class and --batch-size must be at least 1")
     check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
     # outputs before any model loads: a bad path costs nothing
-    image_format(args.out)
     check_output(args.out, what="grid")
+    image_format(args.out)
     inputs = [args.result, args.vae_ckpt, args.var_ckpt]
     refuse_inputs([args.out], inputs)
     if args.out_dir:
