@@ -82,10 +82,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.batch_size < 1:
         raise ConfigError("--n and --batch-size must be at least 1")
+    check_output(args.out)  # before any model loads
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must end in .png, got {args.out}")
     check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg, tau=args.tau)
-    check_output(args.out)  # before any model loads
     refuse_inputs(_outputs(args.out, len(args.prompt) * args.n),
                   [args.personalization, args.model_ckpt, args.vae_ckpt, args.t5])
     device = torch.device(args.device)

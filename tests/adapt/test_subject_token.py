@@ -88,3 +88,25 @@ def test_placeholder_missing_from_tokenizer_is_an_error() -> None:
     tokenizer, encoder = build_tiny_t5(8)
     with pytest.raises(ArboothError, match="add_placeholder_token"):
         encode_prompts(tokenizer, encoder, [f"a {PLACEHOLDER} dog"], max_length=16)
+
+
+def test_truncation_warns_and_never_drops_the_placeholder(caplog) -> None:
+    """Issue 18.6: a 44-token prompt with <S*> at token 41, text length 32 (prefix 4: 29 tokens fit):
+    the image equalled the one without <S*>, silently. Right: an error naming the cut; a long prompt
+    whose <S*> survives the cut is only warned about."""
+    tokenizer, encoder = build_tiny_t5(16)
+    add_placeholder_token(tokenizer, encoder)
+    words = ["dog"] * 43  # + </s> = 44 tokens
+    late = " ".join(words[:40] + [PLACEHOLDER] + words[41:])
+    assert len(tokenizer(late).input_ids) == 44 and tokenizer(late).input_ids[40] == tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+    with pytest.raises(ArboothError, match=r"44 tokens is cut to 29, which removes <S\*> \(token 41\)"):
+        encode_prompts(tokenizer, encoder, ["a dog", late], max_length=32, prefix_length=4)
+    early = " ".join(words[:2] + [PLACEHOLDER] + words[3:])
+    with caplog.at_level("WARNING"):
+        feats, mask, ph = encode_prompts(tokenizer, encoder, [early], max_length=32, prefix_length=4)
+    assert "44 tokens truncated to the text encoder's 29" in caplog.text
+    assert mask.sum() == 29 and ph.sum() == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        encode_prompts(tokenizer, encoder, ["a <S*> dog"], max_length=32, prefix_length=4)
+    assert "truncated" not in caplog.text  # short prompts: no warning
