@@ -32,10 +32,9 @@ def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None =
     from arbooth.checkpoint import save_safetensors, save_torch
     from arbooth.models import official_state_dict
 
-    out = Path(out)
+    out = check_output(Path(out))
     if out.suffix not in (".safetensors", ".pth", ".pt"):
         raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
-    check_output(out)
     refuse_inputs([out], [result, vae_ckpt, var_ckpt, *_recorded_bases(result)])
     ft = load_finetuned(result, vae_ckpt=vae_ckpt, var_ckpt=var_ckpt, merge=True)
     sd = official_state_dict(ft.var, include_buffers=include_buffers)

@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
     images_B3HW = torch.cat(images)
 
     path = save_grid(images_B3HW, args.out, nrow=args.per_class)
-    for img, single in zip(images_B3HW, singles, strict=True):
+    for img, single in zip(images_B3HW, singles, strict=False):  # singles: empty without --out-dir
         save_image(tensor_to_pil(img), single)
     print(f"wrote {len(images_B3HW)} images to {path}" + (f" and {args.out_dir}/" if args.out_dir else ""))
     return 0
