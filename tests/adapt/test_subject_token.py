@@ -103,7 +103,7 @@ def test_truncation_warns_and_never_drops_the_placeholder(caplog) -> None:
         encode_prompts(tokenizer, encoder, ["a dog", late], max_length=32, prefix_length=4)
     early = " ".join(words[:2] + [PLACEHOLDER] + words[3:])
     with caplog.at_level("WARNING"):
-        feats, mask, ph = encode_prompts(tokenizer, encoder, [early], max_length=32, prefix_length=4)
+        _, mask, ph = encode_prompts(tokenizer, encoder, [early], max_length=32, prefix_length=4)
     assert "44 tokens truncated to the text encoder's 29" in caplog.text
     assert mask.sum() == 29 and ph.sum() == 1
     caplog.clear()

@@ -45,6 +45,9 @@ def test_eval_class_end_to_end_with_cache(tmp_path, capsys):
     m = report["metrics"]
     assert abs(m["FID"]) < 1e-3 and m["precision"] == m["recall"] == 1.0
     assert m["n_generated"] == m["n_reference"] == 12 and report["random_weights"]
+    # issue 18.5: 12 samples of 64-d features: warned and recorded next to the numbers
+    assert m["feature_dim"] == 64 and m["fid_fewer_samples_than_dims"] is True
+    assert "12 and 12 samples with 64-dimensional features" in report["warnings"][0]
     assert (gen / "eval_class" / "eval_class.md").read_text().startswith("# eval-class")
     assert len(list(cache.glob("*.npz"))) == 1
     # A second run reuses the cached reference features; changing the reference changes the key.

@@ -86,3 +86,34 @@ def test_train_step_reports_its_phases(overrides, phases, tmp_path) -> None:
     seen: list[str] = []
     train_step(run, torch.arange(cfg.batch_size), on_phase=seen.append)
     assert seen == phases
+
+
+def test_templates_and_outputs_checked_before_models_load(tmp_path, capsys):
+    """Issue 18.7: `instance_template="a photo of {cls}"` trained <S*> never, `{tok}` ended in a KeyError
+    traceback after the models loaded. Right: one-line ConfigError when the config loads. Checkpoint
+    paths that do not exist prove the order: the template (or output) error comes first.
+    Issue 19.3: an unwritable run folder (under a file) or one inside the subject's photos, likewise."""
+    from arbooth.cli import main as cli
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for p in (ROOT / "subjects" / "toy_star").iterdir():
+        (subject / p.name).write_bytes(p.read_bytes())
+    missing = ["--model-ckpt", str(tmp_path / "no.pth"), "--vae-ckpt", str(tmp_path / "no_vae.pth"),
+               "--t5", str(tmp_path / "no_t5")]
+    base = ["train-subject", "--subject", str(subject), "--class-noun", "star", *missing]
+    (tmp_path / "file").write_bytes(b"x")
+    cases = [(["prompts.instance_template=a photo of {cls}"], "instance_template: 'a photo of {cls}' must contain {token}"),
+             (["prompts.instance_template=a photo of {tok} {cls}"], "unknown field(s) {tok}"),
+             (["prompts.class_template=a photo of {token} {cls}"], "class_template"),
+             (["prompts.validation=[a dog on the beach]"], "must contain {}"),
+             (["--out", str(tmp_path / "file" / "run")], "file is a file, not a folder"),
+             (["--out", str(subject / "run")], "overlaps the subject folder")]
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert cli([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "no.pth" not in err, err
+    with pytest.raises(ConfigError, match="must contain"):
+        load_config(SubjectTrainConfig, None, ["prompts.instance_template=a photo of {token}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "subject"] and not (subject / "run").exists()
