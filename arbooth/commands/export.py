@@ -28,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None = None,
                   var_ckpt: str | None = None, include_buffers: bool = False) -> Path:
+    out = check_output(Path(out))  # before the heavy imports and any model load
+    if out.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
+    refuse_inputs([out], [result, vae_ckpt, var_ckpt, *_recorded_bases(result)])
     from arbooth.adapt.finetuned import load_finetuned
     from arbooth.checkpoint import save_safetensors, save_torch
     from arbooth.models import official_state_dict
 
-    out = check_output(Path(out))
-    if out.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
-    refuse_inputs([out], [result, vae_ckpt, var_ckpt, *_recorded_bases(result)])
     ft = load_finetuned(result, vae_ckpt=vae_ckpt, var_ckpt=var_ckpt, merge=True)
     sd = official_state_dict(ft.var, include_buffers=include_buffers)
     if out.suffix == ".safetensors":
