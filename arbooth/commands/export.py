@@ -52,10 +52,10 @@ def _recorded_bases(result: str | Path) -> list[str | None]:
     from arbooth.errors import ArboothError
 
     try:
-        cfg = read_result_config(result)[0]
+        model = read_result_config(result)[0].get("model") or {}
     except ArboothError:
         return []
-    return [cfg.model.vae_ckpt, cfg.model.var_ckpt]
+    return [model.get("vae_ckpt"), model.get("var_ckpt")] if isinstance(model, dict) else []
 
 
 def main(args: argparse.Namespace) -> int:

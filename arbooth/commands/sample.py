@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
         check_output(args.out_dir, folder=True, what="--out-dir")
         if args.result:
             refuse_nested(args.out_dir, args.result, what="--result")
-    from arbooth.models.var_loading import build_tiny_var, load_var
+    from arbooth.models.var_loading import load_var
+    from arbooth.toy.tiny import build_tiny_var
     if args.result:
         from arbooth.adapt import load_finetuned
 

@@ -9,9 +9,9 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
+from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
-from arbooth.recipes.arbooth_losses import default_scale_weights
 
 
 @dataclass(frozen=True)

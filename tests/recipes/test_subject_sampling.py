@@ -11,8 +11,7 @@ from arbooth.config import load_config
 from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.subject_sampling import PersonalizedSampler
-from arbooth.recipes.train_subject import train
+from arbooth.recipes.train_subject import load_sampler, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +25,7 @@ def personalization(tmp_path_factory) -> Path:
 
 
 def test_sampler_applies_the_personalization(personalization):
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     params = dict(sampler.model.named_parameters())
     assert sampler.personalization.tensors  # something was tuned
     for name, value in sampler.personalization.tensors.items():
@@ -41,14 +40,14 @@ def test_generate_cli_with_personalization(personalization, tmp_path):
     rc = cli(["generate", "--personalization", str(personalization), "--prompt", prompt, "--n", "2",
               "--seed", "5", "--out", str(tmp_path / "s.png"), "--device", "cpu"])
     assert rc == 0 and (tmp_path / "s.png").is_file()
-    expected = PersonalizedSampler.from_file(personalization).generate([prompt], seed=[6])  # image 1: seed + 1
+    expected = load_sampler(personalization).generate([prompt], seed=[6])  # image 1: seed + 1
     got = pil_to_tensor_m11(read_image(tmp_path / "s_001.png")).add(1).div(2)
     assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6  # same seed, same image as the Python API
 
 
 def test_generate_cli_refuses_a_different_base(personalization, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        PersonalizedSampler.from_file(tmp_path / "missing.safetensors")
+        load_sampler(tmp_path / "missing.safetensors")
     assert cli(["generate", "--prompt", "a star", "--out", str(tmp_path / "x.png")]) == 2  # no model given
 
 
@@ -70,7 +69,7 @@ def test_eval_subject_samples_from_the_personalization(personalization, tmp_path
 
 def test_batched_images_follow_their_own_seeds(personalization):
     """eval-subject samples several seeds in one batch: image i must be the image of seed i alone."""
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     prompt = "a <S*> star on a red background"
     batch = sampler.generate([prompt] * 3, seed=[7, 8, 9])
     for i, seed in enumerate((7, 8, 9)):
@@ -86,7 +85,7 @@ def test_batched_images_follow_their_own_seeds(personalization):
 def test_eval_subject_generation_batches_keep_the_seeds(personalization, tmp_path):
     from arbooth.commands.eval_subject import generate_class_samples, generate_subject_samples
 
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     calls = []
 
     class Recording:
@@ -130,7 +129,7 @@ def test_generate_same_seed_same_images_at_batch_sizes_1_and_4(personalization, 
         a, b = _pixels(tmp_path / "b1" / f"s_{k:03d}.png"), _pixels(tmp_path / "b4" / f"s_{k:03d}.png")
         assert abs(a - b).max() <= 1, k
     assert abs(_pixels(tmp_path / "b1" / "s_000.png") - _pixels(tmp_path / "b1" / "s_001.png")).max() > 20
-    expected = PersonalizedSampler.from_file(personalization).generate([prompt], seed=[2])[0]  # image 2: seed 2
+    expected = load_sampler(personalization).generate([prompt], seed=[2])[0]  # image 2: seed 2
     got = pil_to_tensor_m11(read_image(tmp_path / "b4" / "s_002.png")).add(1).div(2)
     assert (got - expected).abs().max() <= 1 / 255 + 1e-6
 
@@ -145,7 +144,7 @@ def test_generate_out_of_range_arguments_are_one_line(personalization, tmp_path,
                     "--out", str(tmp_path / "x.png"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err, err
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     with pytest.raises(ConfigError, match="top_p must be in"):  # the Python API too
         sampler.generate(["a <S*> star"], top_p=1.5)
     assert not (tmp_path / "x.png").exists()
@@ -190,7 +189,7 @@ def test_damaged_personalization_metadata_is_one_line(personalization, tmp_path,
         err = capsys.readouterr().err.strip()
         assert str(path) in err and msg in err and "\n" not in err, err
         with pytest.raises(CheckpointError, match=msg):
-            PersonalizedSampler.from_file(path)
+            load_sampler(path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {}\n")
     capsys.readouterr()
