@@ -8,7 +8,7 @@ import torch
 
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args, seed_generators
-from arbooth.models.var_loading import build_tiny_var
+from arbooth.toy.tiny import build_tiny_var
 
 
 @pytest.fixture(scope="module")
