@@ -62,7 +62,7 @@ def multinomial_rows(probs_BlV: torch.Tensor, generator: Generators) -> torch.Te
     if isinstance(generator, torch.Generator) or generator is None:
         return torch.multinomial(probs_BlV.reshape(-1, V), 1, replacement=True, generator=generator).view(B, l)
     if len(generator) != B:
-        raise ValueError(f"{len(generator)} generators for a batch of {B}")
+        raise ConfigError(f"{len(generator)} generators for a batch of {B}")
     return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g).view(l)
                         for p_lV, g in zip(probs_BlV, generator, strict=True)])
 
@@ -118,3 +118,23 @@ def gumbel_softmax(
     index = y_soft.argmax(dim, keepdim=True)
     y_hard = torch.zeros_like(logits).scatter_(dim, index, 1.0)
     return y_hard - y_soft.detach() + y_soft
+
+
+def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Infinity's bit sampler: logits (B, l, V) -> one index in [0, V) per row, (B, l) long; for bits V = 2
+    (a (bit 0, bit 1) pair per bit). Top-k / top-p filtering and one multinomial draw per row, as
+    FoundationVision/Infinity infinity/utils `sample_with_top_k_top_p_also_inplace_modifying_logits_`
+    (same filtering order and RNG calls, so its seeds give its bits; VAR's filter above differs in
+    tie handling and is kept separate). A list of
+    generators, one per batch row, draws each row from its own (per-image seeds in a batch)."""
+    V = logits_BlV.shape[-1]
+    logits = logits_BlV.float().clone()
+    if 0 < top_k < V:
+        logits.masked_fill_(logits < logits.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    return multinomial_rows(logits.softmax(-1), generator)

@@ -6,12 +6,18 @@ Defaults are the authors' (jiwoogit/ARBooth arg_util.py, booth_train_final.py; s
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.errors import ConfigError
+from arbooth.models.infinity_loading import infinity_2b_base
+from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.models.sampling import check_sampling_args
+from arbooth.toy.models import toy_infinity_base, toy_schedule
+from arbooth.toy.report import toy_run_report
+from arbooth.toy.tiny import tiny_infinity_base
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,22 @@ class PromptConfig:
     #   each with one `{}` for the subject phrase ("<S*> dog")
 
     def __post_init__(self) -> None:
-        # checked here, when the config loads: a template without {token} trains <S*> never (the subject
-        # goes into the class prompt the prior loss protects), a misspelt field fails after the models load
+        # Checked when the config loads, before any model: a template without {token} trains <S*> never
+        # (the subject goes into the class prompt the prior loss protects), a misspelt field ({tok}) failed
+        # with a KeyError after the models loaded. The one <S*> token is what training splices, what the
+        # personalization file records and what prompts at sampling time must contain.
+        p = self.placeholder
+        if not p or any(c.isspace() for c in p) or any(c in p for c in "{}"):
+            raise ConfigError(f"prompts.placeholder must be one word without braces, got {p!r}")
         _check_template("prompts.instance_template", self.instance_template, required={"token", "cls"})
         _check_template("prompts.class_template", self.class_template, required={"cls"}, allowed={"cls"})
+        if p in self.class_template:
+            raise ConfigError(f"prompts.class_template must contain {{cls}} and no placeholder, got {self.class_template!r}")
         for i, v in enumerate(self.validation):
             _check_template(f"prompts.validation[{i}]", v, required={""})
-        if not self.placeholder.strip() or any(c in self.placeholder for c in "{} "):
-            raise ConfigError(f"prompts.placeholder must be one word without braces, got {self.placeholder!r}")
+            if v.count("{}") != 1 or p in v:
+                raise ConfigError(f"prompts.validation: each prompt needs exactly one {{}} (where '{p} <class>' "
+                                  f"goes) and no literal placeholder; bad: {v!r}")
 
 
 def _check_template(name: str, template: str, *, required: set[str], allowed: set[str] | None = None) -> None:
@@ -78,7 +92,7 @@ class TuningConfig:
 
     def __post_init__(self) -> None:
         if self.text_prefix_length < 1:
-            raise ValueError("text_prefix_length must be >= 1")
+            raise ConfigError("tuning.text_prefix_length must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -91,14 +105,20 @@ class LossConfig:
     distill_softmax: Literal["token", "bit"] = "token"  # token = authors (one softmax over 2d logits)
 
     def weights_for(self, num_scales: int) -> tuple[float, ...]:
-        w = self.scale_weights if self.scale_weights is not None else default_scale_weights(num_scales)
-        if len(w) < num_scales:
-            raise ValueError(f"loss.scale_weights has {len(w)} entries for {num_scales} scales")
-        return tuple(w[:num_scales])
+        """One weight per scale of a `num_scales` schedule. Raises ConfigError unless `loss.scale_weights`
+        has exactly that many entries (none are cut off or repeated)."""
+        if self.scale_weights is None:
+            return default_scale_weights(num_scales)
+        if len(self.scale_weights) != num_scales:
+            raise ConfigError(f"loss.scale_weights has {len(self.scale_weights)} entries but the scale schedule "
+                              f"has {num_scales} scales: give one weight per scale")
+        return tuple(self.scale_weights)
 
     def __post_init__(self) -> None:
         if self.reg_lambda < 0 or self.distill_temperature <= 0:
-            raise ValueError("reg_lambda must be >= 0 and distill_temperature > 0")
+            raise ConfigError("loss.reg_lambda must be >= 0 and loss.distill_temperature > 0")
+        if self.scale_weights is not None and (not self.scale_weights or min(self.scale_weights) < 0):
+            raise ConfigError("loss.scale_weights must be non-negative, one per scale (or null for the default)")
 
 
 @dataclass(frozen=True)
@@ -111,7 +131,7 @@ class BSCConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0 or self.apply_layers < 0:
-            raise ValueError("bsc.strength must be in [0, 1] and bsc.apply_layers >= 0")
+            raise ConfigError("bsc.strength must be in [0, 1] and bsc.apply_layers >= 0")
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,36 @@ class OptimConfig:
     # bf16 tuned weights: round updates stochastically (arbooth/optim.py) so the small ones are not lost;
     # false = plain torch AdamW on bf16 weights, as the authors (most lr=2.3e-5 updates round away)
     stochastic_rounding: bool = True
+
+
+# ----------------------------------------------------------------------------- model presets
+def released_schedule(model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """The released scale schedule for `model.h_div_w` and `model.pn` (infinity/utils/dynamic_resolution.py)."""
+    return [tuple(s) for s in infinity_scale_schedule(model_cfg.h_div_w, model_cfg.pn)]
+
+
+@dataclass(frozen=True)
+class SubjectPreset:
+    """What `model.preset` names. `build(model_cfg, model_kwargs)` -> (vae, model, tokenizer,
+    t5_encoder, base_id), frozen, eval mode, on the CPU; `schedule(model_cfg)` -> the scale schedule,
+    known before any weights load; `report(cfg, personalization_path)` -> lines `train-subject`
+    prints after training (None: no report); `num_threads`: torch threads `train-subject` uses (None:
+    torch's default)."""
+
+    build: Callable[[ModelConfig, dict], tuple]
+    schedule: Callable[[ModelConfig], list[tuple[int, int, int]]]
+    report: Callable[[SubjectTrainConfig, str], list[str]] | None = None
+    num_threads: int | None = None
+
+
+# The registry (a plain dict, as DiT's `DiT_models`): the recipe and the command reach every base model,
+# the built-in toy and tiny ones included, only through it.
+SUBJECT_PRESETS: dict[str, SubjectPreset] = {
+    "infinity_2b": SubjectPreset(infinity_2b_base, released_schedule),
+    "tiny": SubjectPreset(tiny_infinity_base, released_schedule),
+    # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one
+    "toy": SubjectPreset(toy_infinity_base, toy_schedule, report=toy_run_report, num_threads=1),
+}
 
 
 @dataclass(frozen=True)
@@ -164,7 +214,7 @@ class SubjectTrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("steps must be >= 0 and batch_size >= 1")
+            raise ConfigError("steps must be >= 0 and batch_size >= 1")
         if self.validate_every < 0 or self.save_every < 0:
-            raise ValueError("validate_every and save_every must be >= 0")
+            raise ConfigError("validate_every and save_every must be >= 0")
         check_sampling_args(cfg=self.val_cfg, tau=self.val_tau, where="val_cfg/val_tau")
