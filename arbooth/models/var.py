@@ -349,9 +349,10 @@ class VAR(TokenizerHolder):
         "fp16") sets the autocast of the blocks; head, sampling and tokenizer run in full precision.
         `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
         `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images.
-        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int or a
-        `torch.Generator` on the model's device (the same seed gives the same images); `top_k`,
-        `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels out of range.
+        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int, a list
+        of B ints or a `torch.Generator` on the model's device (the same seed gives the same images);
+        `top_k`, `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels or
+        sampling arguments out of range.
 
         `seed`: an int seeds one generator for the whole batch (the official sampler's behaviour); a
         list of B seeds gives every image its own generator, so image b depends on seed[b] only, not
