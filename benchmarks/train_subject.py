@@ -21,7 +21,8 @@ from arbooth.adapt.selective import SelectiveTuner, tensors_sha256
 from arbooth.adapt.subject_token import SubjectToken
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import ModelConfig, SubjectTrainConfig
-from arbooth.recipes.train_subject import TINY, Run, train_step
+from arbooth.recipes.train_subject import Run, train_step
+from arbooth.toy.tiny import TINY
 
 
 def bench(size: str, steps: int) -> dict:
@@ -34,10 +35,10 @@ def bench(size: str, steps: int) -> dict:
     with torch.device(dev):
         if cuda:
             vae = BSQVAE().eval().requires_grad_(False)
-            model = Infinity(vae, checkpointing=True)
+            model = Infinity(vae, gradient_checkpointing=True)
         else:
             vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
-            model = Infinity(vae, **TINY["model"], checkpointing=True)
+            model = Infinity(vae, **TINY["model"], gradient_checkpointing=True)
     if cuda:
         model.blocks.to(torch.bfloat16)
     schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]

@@ -27,6 +27,7 @@ from statistics import mean
 from PIL import Image
 from tqdm import tqdm
 
+from arbooth.adapt.subject_token import PLACEHOLDER
 from arbooth.data.images import read_image, read_image_folder
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_template", "DIV")
 # (prompt text, seed) -> image. A generator that also has `images(prompt, seeds) -> list of images`
-# (arbooth.recipes.subject_sampling.PersonalizedSampler) is asked for a batch at a time instead.
+# (arbooth.adapt.personalized_sampler.PersonalizedSampler) is asked for a batch at a time instead.
 SubjectGenerator = Callable[[str, int], Image.Image]
 
 
@@ -145,9 +146,9 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
 def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
     """The ARBooth generator of a personalization file: (prompt, seed) -> PIL image, with the
     personalization's base model rebuilt from the config recorded in the file."""
-    from arbooth.recipes.subject_sampling import PersonalizedSampler
+    from arbooth.recipes.train_subject import load_sampler
 
-    return PersonalizedSampler.from_file(checkpoint, device=device)
+    return load_sampler(checkpoint, device=device)
 
 
 def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int,
@@ -185,7 +186,8 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.model is not None:
         generator = load_subject_generator(args.model, str(device))
-        placeholder = getattr(getattr(generator, "personalization", None), "placeholder", "<sks>")
+        # the placeholder the personalization was trained with (recorded in its file), else the default <S*>
+        placeholder = getattr(getattr(generator, "personalization", None), "placeholder", PLACEHOLDER)
         generate_subject_samples(generator, templates, args.subject_phrase or f"{placeholder} {args.class_noun}",
                                  args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed,
                                  batch_size=args.gen_batch_size)

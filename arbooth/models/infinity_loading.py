@@ -1,4 +1,7 @@
-"""Released Infinity checkpoints <-> our module names, and `load_infinity` for the CLI.
+"""Released Infinity checkpoints: our weights written back in the released layout, and `load_infinity`.
+
+The released -> ours key conversion is in arbooth/models/infinity_keys.py (Infinity applies it when
+loading a state dict).
 
 The release (infinity/models/infinity.py, basic.py) fuses q/k/v into `mat_qkv` (cross-attention:
 `mat_kv`) with loose `q_bias`/`v_bias` tensors and an all-zero `zero_k_bias` buffer, names the
@@ -9,43 +12,19 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 
-from arbooth.checkpoint import read_state_dict
-from arbooth.errors import CheckpointError
+from arbooth.checkpoint import file_sha256, read_state_dict
+from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models.bsq_vae import BSQVAE
+from arbooth.models.infinity import CrossAttention, Infinity, SelfAttention
+from arbooth.models.infinity_keys import from_official_keys
 
-_CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+__all__ = ["from_official_keys", "infinity_2b_base", "load_infinity", "official_state_dict"]
+
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> dict[str, torch.Tensor]:
-    """Released key layout -> ours. Keys already in our layout pass through unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = _CHUNK.match(key)
-        if m:
-            key = f"blocks.{int(m[1]) * blocks_per_chunk + int(m[2])}." + key[m.end():]
-        key = key.replace("text_proj_for_sos.ca.mat_q", "text_proj_for_sos.query").replace("text_proj_for_sos.ca.", "text_proj_for_sos.")
-        base, _, leaf = key.rpartition(".")
-        if leaf == "zero_k_bias":
-            if value.count_nonzero() != 0:
-                raise CheckpointError(f"{key} is not all zero; cannot drop it")
-            continue
-        if key.endswith(".mat_qkv.weight"):
-            owner = key[: -len(".mat_qkv.weight")]
-            for name, part in zip("qkv", value.chunk(3)):
-                out[f"{owner}.{name}.weight"] = part
-        elif key.endswith(".mat_kv.weight"):
-            owner = key[: -len(".mat_kv.weight")]
-            out[f"{owner}.k.weight"], out[f"{owner}.v.weight"] = value.chunk(2)
-        elif leaf in ("q_bias", "v_bias"):
-            out[f"{base}.{leaf[0]}.bias"] = value
-        elif key.endswith((".mat_q.weight", ".mat_q.bias")):
-            out[key.replace(".mat_q.", ".q.")] = value
-        else:
-            out[key] = value
-    return out
 
 
 def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,8 +44,6 @@ def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor
 
 def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the released layout and order of keys (see the module docstring)."""
-    from arbooth.models.infinity import CrossAttention, SelfAttention
-
     per_chunk = model.depth // model.block_chunks
     attn = {n: m for n, m in model.named_modules() if isinstance(m, (SelfAttention, CrossAttention))}
 
@@ -88,12 +65,17 @@ def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None):
-    """Build BSQVAE + Infinity (the d32 / 2B releases unless kwargs say otherwise) and load both
-    checkpoints strictly. Builds on the meta device, so no memory is spent on random weights."""
-    from arbooth.models.bsq_vae import BSQVAE
-    from arbooth.models.infinity import Infinity
+                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None) -> Infinity:
+    """The released Infinity with its BSQ-VAE at `model.vae`, as `load_var` returns VAR with its tokenizer
+    at `var.vae`; both frozen, eval mode, fp32, on `device`.
 
+    Builds BSQVAE + Infinity (the d32 VAE / 2B transformer of FoundationVision/Infinity
+    `infinity_vae_d32_reg.pth`, `infinity_2b_reg.pth` unless the kwargs say otherwise) on the meta
+    device, so no memory is spent on random weights, then loads both checkpoints strictly (the
+    released key layout is converted, arbooth/models/infinity_keys.py). `.pth` (read with
+    `torch.load(weights_only=True)`) or `.safetensors`. Raises CheckpointError naming the file when a
+    checkpoint is missing, unreadable or does not fit the model.
+    """
     vae_sd, sd = _read_vae(vae_ckpt), read_state_dict(model_ckpt)
     with torch.device("meta"):
         vae = BSQVAE(**(vae_kwargs or {}))
@@ -103,9 +85,28 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
             module.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"{name} checkpoint does not match the model: {e}") from e
-    vae.eval().requires_grad_(False)
-    model.eval().requires_grad_(False)
-    return vae.to(device), model.to(device)
+    vae.eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def infinity_2b_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=infinity_2b`: the released Infinity-2B, its BSQ-VAE and flan-t5-xl as (vae, model,
+    tokenizer, t5_encoder, base_id), frozen, eval mode, on the CPU (T5 in bf16). `model_cfg` names the
+    files (`model_ckpt`, `vae_ckpt`, `t5`); `base_id` records the transformer file's SHA-256.
+    Raises ConfigError when a path is not set, CheckpointError when a file is missing or does not fit."""
+    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(model_cfg, k)]
+    if missing:
+        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {model_cfg.preset} "
+                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs)
+    vae = model.vae
+    if not Path(model_cfg.t5).is_dir():
+        raise CheckpointError(f"T5 folder not found: {model_cfg.t5} (download google/flan-t5-xl)")
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.t5, legacy=True)
+    encoder = T5EncoderModel.from_pretrained(model_cfg.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+    return vae, model, tokenizer, encoder, f"{Path(model_cfg.model_ckpt).name} sha256={file_sha256(model_cfg.model_ckpt)}"
 
 
 def _read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -19,11 +19,6 @@ from arbooth.models.var import VAE_PRESET, VAR, VAR_PRESETS, is_official_buffer,
 from arbooth.models.vqvae import VAE_DROPPED_KEYS, VQVAE
 from arbooth.precision import torch_dtype
 
-# A tiny model with the released architecture: for smoke runs, tests and benchmarks without weights.
-TINY_VAE = {"vocab_size": 64, "z_channels": 8, "ch": 32, "share_quant_resi": 4, "patch_nums": (1, 2, 3, 4)}
-TINY_VAR = {"num_classes": 10, "depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 4.0, "norm_eps": 1e-6,
-            "shared_aln": False, "attn_l2_norm": True, "patch_nums": (1, 2, 3, 4)}
-
 
 def official_state_dict(model: VAR | VQVAE, include_buffers: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights under the official key names and shapes (FoundationVision/VAR), so a
@@ -71,9 +66,14 @@ def load_var(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
 ) -> VAR:
-    """Build a released VAR size and load the official `vae_ch160v4096z32.pth` and `var_d{depth}.pth`
-    (or `.safetensors`). `dtype` is the transformer's weight dtype (the tokenizer stays fp32). Returns the
-    VAR in eval mode; its tokenizer is `var.vae`."""
+    """Build a released VAR size (depth 16, 20, 24 or 30: FoundationVision/VAR models/__init__.py
+    build_vae_var) and load the official `vae_ch160v4096z32.pth` and `var_d{depth}.pth` (or
+    `.safetensors`; `.pth` read with `torch.load(weights_only=True)`). `dtype` is the transformer's weight
+    dtype (the tokenizer stays fp32). Returns the VAR in eval mode on `device`, frozen, with its
+    tokenizer at `var.vae` (as `load_infinity` returns Infinity with its VAE at `model.vae`); it
+    generates 256x256 images of the 1000 ImageNet classes. Raises ConfigError for an unreleased depth
+    or a missing path, CheckpointError listing the first missing, unexpected and mis-shaped keys when
+    a file does not fit."""
     if depth not in VAR_PRESETS:
         raise ConfigError(f"no released VAR of depth {depth}; choose one of {sorted(VAR_PRESETS)}")
     if vae_ckpt is None or var_ckpt is None:
@@ -103,13 +103,3 @@ def load_official_weights(
     var.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in var_sd.items()}, assign=True)
     var.vae.eval().requires_grad_(False)
     return var.eval()
-
-
-def build_tiny_var(seed: int = 0, device: str | torch.device = "cpu", **overrides) -> VAR:
-    """A tiny randomly initialised VAR (64x64 images, 10 classes) with its tokenizer at `var.vae`.
-    Seeded without touching the global random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = VQVAE(**TINY_VAE)
-        var = VAR(vae, **{**TINY_VAR, **overrides})
-    return var.to(device).eval()

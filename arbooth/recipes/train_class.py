@@ -3,7 +3,8 @@
 One explicit loop (STYLE habit 4): `setup` builds the tokenizer, the transformer, the method's trainable
 set, the data and the optimizer; `train_step` is one micro-step; `train` runs the loop with gradient
 accumulation, logging, sample grids and resumable checkpoints. The loss pieces (`encode_batch`,
-`var_loss`, `drop_labels`, `token_metrics`) are small functions that the DP recipe reuses.
+`var_loss`, `drop_labels`, `token_metrics`) and the optimizer are small functions in
+arbooth/models/var_training.py, shared with the DP recipe, the audit and `arbooth profile`.
 
 Result layout under `train.out_dir`:
     config.yaml                         the resolved config of the run
@@ -28,97 +29,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from arbooth.adapt.finetuned import (
-    build_vae_var,
+    build_prepared,
     load_result_weights,
     save_result_weights,
     write_result_meta,
 )
-from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
+from arbooth.adapt.methods import count_parameters, unwrap_peft
+from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models.var_training import (
+    build_optimizer,
+    build_scheduler,
+    drop_labels,
+    encode_batch,
+    step_seed,
+    token_metrics,
+    var_loss,
+)
 from arbooth.recipes.class_config import ClassTrainConfig
 
 log = logging.getLogger(__name__)
 
-# Parameters without weight decay besides biases and 1-d tensors (FoundationVision/VAR train.py, nowd_keys).
-NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-                 "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-# ------------------------------------------------------------------ loss pieces (shared with DP)
-@torch.no_grad()
-def encode_batch(vae: nn.Module, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] -> (target tokens idx_BL, teacher-forcing input x_BLCv), tokenizer in fp32."""
-    idx_Bl = vae.img_to_idxBl(img_B3HW)
-    return torch.cat(idx_Bl, dim=1), vae.idxBl_to_var_input(idx_Bl)
-
-
-def var_loss(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, *, label_smoothing: float = 0.0,
-             reduction: str = "mean") -> torch.Tensor:
-    """VAR's training loss: token cross-entropy weighted 1/L per token, summed over tokens
-    (FoundationVision/VAR trainer.py: `loss_weight = ones(1, L) / L`), i.e. the mean over tokens.
-    reduction "none" gives the per-example loss (B,), which DP-SGD clips; "mean"/"sum" reduce over B."""
-    ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, label_smoothing=label_smoothing,
-                            reduction="none")
-    loss_B = ce_BL.mean(dim=1)
-    if reduction == "none":
-        return loss_B
-    return loss_B.sum() if reduction == "sum" else loss_B.mean()
-
-
-def drop_labels(label_B: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each label by the unconditional class `num_classes` with probability p (CFG training,
-    FoundationVision/VAR var.py forward: cond_drop_rate 0.1). Drawn from `generator` on the CPU so
-    the draw is reproducible and independent of the device."""
-    drop_B = torch.rand(label_B.shape[0], generator=generator) < p
-    return torch.where(drop_B.to(label_B.device), torch.full_like(label_B, num_classes), label_B)
-
-
-@torch.no_grad()
-def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -> dict[str, float]:
-    """Accuracy (%) over all tokens and over the last scale, and the last scale's loss (as VAR logs)."""
-    pred_BL = logits_BLV.argmax(dim=-1)
-    return {
-        "acc": (pred_BL == idx_BL).float().mean().item() * 100,
-        "acc_last": (pred_BL[:, -last_l:] == idx_BL[:, -last_l:]).float().mean().item() * 100,
-        "loss_last": F.cross_entropy(logits_BLV[:, -last_l:].float().flatten(0, 1),
-                                     idx_BL[:, -last_l:].flatten()).item(),
-    }
-
-
-def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    """Seed of the per-micro-step randomness (class dropout): a function of the position, so resuming
-    needs no generator state."""
-    return (seed * 1_000_003 + micro_step) * 1_009 + rank
-
-
-# ------------------------------------------------------------------ optimisation
-def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with VAR's betas and no decay on biases/norms/embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
-         else decay).append(p)
-    if not decay and not no_decay:
-        raise ConfigError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    name = "constant_with_warmup" if optim.scheduler == "constant" else optim.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
 
 
 # ------------------------------------------------------------------ setup
@@ -147,20 +84,13 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
 
     acc = accelerator or Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
                                      cpu=not torch.cuda.is_available())
-    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
-    if dataset.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
-                          f"{cfg.model.num_classes}")
+    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
+                                            max_classes=cfg.model.num_classes)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
                                 rank=acc.process_index, seed=cfg.train.seed)
     if cfg.model.var_ckpt is None and acc.is_main_process:
         log.warning("no model.vae_ckpt / model.var_ckpt: training from random weights")
-    torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
-    vae, var = build_vae_var(cfg.model, device="cpu")
-    model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
-    if cfg.model.gradient_checkpointing:
-        unwrap_peft(model).grad_checkpointing = True
+    vae, model = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
@@ -306,8 +236,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
     acc, folder = run.accelerator, Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
         torch.save(_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
@@ -322,9 +251,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
                         "scheduler": run.scheduler.state_dict(),
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
                        partial / "train_state.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        commit_dir(partial, folder)
         log.info("saved %s", folder)
     acc.wait_for_everyone()
 
@@ -340,7 +267,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     state_path = folder / "train_state.pt"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state["world_size"] != acc.num_processes:
         raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
                               f"same number (now {acc.num_processes}) so the data order stays the same")
@@ -351,7 +278,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     if acc.is_main_process:
         log.info("resumed from %s at step %d", folder, state["step"])
     return int(state["step"])
@@ -369,14 +296,19 @@ def _prune_checkpoints(acc, root: Path, keep: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG a step may touch, in types `torch.load(weights_only=True)` reads back (numpy's key array
+    travels as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from arbooth.adapt.arbooth_losses import distill_loss
 from arbooth.adapt.personalization import load_personalization, save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
+from arbooth.adapt.subject_teacher import teacher_targets
 from arbooth.adapt.subject_token import SubjectToken, splice_subject_token
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models import BSQVAE, Infinity
-from arbooth.recipes.arbooth_losses import distill_loss
-from arbooth.recipes.subject_teacher import teacher_targets
 
 SCHEDULE = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
 
@@ -21,7 +21,7 @@ def tiny_model(seed: int = 0) -> Infinity:
     torch.manual_seed(seed)
     vae = BSQVAE(codebook_dim=4, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
     return Infinity(vae, depth=2, embed_dim=64, num_heads=4, mlp_ratio=4.0, text_channels=128, text_maxlen=16,
-                    block_chunks=1, drop_path_rate=0.0, cond_drop_rate=0.0)
+                    block_chunks=1, drop_path_rate=0.0)
 
 
 def text(B: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,12 @@ Everything is the real architecture with a tiny config: `arbooth.models.BSQVAE` 
 `transformers.T5EncoderModel`, `open_clip.CLIP`. The folder (arbooth/assets/toy by default) holds
 `vae.safetensors`, `infinity.safetensors`, `t5/` (save_pretrained: config, weights, tokenizer),
 `clip.safetensors`, `probe.safetensors` and `toy.json` (configs, scale schedule, sha256 of every file,
-the pretraining log). `arbooth pretrain-toy` (arbooth/recipes/pretrain_toy.py) writes it.
+the pretraining log). `arbooth pretrain-toy` (arbooth/toy/pretrain.py) writes it.
 
 Shape letters: B batch, D feature width.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbooth.checkpoint import read_state_dict
-from arbooth.data.toyworld import COLOURS, SHAPES, SIZES, TEXTURES
+from arbooth.checkpoint import file_sha256, read_state_dict
 from arbooth.errors import CheckpointError
+from arbooth.toy.world import COLOURS, SHAPES, SIZES, TEXTURES
 
 log = logging.getLogger(__name__)
 TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
@@ -99,14 +98,6 @@ class AttributeProbe(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: str | Path = TOY_DIR, *, check: bool = True) -> dict:
     """toy.json of `folder`; with `check`, every listed file's sha256 must match."""
     folder = Path(folder)
@@ -149,6 +140,18 @@ def load_toy_base(folder: str | Path = TOY_DIR, **model_kwargs) -> ToyBase:
     return ToyBase(vae, model, tokenizer, encoder, [tuple(s) for s in man["schedule"]], man["image_size"], base_id)
 
 
+def toy_infinity_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=toy`: the pretrained toy base in `model_cfg.model_ckpt` (default: the shipped one) as
+    (vae, model, tokenizer, t5_encoder, base_id), frozen, eval mode, on the CPU."""
+    base = load_toy_base(model_cfg.model_ckpt or TOY_DIR, **model_kwargs)
+    return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
+
+
+def toy_schedule(model_cfg) -> list[tuple[int, int, int]]:
+    """The toy base's scale schedule (32x32 images, 5 scales: not a released one), from its toy.json."""
+    return [tuple(s) for s in read_manifest(model_cfg.model_ckpt or TOY_DIR, check=False)["schedule"]]
+
+
 class ToyEvaluator:
     """Toy CLIP (image/text embeddings) + attribute probe (identity embedding, oracle attributes).
     Images are (B, 3, H, W) tensors in [0, 1] at the toy resolution."""
@@ -170,7 +173,7 @@ class ToyEvaluator:
 
     @torch.no_grad()
     def clip_text(self, prompts: list[str]) -> torch.Tensor:
-        from arbooth.data.toy_text import tokenize_ids
+        from arbooth.toy.text import tokenize_ids
         return F.normalize(self.clip.encode_text(tokenize_ids(self.tokenizer, prompts, self.context_length)), dim=-1)
 
     @torch.no_grad()
