@@ -1,0 +1,1 @@
+"""The built-in toy worlds and the tiny models pretrained on them (see docs/toy.md)."""
