@@ -4,13 +4,15 @@ Parts (each cell trains with several seeds and is scored by the toy extractor; m
 - methods: FID, precision, recall, trainable parameters and training PFLOPs (arbooth profile's counter,
   transformer forward + backward per micro-step x micro-steps) of FFT, LoRA, LNTuning, LoRA on attention
   only and LoRA on the MLP only, per downstream dataset (Tables 1-3);
-- dp: DP-LoRA FID at epsilon 1, 10, 100, 1000 on new_shapes (Table 3's private rows);
+- dp: DP-LoRA FID at epsilon 1, 10, 100, 1000 on new_colours (Table 3's private rows);
 - k: augmentation multiplicity k = 1 vs k = 8 at epsilon 10, with the ratio of training times (Table 10).
 Every run has the same number of optimizer steps and the same (expected) batch. Results are written
 after every cell (a rerun with the same --out skips cells already there), then printed as Markdown.
 
     python benchmarks/toy_class_table.py                                  # everything, 3 seeds
     python benchmarks/toy_class_table.py --parts methods --seeds 0 --steps 30
+    python benchmarks/toy_class_table.py --parts dp k --out a.json        # parts in parallel processes,
+    python benchmarks/toy_class_table.py --combine a.json b.json          # then one table (writes --out)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from arbooth.toy.class_eval import ToyClassEvaluator
 from arbooth.toy.class_var import load_toy_extractor
 
 METHODS = ("fft", "lora", "lntuning", "lora_attn", "lora_mlp")
-WORLDS = ("new_shapes", "new_textures")
+WORLDS = ("new_colours", "new_shapes")
 EPSILONS = (1, 10, 100, 1000)
 
 
@@ -56,9 +58,19 @@ def main() -> int:
     ap.add_argument("--work", default="runs/toy_class_table", help="datasets and run folders")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy_class_table.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps-k", type=int, default=None, help="optimizer steps of the k = 1 / k = 8 part")
+    ap.add_argument("--combine", nargs="+", help="merge these result files into --out and print the table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        res = {"cells": {k: v for r in parts for k, v in r["cells"].items()},
+               "config": {"parts": [r["config"] for r in parts]},
+               "wall_seconds": sum(r.get("wall_seconds_this_run", 0) for r in parts)}
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(markdown(res))
+        return 0
     res = json.loads(out.read_text()) if out.is_file() else {}
     res.setdefault("cells", {})
     res["config"] = {"steps": args.steps, "seeds": args.seeds, "batch_size": 16, "threads": args.threads,
@@ -106,7 +118,7 @@ def main() -> int:
                 c["images"] = n
                 save()
     if {"dp", "k"} & set(args.parts):
-        world = "new_shapes"
+        world = "new_colours"
         data = toy_data(work / "data", world)
         ev = ToyClassEvaluator(data / "test", extractor)
         n = sum(1 for _ in (data / "train").rglob("*.png"))
@@ -118,7 +130,7 @@ def main() -> int:
         if "k" in args.parts:
             for k in (1, 8):
                 cell(f"k/{world}/lora/eps10/k{k}", lambda s, k=k: toy_dp_config(toy_class_config(
-                    data, work / "k" / f"k{k}_s{s}", "lora", steps=args.steps, seed=s), 10, n,
+                    data, work / "k" / f"k{k}_s{s}", "lora", steps=args.steps_k or args.steps, seed=s), 10, n,
                     aug_multiplicity=k, noise_seed=s), ev, data)
     save()
     print(markdown(res))
@@ -127,9 +139,10 @@ def main() -> int:
 
 def markdown(res: dict) -> str:
     cells, lines = res["cells"], []
-    cfgs = res["config"]
-    lines.append(f"Seeds {cfgs['seeds']}, {cfgs['steps']} optimizer steps of batch {cfgs['batch_size']}, "
-                 f"toy-extractor FID / precision / recall (mean ± std over training seeds).\n")
+    for c in res["config"].get("parts", [res["config"]]):
+        lines.append(f"`{c['command']}`: seeds {c['seeds']}, {c['steps']} optimizer steps of batch "
+                     f"{c['batch_size']}.")
+    lines.append("\nToy-extractor FID / precision / recall, mean ± std over training seeds.\n")
     worlds = sorted({k.split("/")[1] for k in cells if k.startswith("methods/")})
     for world in worlds:
         b = cells.get(f"base/{world}")
@@ -146,13 +159,13 @@ def markdown(res: dict) -> str:
         lines.append("")
     dp = [(k, c) for k, c in cells.items() if k.startswith("dp/")]
     if dp:
-        lines.append("| DP-LoRA (new_shapes) | FID | precision | recall |")
+        lines.append("| DP-LoRA (new_colours) | FID | precision | recall |")
         lines.append("| --- | --- | --- | --- |")
         for k, c in sorted(dp, key=lambda kc: int(kc[0].rsplit("eps", 1)[1])):
             lines.append(f"| epsilon {k.rsplit('eps', 1)[1]} | {_fmt(c['fid'])} | {_fmt(c['precision'], '.3f')} "
                          f"| {_fmt(c['recall'], '.3f')} |")
         lines.append("")
-    k1, k8 = cells.get("k/new_shapes/lora/eps10/k1"), cells.get("k/new_shapes/lora/eps10/k8")
+    k1, k8 = cells.get("k/new_colours/lora/eps10/k1"), cells.get("k/new_colours/lora/eps10/k8")
     if k1 and k8:
         ratio = k8["train_seconds"]["mean"] / k1["train_seconds"]["mean"]
         lines.append("| DP-LoRA, epsilon 10 | FID | train s |")

@@ -5,8 +5,10 @@ place and rotation, on a plain background of another random colour. Item `(label
 is a pure function of (world name, seed, label, index), so a dataset can be regenerated bit for bit.
 
 - `SOURCE` is what the tiny class-conditional VAR is pretrained on: five plain shapes.
-- `DOWNSTREAM` holds what it never saw: `new_shapes` (three shapes absent from the source) and
-  `new_textures` (source shapes, but striped / dotted / checkered, a texture the source never had).
+- `DOWNSTREAM` holds what it never saw: `new_shapes` (three shapes absent from the source),
+  `new_textures` (source shapes, but striped / dotted / checkered, a texture the source never had) and
+  `new_colours` (source shapes bound to one fixed colour scheme each, e.g. a blue circle on orange:
+  the source's colours are random, so these class appearances are new).
   `write_class_dataset` writes one as an ordinary image folder, `root/{train,test}/<class>/*.png`,
   so fine-tuning reads it through the same data path as CUB or Flowers.
 
@@ -39,10 +41,14 @@ class ClassSpec:
     name: str
     shape: str
     texture: str = "plain"
+    colour: str | None = None       # None: a random colour per image
+    background: str | None = None   # None: a random background colour per image
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES or self.texture not in TEXTURES:
             raise ConfigError(f"toy class {self.name!r}: shape must be one of {SHAPES}, texture one of {TEXTURES}")
+        if any(c is not None and c not in COLOURS for c in (self.colour, self.background)):
+            raise ConfigError(f"toy class {self.name!r}: colours must be among {sorted(COLOURS)}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class ClassWorld:
         spec = self.classes[label]
         rng = random.Random(zlib.crc32(f"{self.name}|{seed}|{label}|{index}".encode()))
         colour, background, second = rng.sample(sorted(COLOURS), 3)
+        colour, background = spec.colour or colour, spec.background or background
+        if second in (colour, background):
+            second = next(c for c in sorted(COLOURS) if c not in (colour, background))
         big = rng.random() < 0.5
         r = 0.36 if big else 0.26
         margin = r + 0.04
@@ -82,6 +91,12 @@ DOWNSTREAM = {
     "new_textures": ClassWorld("new_textures", (ClassSpec("checkered_triangle", "triangle", "checkered"),
                                                 ClassSpec("dotted_square", "square", "dotted"),
                                                 ClassSpec("striped_circle", "circle", "striped"))),
+    "new_colours": ClassWorld("new_colours", (ClassSpec("blue_circle_on_orange", "circle", colour="blue",
+                                                        background="orange"),
+                                              ClassSpec("purple_square_on_yellow", "square", colour="purple",
+                                                        background="yellow"),
+                                              ClassSpec("white_diamond_on_green", "diamond", colour="white",
+                                                        background="green"))),
 }
 
 

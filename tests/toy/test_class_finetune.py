@@ -20,7 +20,7 @@ STEPS = 40
 def setup(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("toy_class")
-    data = toy_data(root / "data", "new_shapes")
+    data = toy_data(root / "data", "new_colours")
     evaluator = ToyClassEvaluator(data / "test", load_toy_extractor())
     nonprivate = [finetune(toy_class_config(data, root / f"np{s}", steps=STEPS, seed=s), evaluator) for s in (0, 1)]
     return root, data, evaluator, nonprivate

@@ -27,11 +27,16 @@ def test_items_are_pure_functions_of_their_index_and_differ_between_indices():
 
 
 def test_downstream_classes_are_new_to_the_source():
-    source = {(c.shape, c.texture) for c in SOURCE.classes}
+    def look(c):
+        return c.shape, c.texture, c.colour, c.background
+
     assert {c.texture for c in SOURCE.classes} == {"plain"}
+    assert {(c.colour, c.background) for c in SOURCE.classes} == {(None, None)}  # random colours
     for world in DOWNSTREAM.values():
         assert len(world.classes) >= 2
-        assert not {(c.shape, c.texture) for c in world.classes} & source
+        assert not {look(c) for c in world.classes} & {look(c) for c in SOURCE.classes}
+    img = np.asarray(DOWNSTREAM["new_colours"].image(0, 5))  # blue circle on orange
+    assert tuple(img[0, 0]) == (245, 130, 30)
     assert not {c.shape for c in DOWNSTREAM["new_shapes"].classes} & {c.shape for c in SOURCE.classes}
 
 
