@@ -75,7 +75,7 @@ def _toy_main(args: argparse.Namespace) -> int:
         raise ConfigError("the built-in toy job takes no --resume / --vae-ckpt / --var-ckpt; pass --config and "
                           "--data to fine-tune your own VAR")
     logging.getLogger("arbooth").setLevel(logging.INFO)
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # sized for 2 CPU cores
+    torch.set_num_threads(1)  # tiny matmuls: on a busy 2-core machine a second OpenMP thread costs more than it gives
     out = args.out_dir or DEFAULT_OUT
     print(f"no --config/--data: the built-in toy job (LoRA on the shipped tiny VAR, a downstream toy dataset) "
           f"into {out}")
