@@ -26,6 +26,7 @@ def setup(tmp_path_factory):
     return root, data, evaluator, nonprivate
 
 
+@pytest.mark.slow
 def test_finetuning_lowers_downstream_fid_by_more_than_the_seed_spread(setup):
     root, data, evaluator, nonprivate = setup
     base = base_var(toy_class_config(data, root / "unused"))
@@ -36,6 +37,7 @@ def test_finetuning_lowers_downstream_fid_by_more_than_the_seed_spread(setup):
     assert all(r["steps"] == STEPS for r in nonprivate)
 
 
+@pytest.mark.slow
 def test_dp_at_epsilon_1_is_measurably_worse_than_nonprivate_at_the_same_steps(setup):
     root, data, evaluator, nonprivate = setup
     n = sum(1 for _ in (data / "train").rglob("*.png"))
