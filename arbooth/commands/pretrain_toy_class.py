@@ -5,7 +5,7 @@ Examples:
   arbooth pretrain-toy-class out=/tmp/tc var_steps=100    # a quick try elsewhere
   arbooth pretrain-toy-class stages=[extractor]           # retrain one stage, keep the others' files
 
-Reproducible from `seed` (same thread count). Config keys: arbooth/recipes/pretrain_toy_class.py.
+Reproducible from `seed` (same thread count). Config keys: arbooth/toy/class_pretrain.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.config import load_config
-    from arbooth.recipes.pretrain_toy_class import PretrainToyClassConfig, pretrain
+    from arbooth.toy.class_pretrain import PretrainToyClassConfig, pretrain
     logging.getLogger("arbooth").setLevel(logging.INFO)
     cfg = load_config(PretrainToyClassConfig, args.config, list(args.overrides))
     out = pretrain(cfg)

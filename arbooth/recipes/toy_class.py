@@ -143,7 +143,7 @@ def toy_dp_config(cfg: ClassTrainConfig, epsilon: float, num_images: int, *, aug
     """The same run under DP-SGD at `epsilon` (delta 1/N): Poisson sampling at rate batch/N so the expected
     logical batch equals the non-private batch, per-example clipping at `max_grad_norm`, the same steps."""
     from arbooth.config import to_dict
-    from arbooth.recipes.train_class_dp import ClassDPConfig
+    from arbooth.recipes.class_dp_config import ClassDPConfig
 
     raw = to_dict(cfg)
     raw["optim"]["grad_clip"] = 0.0  # DP clips per example instead

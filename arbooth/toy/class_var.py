@@ -30,7 +30,7 @@ from arbooth.toy.class_world import COLOURS, SHAPES, TEXTURES
 
 TOY_CLASS_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_class"
 MANIFEST = "toy_class.json"
-# ModelConfig fields of the tiny generator (arbooth/recipes/class_config.py); image size 4 * 4 = 16 px.
+# ModelConfig fields of the tiny generator (arbooth/adapt/finetuned.py); image size 4 * 4 = 16 px.
 MODEL = {"depth": 4, "embed_dim": 96, "num_heads": 3, "mlp_ratio": 4.0, "num_classes": 5,
          "patch_nums": [1, 2, 3, 4], "vocab_size": 256, "z_channels": 16, "vae_ch": 32, "vae_ch_mult": [1, 2, 2],
          "vae_num_res_blocks": 1, "share_quant_resi": 4}

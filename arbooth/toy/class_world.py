@@ -13,7 +13,7 @@ is a pure function of (world name, seed, label, index), so a dataset can be rege
   so fine-tuning reads it through the same data path as CUB or Flowers.
 
 Rendering is our own (PIL polygons at 4x, box-filtered down), separate from the text-to-image toy world
-(arbooth/data/toyworld.py) so that each world can change without moving the other's shipped models.
+(arbooth/toy/world.py) so that each world can change without moving the other's shipped models.
 """
 from __future__ import annotations
 

@@ -23,16 +23,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arbooth.adapt.finetuned import ModelConfig
 from arbooth.checkpoint import save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import ConfigError
-from arbooth.recipes.class_config import ModelConfig, OptimConfig
-from arbooth.recipes.train_class import build_optimizer, drop_labels, var_loss
+from arbooth.models.var_training import build_optimizer, drop_labels, var_loss
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_world import SOURCE, TEXTURES, random_item
 
@@ -190,7 +191,8 @@ def _token_pool(cfg: PretrainToyClassConfig, vae) -> tuple[torch.Tensor, torch.T
 def train_var(cfg: PretrainToyClassConfig, var) -> dict:
     label_N, idx_NL, xin_NLC = _token_pool(cfg, var.vae)
     var.train()
-    opt = build_optimizer(var, OptimConfig(lr=cfg.var_lr, weight_decay=0.05))
+    # VAR's AdamW (betas 0.9/0.95; no decay on biases, norms, embeddings), as the class recipe builds it
+    opt = build_optimizer(var, SimpleNamespace(lr=cfg.var_lr, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8))
     g = torch.Generator().manual_seed(cfg.seed + 1)
     t0, logs = time.perf_counter(), []
     for step in range(cfg.var_steps):
