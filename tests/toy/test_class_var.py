@@ -2,6 +2,7 @@
 a reproducible pretraining command, and an extractor that tells toy worlds apart."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -63,3 +64,13 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     ma, mb = (cv.read_manifest(tmp_path / n) for n in ("a", "b"))
     assert ma["sha256"] == mb["sha256"] and set(ma["sha256"]) == {"vae.safetensors", "var.safetensors",
                                                                   "extractor.safetensors"}
+
+
+def test_eval_class_with_the_toy_extractor(tmp_path):
+    a = write_class_dataset(tmp_path / "a", DOWNSTREAM["new_colours"], train_per_class=1, test_per_class=12)
+    b = write_class_dataset(tmp_path / "b", DOWNSTREAM["new_colours"], train_per_class=1, test_per_class=12, seed=1)
+    assert cli_main(["eval-class", "--extractor", "toy", "--generated", str(b / "test"), "--reference",
+                     str(a / "test"), "--no-cache", "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "eval_class.json").read_text())
+    assert report["extractor"] == "toy-feature-net-32" and report["toy_extractor"]
+    assert report["metrics"]["n_generated"] == report["metrics"]["n_reference"] == 36
