@@ -33,7 +33,7 @@ def test_paper_values(dataset: str, method: str, depth: int) -> None:
     assert (cfg.method.name, cfg.model.depth) == (method, depth)
     assert (cfg.optim.lr, cfg.train.global_batch_size, cfg.train.epochs) == (lr, batch, epochs)
     if method == "lora":
-        assert (cfg.method.lora_rank, cfg.method.lora_alpha) == (16, 32)
+        assert (cfg.method.lora_rank, cfg.method.alpha) == (16, 32)
     # the same optimizer steps on 1 and 8 GPUs: the logical batch does not depend on the process count
     assert cfg.train.logical_batch(1) == cfg.train.logical_batch(8) == batch
     assert cfg.train.accum_steps(1) == 8 * cfg.train.accum_steps(8)
