@@ -1,52 +1,47 @@
-"""Builders for the models behind the official reference vectors in ../shared/golden (shared by the
-model tests, so each golden file's constructor arguments are read in one place)."""
+"""Our models with the seeded weights of a golden file in tests/golden (shared by the model tests, so
+each file's constructor arguments are read in one place). The weights are rebuilt from the file's seed
+in the official key layout (tests/golden/seeded.py) and must hash to the fingerprint the generator
+recorded when it ran the official code."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+from golden.seeded import fingerprint, image_from_small, load_golden, seeded_state_dict
 
-from arbooth.models import BSQVAE, VAR, VQVAE, Infinity
+from arbooth.models import VAR, VQVAE
+from arbooth.models.var_loading import official_state_dict
 
-VAR_GOLDEN = ["var_tiny.pt", "var_tiny_shared_aln.pt"]
+VAR_GOLDEN = ["var_tiny", "var_tiny_shared_aln"]
 
 
-def golden_vqvae(shared_dir: Path, name: str) -> tuple[VQVAE, dict]:
-    """The golden file's VQVAE, strictly loaded (with the official ema_vocab_hit_SV buffer), and the file."""
-    g = torch.load(shared_dir / "golden" / "var" / name, weights_only=False)
-    c = g["config"]
+def seeded(layout: dict[str, torch.Tensor], seed: int, expected: str, what: str) -> dict[str, torch.Tensor]:
+    """Seeded weights for `layout`, checked against the generator's fingerprint."""
+    sd = seeded_state_dict(layout, seed)
+    assert fingerprint(sd) == expected, (
+        f"{what}: the seeded weights differ from those the official code ran with (key layout or torch's "
+        "normal generator changed); regenerate with tests/golden/make_golden.py")
+    return sd
+
+
+def golden_vqvae(name: str) -> tuple[VQVAE, dict, dict]:
+    """The golden file's VQVAE (strictly loaded, official ema_vocab_hit_SV buffer), its config and tensors."""
+    config, t = load_golden(f"{name}.safetensors")
+    c = config["model"]
     vae = VQVAE(vocab_size=c["vocab_size"], z_channels=c["z_channels"], ch=c["ch"],
                 share_quant_resi=c["share_quant_resi"], patch_nums=tuple(c["patch_nums"]))
-    vae.load_state_dict(g["vae_state_dict"])
-    return vae, g
+    vae.load_state_dict(seeded(official_state_dict(vae, include_buffers=True), config["vae_seed"],
+                               config["vae_fingerprint"], f"{name} VQVAE"))
+    t["image"] = image_from_small(t["image_small_u8"], config["image_factor"])
+    t["idx_Bl"] = list(t["idx"].split([p * p for p in c["patch_nums"]], 1))
+    return vae, config, t
 
 
-def golden_var(shared_dir: Path, name: str) -> tuple[VAR, dict]:
+def golden_var(name: str) -> tuple[VAR, dict, dict]:
     """The golden file's VAR (its VQVAE at `var.vae`), strictly loaded in the official layout, eval mode."""
-    vae, g = golden_vqvae(shared_dir, name)
-    c = g["config"]
+    vae, config, t = golden_vqvae(name)
+    c = config["model"]
     var = VAR(vae, num_classes=c["num_classes"], depth=c["depth"], embed_dim=c["embed_dim"],
               num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], norm_eps=c["norm_eps"],
               shared_aln=c["shared_aln"], attn_l2_norm=c["attn_l2_norm"], patch_nums=tuple(c["patch_nums"]))
-    var.load_state_dict(g["var_state_dict"])
-    return var.eval(), g
-
-
-def infinity_golden(shared_dir: Path) -> dict:
-    return torch.load(shared_dir / "golden/infinity/infinity_tiny.pt", weights_only=True)
-
-
-def golden_bsq_vae(golden: dict) -> BSQVAE:
-    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
-    vae.load_state_dict(dict(golden["vae_state_dict"]), strict=True)
-    return vae
-
-
-def golden_infinity(golden: dict) -> tuple[BSQVAE, Infinity]:
-    vae = golden_bsq_vae(golden)
-    kw = golden["config"]["infinity"]["constructor_kwargs"]
-    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                     mlp_ratio=kw["mlp_ratio"], text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
-                     block_chunks=kw["block_chunks"]).eval()
-    model.load_state_dict(dict(golden["infinity_state_dict"]), strict=True)
-    return vae, model
+    var.load_state_dict(seeded(official_state_dict(var, include_buffers=True), config["var_seed"],
+                               config["var_fingerprint"], f"{name} VAR"))
+    return var.eval(), config, t
