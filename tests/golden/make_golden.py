@@ -115,6 +115,227 @@ def make_var(root: Path, out: Path) -> None:
         del sys.modules[mod]
 
 
+# ------------------------------------------------------------------------------------------ Infinity
+SHIMS = [
+    "flash_attn absent: a stub module whose kernels raise if called; flash_attn.ops absent, so basic.py uses "
+    "its pure-torch rms_norm and SelfAttention its scaled_dot_product_attention path (customized_flash_attn=False)",
+    "basic.flash_attn_varlen_kvpacked_func (the only cross-attention kernel, used by text_proj_for_sos and every "
+    "block's ca) -> per-sequence F.scaled_dot_product_attention over the cu_seqlens slices (same semantics)",
+    "CrossAttention.forward recompiled from its own source with the float32 -> bfloat16 cast before that kernel "
+    "disabled, so the goldens are pure float32",
+    "fused_ada_layer_norm / fused_ada_rms_norm run undecorated (their torch.compile wrapper's original function)",
+    "pytz / imageio / cv2 / wandb stubbed when absent (logging and image files only)",
+    "tiny BSQ-VAE: official vae_model() with AutoEncoder args base_ch / num_res_blocks overridden",
+]
+
+
+def _varlen_sdpa(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+                 **_):
+    """flash_attn_varlen_kvpacked_func semantics: q (Nq, H, c), kv (Nk, 2, H, c), per-sequence attention."""
+    out = []
+    for b in range(len(cu_seqlens_q) - 1):
+        qb = q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]].transpose(0, 1)
+        kb, vb = kv[cu_seqlens_k[b]:cu_seqlens_k[b + 1]].unbind(1)
+        out.append(F.scaled_dot_product_attention(qb, kb.transpose(0, 1), vb.transpose(0, 1),
+                                                  scale=softmax_scale).transpose(0, 1))
+    return torch.cat(out, 0)
+
+
+def import_infinity_package(root: Path, model_module: str) -> types.SimpleNamespace:
+    """Import the `infinity` package under `root` (official or fork) with the CPU shims in SHIMS."""
+    import inspect
+    import textwrap
+
+    for mod in [m for m in sys.modules if m == "infinity" or m.startswith("infinity.")]:
+        del sys.modules[mod]
+    def _raise(*a, **k):
+        raise RuntimeError("flash-attn kernel called in the golden generator")
+    stub = types.ModuleType("flash_attn")
+    stub.flash_attn_func = stub.flash_attn_varlen_kvpacked_func = _raise
+    sys.modules["flash_attn"] = stub
+    for name in ("pytz", "imageio", "cv2", "wandb"):  # I/O and logging only, never on the math path
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    sys.path.insert(0, str(root))
+    import importlib
+
+    basic = importlib.import_module("infinity.models.basic")
+    basic.flash_attn_varlen_kvpacked_func = _varlen_sdpa
+    src = textwrap.dedent(inspect.getsource(basic.CrossAttention.forward))
+    assert src.count("if q_compact.dtype == torch.float32:") == 1
+    src = src.replace("if q_compact.dtype == torch.float32:", "if False:")
+    scope: dict = {}
+    exec(compile(src, inspect.getsourcefile(basic.CrossAttention), "exec"), basic.__dict__, scope)
+    basic.CrossAttention.forward = scope["forward"]
+    model = importlib.import_module(f"infinity.models.{model_module}")
+    for name in ("fused_ada_layer_norm", "fused_ada_rms_norm"):
+        fn = getattr(model, name, None)
+        if fn is not None:
+            setattr(model, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+    for mod in (basic, model):
+        for name in ("fused_ada_layer_norm", "fused_ada_rms_norm", "fused_rms_norm"):
+            fn = getattr(mod, name, None)
+            if fn is not None:
+                setattr(mod, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+    vae_mod = importlib.import_module("infinity.models.bsq_vae.vae")
+    bsc = importlib.import_module("infinity.models.bitwise_self_correction")
+    sys.path.remove(str(root))
+    return types.SimpleNamespace(basic=basic, model=model, vae=vae_mod, bsc=bsc)
+
+
+def build_bsq_vae(pkg, codebook_dim: int, ch_mult: list[int], base_ch: int, num_res_blocks: int):
+    real = pkg.vae.AutoEncoder
+
+    def tiny_autoencoder(args):
+        args.base_ch, args.num_res_blocks = base_ch, num_res_blocks
+        return real(args)
+
+    pkg.vae.AutoEncoder = tiny_autoencoder
+    try:
+        vae = pkg.vae.vae_model(None, "dynamic", codebook_dim, 2 ** codebook_dim, patch_size=16,
+                                encoder_ch_mult=ch_mult, decoder_ch_mult=ch_mult, test_mode=True)
+    finally:
+        pkg.vae.AutoEncoder = real
+    return vae
+
+
+INFINITY_VAE = dict(codebook_dim=16, ch_mult=[1, 1, 2, 2, 2], base_ch=32, num_res_blocks=1)
+INFINITY_KW = dict(text_channels=256, text_maxlen=16, shared_aln=True, raw_scale_schedule=None,
+                   checkpointing="full-block", customized_flash_attn=False, fused_norm=True, pad_to_multiplier=128,
+                   use_flex_attn=False, add_lvl_embeding_only_first_block=1, use_bit_label=1,
+                   rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, pn="0.06M", apply_spatial_patchify=0,
+                   inference_mode=True, train_h_div_w_list=[1.0], depth=2, embed_dim=64, num_heads=4,
+                   drop_path_rate=0.1, mlp_ratio=4, block_chunks=2, cond_drop_rate=0.0)
+
+
+def text_features(gen: torch.Generator, lens: list[int], channels: int) -> torch.Tensor:
+    """Packed text features (sum(lens), C), std 0.4, rounded to float16 so they are stored exactly."""
+    return (torch.randn(sum(lens), channels, generator=gen) * 0.4).half()
+
+
+def packed(kv: torch.Tensor, lens: list[int]) -> tuple:
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return kv, list(lens), cu, max(lens)
+
+
+def bsc_args(**over):
+    return argparse.Namespace(noise_apply_layers=-1, noise_apply_requant=1, noise_apply_strength=0.0,
+                              apply_spatial_patchify=0, debug_bsc=0, **over)
+
+
+def bitwise_ce(logits_BLV: torch.Tensor, gt_BLd: torch.Tensor) -> torch.Tensor:
+    """Official trainer (bitloss_type='mean'): 2-way CE per bit, averaged over the bits -> (B, L)."""
+    B, L, _ = logits_BLV.shape
+    return F.cross_entropy(logits_BLV.reshape(B, L, -1, 2).permute(0, 3, 1, 2), gt_BLd.long(),
+                           reduction="none").mean(-1)
+
+
+class Recorder:
+    """Records every call of `obj.name` (an instance attribute shadows the method): args and output."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name, self.real, self.calls = obj, name, getattr(obj, name), []
+        setattr(obj, name, self)
+
+    def __call__(self, *a, **k):
+        out = self.real(*a, **k)
+        self.calls.append((a, k, out))
+        return out
+
+    def close(self):
+        delattr(self.obj, self.name)
+
+
+def official_generate(model, vae, kv_tuple, schedule, gen_cfg, top_k, top_p, g_seed):
+    """Official autoregressive_infer_cfg (bit labels, CFG on logits). Returns the per-scale bits (B, h*w, d)
+    list, the per-scale logits of both CFG halves, the summed codes and the decoded image in [-1, 1]."""
+    logits, codes, decode = (Recorder(model, "get_logits"), Recorder(vae.quantizer.lfq, "indices_to_codes"),
+                             Recorder(vae, "decode"))
+    try:
+        with torch.no_grad():
+            model.autoregressive_infer_cfg(
+                vae=vae, scale_schedule=schedule, label_B_or_BLT=kv_tuple, B=len(kv_tuple[1]), g_seed=g_seed,
+                cfg_list=gen_cfg["cfg_list"], tau_list=gen_cfg["tau_list"], cfg_sc=3, top_k=top_k, top_p=top_p,
+                returns_vemb=1, ratio_Bl1=None, gumbel=0, norm_cfg=False, cfg_exp_k=0.0, cfg_insertion_layer=[0],
+                vae_type=1, softmax_merge_topk=-1, ret_img=True, trunk_scale=1000, gt_leak=0, gt_ls_Bl=None,
+                inference_mode=True, sampling_per_bits=1)
+    finally:
+        for r in (logits, codes, decode):
+            r.close()
+    bits = [a[0].reshape(a[0].shape[0], -1, a[0].shape[-1]) for a, _, _ in codes.calls]
+    assert len(bits) == len(schedule) and len(decode.calls) == 1
+    return bits, [out.detach().clone() for _, _, out in logits.calls], decode.calls[0][0][0], decode.calls[0][2]
+
+
+def make_infinity(root: Path, out: Path) -> None:
+    pkg = import_infinity_package(root, "infinity")
+    from infinity.utils.dynamic_resolution import dynamic_resolution_h_w, h_div_w_templates  # noqa: F401
+
+    commit, seed = commit_of(root), 20240601
+    vae = build_bsq_vae(pkg, **INFINITY_VAE)
+    model = pkg.model.Infinity(vae_local=vae, **INFINITY_KW)
+    vae_sd = seeded_state_dict(vae.state_dict(), seed)
+    inf_sd = seeded_state_dict(model.state_dict(), seed + 1)
+    vae.load_state_dict(vae_sd, strict=True)
+    model.load_state_dict(inf_sd, strict=True)
+    vae.eval(), model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lens = [5, 11]
+    kv16 = text_features(gen, lens, INFINITY_KW["text_channels"])
+    kv_tuple = packed(kv16.float(), lens)
+    schedule = [(1, h, w) for _, h, w in dynamic_resolution_h_w[1.0]["0.06M"]["scales"]]
+    H = schedule[-1][1] * 16
+    small = small_image(gen, 2, H // 8, H // 8)
+    image = image_from_small(small, 8)
+    d = INFINITY_VAE["codebook_dim"]
+    t: dict = {"image_small_u8": small, "text_kv_f16": kv16}
+    with torch.no_grad():
+        h, z, _, all_bit_indices, _, var_input = vae.encode(image, scale_schedule=schedule)
+        t["vae.raw_features"], t["vae.encode_z"] = h, z.squeeze(-3) if z.dim() == 5 else z
+        t["vae.encode_bits_int"] = torch.cat([bits_to_int(b.reshape(2, -1, d)) for b in all_bit_indices], 1).to(torch.int32)
+        t["vae.encode_var_inputs"] = torch.cat([v.reshape(2, d, -1) for v in var_input], 2)
+        t.update({f"vae.recon.{k}": v for k, v in probe_image(vae.decode(t["vae.encode_z"])).items()})
+        bsc = pkg.bsc.BitwiseSelfCorrection(vae, bsc_args())
+        x_BLC, gt_ms = bsc.flip_requant(schedule, image, h, "cpu")
+        gt_BL = torch.cat(gt_ms, 1)
+        t["train.x_BLC_wo_prefix"], t["train.gt_bits_int"] = x_BLC, bits_to_int(gt_BL).to(torch.int32)
+        logits = model((kv_tuple[0].clone(), *kv_tuple[1:]), x_BLC, scale_schedule=schedule)
+        t["train.logits"], t["train.loss_per_token"] = logits, bitwise_ce(logits, gt_BL)
+        kv_n = model.text_norm(kv_tuple[0])
+        cond_BD = model.text_proj_for_sos((kv_n, kv_tuple[2], kv_tuple[3]))
+        t["train.cond_BD"], t["train.cond_BD_or_gss"] = cond_BD, model.shared_ada_lin(cond_BD)
+    gen_cfg = {"cfg_list": [2.0 + 0.25 * i for i in range(len(schedule))], "tau_list": [0.5] * len(schedule)}
+    modes = {"greedy": dict(top_k=1, top_p=0.0, g_seed=40601), "sampled": dict(top_k=900, top_p=0.97, g_seed=40601)}
+    stats = {"logits_std": logits.std().item(),
+             "gt_unique_tokens_per_scale": [int(bits_to_int(b).unique().numel()) for b in gt_ms]}
+    for mode, kw in modes.items():
+        bits, seen, summed, image_out = official_generate(model, vae, kv_tuple, schedule, gen_cfg, **kw)
+        t[f"generate.{mode}.bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
+        t[f"generate.{mode}.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
+        t[f"generate.{mode}.summed_codes"] = summed
+        t.update({f"generate.{mode}.image.{k}": v for k, v in probe_image(image_out).items()})
+        stats[f"{mode}_unique_tokens_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    # a second aspect ratio (1:2 template): greedy generation, KV cache, 2D RoPE on a non-square grid
+    wide = [(1, h, w) for _, h, w in dynamic_resolution_h_w[0.5]["0.06M"]["scales"]]
+    bits, seen, _, _ = official_generate(model, vae, kv_tuple, wide, gen_cfg, **modes["greedy"])
+    t["wide.bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
+    t["wide.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
+    stats["wide_unique_tokens_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    config = {"name": "infinity_tiny", "seed": seed, "vae_seed": seed, "infinity_seed": seed + 1,
+              "vae": INFINITY_VAE, "infinity": INFINITY_KW, "text_lens": lens, "image_factor": 8,
+              "scale_schedule": schedule, "wide_scale_schedule": wide, "generation": {**gen_cfg, **modes},
+              "logits_stride": 3, "codebook_dim": d,
+              "vae_fingerprint": fingerprint(vae_sd), "infinity_fingerprint": fingerprint(inf_sd),
+              "official": {"repo": "FoundationVision/Infinity", "commit": commit}, "versions": versions(),
+              "stats": stats, "shims": SHIMS}
+    gen_keys = [k for k in t if k.startswith(("generate.", "wide."))]  # two files, each well under 1 MB
+    save_golden(out / "infinity_tiny.safetensors", config, {k: v for k, v in t.items() if k not in gen_keys})
+    save_golden(out / "infinity_tiny_generate.safetensors", config, {k: t[k] for k in gen_keys})
+    print("infinity_tiny", stats)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--var", type=Path)

@@ -5,9 +5,11 @@ recorded when it ran the official code."""
 from __future__ import annotations
 
 import torch
-from golden.seeded import fingerprint, image_from_small, load_golden, seeded_state_dict
+from golden.seeded import fingerprint, image_from_small, int_to_bits, load_golden, seeded_state_dict
 
-from arbooth.models import VAR, VQVAE
+from arbooth.models import BSQVAE, VAR, VQVAE, Infinity
+from arbooth.models.bsq_vae import official_vae_state_dict
+from arbooth.models.infinity_loading import official_state_dict as infinity_official_state_dict
 from arbooth.models.var_loading import official_state_dict
 
 VAR_GOLDEN = ["var_tiny", "var_tiny_shared_aln"]
@@ -45,3 +47,51 @@ def golden_var(name: str) -> tuple[VAR, dict, dict]:
     var.load_state_dict(seeded(official_state_dict(var, include_buffers=True), config["var_seed"],
                                config["var_fingerprint"], f"{name} VAR"))
     return var.eval(), config, t
+
+
+def infinity_golden() -> tuple[dict, dict]:
+    """(config, tensors) of the Infinity golden (both files), with the inputs rebuilt: `image` (2, 3, 256, 256)
+    in [-1, 1], padded `text` (B, T, C) and `text_mask` (B, T), and per-scale bit lists."""
+    config, t = load_golden("infinity_tiny.safetensors")
+    t.update(load_golden("infinity_tiny_generate.safetensors")[1])
+    t["image"] = image_from_small(t["image_small_u8"], config["image_factor"])
+    t["text"], t["text_mask"] = unpack_text(t["text_kv_f16"].float(), config["text_lens"])
+    return config, t
+
+
+def unpack_text(kv_compact: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official packed text (sum(lens), C) -> padded features (B, max(lens), C) and mask (B, max(lens))."""
+    text = kv_compact.new_zeros(len(lens), max(lens), kv_compact.shape[1])
+    mask = torch.zeros(len(lens), max(lens), dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(lens):
+        text[i, :n], mask[i, :n] = kv_compact[start:start + n], True
+        start += n
+    return text, mask
+
+
+def split_bits(bits_int: torch.Tensor, schedule: list[tuple[int, int, int]], d: int) -> list[torch.Tensor]:
+    """Stored (B, L) ints -> per-scale bit maps (B, h, w, d) uint8."""
+    sizes = [h * w for _, h, w in schedule]
+    return [int_to_bits(x, d).reshape(x.shape[0], h, w, d)
+            for x, (_, h, w) in zip(bits_int.split(sizes, 1), schedule)]
+
+
+def golden_bsq_vae(config: dict) -> BSQVAE:
+    v = config["vae"]
+    vae = BSQVAE(codebook_dim=v["codebook_dim"], base_ch=v["base_ch"], num_res_blocks=v["num_res_blocks"],
+                 ch_mult=tuple(v["ch_mult"])).eval()
+    vae.load_state_dict(seeded(official_vae_state_dict(vae), config["vae_seed"], config["vae_fingerprint"],
+                               "BSQ-VAE"), strict=True)
+    return vae
+
+
+def golden_infinity(config: dict, **switches) -> tuple[BSQVAE, Infinity]:
+    vae = golden_bsq_vae(config)
+    kw = config["infinity"]
+    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                     mlp_ratio=kw["mlp_ratio"], text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
+                     block_chunks=kw["block_chunks"], **switches).eval()
+    model.load_state_dict(seeded(infinity_official_state_dict(model), config["infinity_seed"],
+                                 config["infinity_fingerprint"], "Infinity"), strict=True)
+    return vae, model
