@@ -1,3 +1,4 @@
+# ruff: noqa: C408, ISC004, S102  (keyword dicts mirror the official constructors; exec recompiles one official method, see SHIMS)
 """Regenerate the golden vectors in tests/golden from the OFFICIAL code (never imported by `arbooth`).
 
     python tests/golden/make_golden.py --var /path/to/FoundationVision/VAR \
@@ -13,7 +14,6 @@ each file's config under "shims"; none of them changes the math.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import subprocess
 import sys
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from seeded import (  # noqa: E402  (script: the helper sits beside it)
+from seeded import (
     bits_to_int,
     fingerprint,
     image_from_small,
@@ -334,6 +334,124 @@ def make_infinity(root: Path, out: Path) -> None:
     save_golden(out / "infinity_tiny.safetensors", config, {k: v for k, v in t.items() if k not in gen_keys})
     save_golden(out / "infinity_tiny_generate.safetensors", config, {k: t[k] for k in gen_keys})
     print("infinity_tiny", stats)
+
+
+# ------------------------------------------------------------------------------------------- ARBooth
+ARBOOTH_KW = {**INFINITY_KW, "text_channels": 2048, "pn": "0.25M", "depth": 4}
+ARBOOTH_TEXT = dict(special_token_id=32100, placeholder_pos=[4, 6], lens_before_splice=[7, 10], class_len=6,
+                    text_prefix_length=4, maxlen=16)
+ARBOOTH_LOSSES = dict(scale_weighted_first_scales=8, far_scale_weight=0.5, reg_lambda=0.5, distill_temperature=1.0)
+
+
+def fork_splice(input_ids, lens, text_features, special_token, special_token_id):
+    """booth_train_final.py L906-925 (the training splice), step for step: each placeholder row of the T5
+    output is replaced by the rows of `special_token`; lens and cu_seqlens are rebuilt."""
+    new_kv, new_lens = [], []
+    for b in range(input_ids.shape[0]):
+        valid_len = lens[b]
+        feats = []
+        for i, token in enumerate(input_ids[b, :valid_len]):
+            feats.append(special_token if token.item() == special_token_id else text_features[b, i].unsqueeze(0))
+        sample = torch.cat(feats, 0)
+        new_kv.append(sample)
+        new_lens.append(sample.shape[0])
+    cu = torch.tensor([0, *torch.tensor(new_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.cat(new_kv, 0), new_lens, cu
+
+
+def make_arbooth(root: Path, infinity_root: Path | None, out: Path) -> None:
+    pkg = import_infinity_package(root, "infinity_final")
+    from infinity.utils.dynamic_resolution import dynamic_resolution_h_w
+
+    commit, seed = commit_of(root), 31337
+    txt, losses = ARBOOTH_TEXT, ARBOOTH_LOSSES
+    vae = build_bsq_vae(pkg, **INFINITY_VAE)
+    model = pkg.model.Infinity(vae_local=vae, prefix_config=types.SimpleNamespace(ti_seq_len=txt["text_prefix_length"]),
+                               **ARBOOTH_KW)
+    vae_sd = seeded_state_dict(vae.state_dict(), seed)
+    inf_sd = seeded_state_dict(model.state_dict(), seed + 1)
+    vae.load_state_dict(vae_sd, strict=True)
+    model.load_state_dict(inf_sd, strict=True)
+    vae.eval(), model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    d, B = INFINITY_VAE["codebook_dim"], 2
+    schedule = [(1, h, w) for _, h, w in dynamic_resolution_h_w[1.0]["0.25M"]["scales"]]
+    L = sum(h * w for _, h, w in schedule)
+    # text: T5-like features (float16-exact), a placeholder token in each instance prompt
+    input_ids = torch.randint(5, 32000, (B, txt["maxlen"]), generator=gen)
+    attention_mask = torch.zeros(B, txt["maxlen"], dtype=torch.long)
+    for b, (n, pos) in enumerate(zip(txt["lens_before_splice"], txt["placeholder_pos"])):
+        attention_mask[b, :n] = 1
+        input_ids[b, n:] = 0
+        input_ids[b, pos] = txt["special_token_id"]
+        input_ids[b, n - 1] = 1  # </s>
+    text16 = (torch.randn(B, txt["maxlen"], 2048, generator=gen) * 0.4).half()
+    text_features = text16.float()
+    lens = attention_mask.sum(-1).tolist()
+    kv, new_lens, cu = fork_splice(input_ids, lens, text_features, model.special_token.detach(),
+                                   txt["special_token_id"])
+    text_cond_train = (kv, new_lens, cu, max(lens))   # the fork keeps the pre-splice max_seqlen_k
+    text_cond_infer = (kv, new_lens, cu, max(new_lens))
+    reg16 = (torch.randn(txt["class_len"], 2048, generator=gen) * 0.4).half()
+    reg_kv = reg16.float().repeat(B, 1)
+    reg_text_cond = packed(reg_kv, [txt["class_len"]] * B)
+    H = schedule[-1][1] * 16
+    small = small_image(gen, B, H // 8, H // 8)
+    image = image_from_small(small, 8)
+    t = {"image_small_u8": small, "input_ids": input_ids, "attention_mask": attention_mask,
+         "text_features_f16": text16, "reg_text_f16": reg16, "kv_compact": kv}
+    stride_x, stride_l, stride_d = 7, 3, 6
+    with torch.no_grad():
+        h = vae.encode_for_raw_features(image, schedule)[0]
+        bsc = pkg.bsc.BitwiseSelfCorrection(vae, bsc_args())
+        x_BLC, gt_ms = bsc.flip_requant(schedule, image, h, "cpu")
+        gt_BL = torch.cat(gt_ms, 1)
+        logits = model((kv.clone(), *text_cond_train[1:]), x_BLC, scale_schedule=schedule)
+        loss = bitwise_ce(logits, gt_BL)  # booth_trainer_final.py L193-199
+        first = sum(h_ * w_ for _, h_, w_ in schedule[:losses["scale_weighted_first_scales"]])
+        scaling_factor = torch.ones_like(loss)  # L205-213
+        scaling_factor[:, first:] *= losses["far_scale_weight"]
+        loss_instance = (loss * scaling_factor).mul(1.0 / L).sum(-1).mean()
+    t.update({"train.gt_bits_int": bits_to_int(gt_BL).to(torch.int32), "train.x_BLC_strided": x_BLC[:, ::stride_x],
+              "train.logits_strided": logits[:, ::stride_l], "train.loss_per_token": loss,
+              "train.scaling_factor": scaling_factor, "train.loss_instance": loss_instance})
+    stats = {"logits_std": logits.std().item(), "instance_loss": loss_instance.item()}
+    teacher_modes = {"greedy": dict(top_k=1, top_p=0.0), "sampled": dict(top_k=900, top_p=0.97)}
+    for mode, kw in teacher_modes.items():
+        torch.manual_seed(seed)  # the teacher samples from the global RNG (rng=None)
+        with torch.no_grad():
+            class_BLC, ori, cond_BD, gss, ca_kv = model.autoregressive_cls_infer(
+                vae, reg_text_cond, scale_schedule=schedule, cfg_list=[1.0] * len(schedule),
+                tau_list=[0.5] * len(schedule), B=B, **kw)
+            reg = model(reg_text_cond, class_BLC, scale_schedule=schedule, cond_BD=cond_BD, cond_BD_or_gss=gss,
+                        ca_kv=ca_kv)
+            T = losses["distill_temperature"]  # booth_trainer_final.py L248-272 (soft)
+            kl = F.kl_div(torch.log_softmax(reg / T, -1), torch.softmax(ori / T, -1), reduction="none").sum(-1)
+            reg_loss = kl.mul(1.0 / L).sum(-1).mean() * losses["reg_lambda"]
+            reg_gt = ori.reshape(B, L, -1, 2).argmax(-1)
+        t.update({f"teacher.{mode}.ori_logits_strided": ori[:, ::stride_d],
+                  f"reg.{mode}.reg_logits_strided": reg[:, ::stride_d], f"reg.{mode}.kl_per_token": kl,
+                  f"reg.{mode}.reg_loss": reg_loss, f"reg.{mode}.reg_gt_bits_int": bits_to_int(reg_gt).to(torch.int32)})
+        stats[f"reg_loss_{mode}"] = reg_loss.item()
+    gen_cfg = {"cfg_list": [4.0] * len(schedule), "tau_list": [0.5] * len(schedule)}
+    bits, _seen, _, _ = official_generate(model, vae, text_cond_infer, schedule, gen_cfg, top_k=1, top_p=0.0,
+                                          g_seed=seed)
+    t["generate.greedy.bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
+    stats["gen_unique_tokens_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    config = {"name": "arbooth_tiny", "seed": seed, "vae_seed": seed, "infinity_seed": seed + 1,
+              "vae": INFINITY_VAE, "infinity": ARBOOTH_KW, "text": {**txt, "lens_after_splice": new_lens},
+              "image_factor": 8, "scale_schedule": schedule, "losses": losses, "codebook_dim": d,
+              "strides": {"x_BLC": stride_x, "logits": stride_l, "distill_logits": stride_d},
+              "teacher": {"method": "autoregressive_cls_infer", "cfg": 1.0, "tau": 0.5, "global_torch_seed": seed,
+                          **{m: kw for m, kw in teacher_modes.items()}},
+              "generation": {**gen_cfg, "greedy": {"top_k": 1, "top_p": 0.0, "g_seed": seed}},
+              "vae_fingerprint": fingerprint(vae_sd), "infinity_fingerprint": fingerprint(inf_sd),
+              "official": {"repo": "jiwoogit/ARBooth", "commit": commit}, "versions": versions(),
+              "stats": stats, "shims": SHIMS}
+    train_keys = [k for k in t if not k.startswith(("teacher.", "reg."))]
+    save_golden(out / "arbooth_tiny.safetensors", config, {k: t[k] for k in train_keys})
+    save_golden(out / "arbooth_tiny_distill.safetensors", config, {k: v for k, v in t.items() if k not in train_keys})
+    print("arbooth_tiny", stats)
 
 
 def main() -> None:

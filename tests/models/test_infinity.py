@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from _golden import golden_infinity, infinity_golden, split_bits, unpack_text
-from golden.seeded import GOLDEN_DIR, assert_probe_close, bits_to_int
+from _golden import arbooth_golden, golden_arbooth, golden_infinity, infinity_golden, split_bits, unpack_text
+from golden.seeded import GOLDEN_DIR, assert_probe_close
 
 from arbooth.errors import ConfigError
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
@@ -198,29 +198,25 @@ def test_bad_inputs():
         model.generate(text, torch.zeros(1, 3, dtype=torch.bool), schedule)
 
 
-def test_arbooth_fork_switches_match_golden(shared_dir):
-    """`lvl_embed_every_chunk` + `next_scale_mode='area'` reproduce the ARBooth fork (arbooth_tiny.pt)."""
-    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
-    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
-    vae.load_state_dict(dict(g["vae_state_dict"]))
-    kw = g["config"]["infinity"]["constructor_kwargs"]
-    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                     text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
-                     block_chunks=kw["block_chunks"], lvl_embed_every_chunk=True).eval()
-    sd = dict(g["infinity_state_dict"])
-    assert tuple(sd.pop("special_token").shape) == (4, 2048)  # the fork's only extra entry (spliced by the caller)
-    model.load_state_dict(sd, strict=True)
-    schedule = [tuple(s) for s in g["config"]["scale_schedule"]]
-    text, mask = unpack_text(g["inputs"]["text_cond_train"])  # <S*> rows already spliced in
+def test_arbooth_fork_switches_match_golden():
+    """`lvl_embed_every_chunk` + `next_scale_mode='area'` reproduce the ARBooth fork (arbooth_tiny*.safetensors)."""
+    config, g = arbooth_golden()
+    _vae, model, token_PC = golden_arbooth(config)
+    assert tuple(token_PC.shape) == (4, 2048)  # the fork's only extra entry (spliced by the caller)
+    schedule = [tuple(s) for s in config["scale_schedule"]]
+    text, mask = unpack_text(g["kv_compact"], config["text"]["lens_after_splice"])  # <S*> rows spliced in
+    stride = config["strides"]
     with torch.no_grad():
-        logits = model(text, mask, g["train"]["x_BLC_wo_prefix"], schedule)
-    assert (logits - g["train"]["logits"]).abs().max().item() <= 1e-5
-    text, mask = unpack_text(g["inputs"]["text_cond_infer"])
-    gen = g["config"]["generation"]
+        x = model.vae.bits_to_var_input(split_bits(g["train.gt_bits_int"], schedule, config["codebook_dim"]), schedule)
+        assert (x[:, ::stride["x_BLC"]] - g["train.x_BLC_strided"]).abs().max().item() <= 1e-5
+        logits = model(text, mask, x, schedule)
+    assert (logits[:, ::stride["logits"]] - g["train.logits_strided"]).abs().max().item() <= 1e-5
+    gen = config["generation"]
     out = model.generate(text, mask, schedule, cfg=gen["cfg_list"], tau=gen["tau_list"], top_k=1, top_p=0.0,
                          seed=gen["greedy"]["g_seed"], next_scale_mode="area")
-    for bits, ref in zip(out.bits, g["generate"]["greedy"]["bits_per_scale"], strict=True):
-        assert torch.equal(bits, ref.to(bits.dtype))
+    ref = split_bits(g["generate.greedy.bits_int"], schedule, config["codebook_dim"])
+    for bits, rb in zip(out.bits, ref, strict=True):
+        assert torch.equal(bits, rb.to(bits.dtype))
 
 
 def test_kv_cache_is_kept_in_the_attention_dtype():

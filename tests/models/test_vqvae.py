@@ -37,7 +37,7 @@ def test_wrong_image_size_is_a_clear_error():
 
 
 def test_strict_load_still_rejects_real_mismatches():
-    vae, _config, g = _golden_vae(GOLDEN[0])
+    vae, _config, _g = _golden_vae(GOLDEN[0])
     sd = official_state_dict(vae, include_buffers=True)
     sd.pop("quant_conv.bias")
     sd["quantize.extra"] = torch.zeros(1)

@@ -95,3 +95,33 @@ def golden_infinity(config: dict, **switches) -> tuple[BSQVAE, Infinity]:
     model.load_state_dict(seeded(infinity_official_state_dict(model), config["infinity_seed"],
                                  config["infinity_fingerprint"], "Infinity"), strict=True)
     return vae, model
+
+
+def arbooth_golden() -> tuple[dict, dict]:
+    """(config, tensors) of the ARBooth-fork golden (both files), inputs rebuilt: `image` (2, 3, 512, 512),
+    `text_features` (2, 16, 2048), `reg_text`/`reg_mask` (the class prompt, padded) and `gt_BL` bits."""
+    config, t = load_golden("arbooth_tiny.safetensors")
+    t.update(load_golden("arbooth_tiny_distill.safetensors")[1])
+    t["image"] = image_from_small(t["image_small_u8"], config["image_factor"])
+    t["text_features"] = t["text_features_f16"].float()
+    n = config["text"]["class_len"]
+    t["reg_text"] = t["reg_text_f16"].float().expand(2, n, -1).clone()
+    t["reg_mask"] = torch.ones(2, n, dtype=torch.bool)
+    t["gt_BL"] = int_to_bits(t["train.gt_bits_int"], config["codebook_dim"])
+    return config, t
+
+
+def golden_arbooth(config: dict) -> tuple[BSQVAE, Infinity, torch.Tensor]:
+    """Our Infinity with the fork's switches (lvl_embed every chunk) and the fork's seeded weights; the
+    fork's only extra entry, `special_token` (P, 2048), is returned apart (the caller splices it in)."""
+    vae = golden_bsq_vae(config)
+    kw = config["infinity"]
+    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                     mlp_ratio=kw["mlp_ratio"], text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
+                     block_chunks=kw["block_chunks"], lvl_embed_every_chunk=True).eval()
+    layout = infinity_official_state_dict(model)
+    layout["special_token"] = torch.zeros(config["text"]["text_prefix_length"], 2048)
+    sd = seeded(layout, config["infinity_seed"], config["infinity_fingerprint"], "ARBooth Infinity")
+    token_PC = sd.pop("special_token")
+    model.load_state_dict(sd, strict=True)
+    return vae, model, token_PC
