@@ -32,7 +32,7 @@ def _first_subject_step(subject: Path, out: Path, *overrides: str) -> dict[str, 
     return subject_step(subject_setup(cfg), torch.tensor([0, 1]))
 
 
-def test_subject_scale_weights_and_reg_lambda_reach_the_losses(toy_subject_dir: Path, tmp_path: Path) -> None:
+def test_subject_scale_weights_reg_lambda_and_distill_form_reach_the_losses(toy_subject_dir: Path, tmp_path: Path) -> None:
     """Mutants caught: the recipe using all-one scale weights instead of `loss.scale_weights`, and the step
     using reg_lambda = 1 instead of `loss.reg_lambda`. Both losses are linear in their knob, and the first
     step's logits do not depend on either (same seed, combined update after both losses), so tripling the
@@ -45,6 +45,10 @@ def test_subject_scale_weights_and_reg_lambda_reach_the_losses(toy_subject_dir: 
     assert len(a["acc"]) == n and a["loss"] > 0 and a["distill"] > 0
     assert b["loss"] == pytest.approx(3 * a["loss"], rel=1e-5)
     assert b["distill"] == pytest.approx(0.5 * a["distill"], rel=1e-5)
+    # the distillation form reaches the step too: a per-bit softmax gives another KL, same instance loss
+    c = _first_subject_step(toy_subject_dir, tmp_path / "c", f"loss.scale_weights={list(w)}", "loss.reg_lambda=0.5",
+                            "loss.distill_softmax=bit")
+    assert c["loss"] == pytest.approx(a["loss"], rel=1e-6) and c["distill"] != pytest.approx(a["distill"], rel=1e-3)
 
 
 # ------------------------------------------------------------------ class recipe
@@ -140,3 +144,14 @@ def test_resume_restores_the_global_rng(data_root: Path, tmp_path: Path) -> None
     nodrop = train(tiny_config(data_root, tmp_path / "nodrop", "lora", **over))
     c = _weights(nodrop)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_label_smoothing_reaches_the_training_loss(data_root: Path, tmp_path: Path) -> None:
+    """`optim.label_smoothing` changes the loss the class recipe reports on its first step (same seed and
+    batch): found by the knob search (no test set it)."""
+    first = []
+    for eps in (0.0, 0.2):
+        run = train(tiny_config(data_root, tmp_path / f"ls{eps}", "fft", train={"max_steps": 1},
+                                optim={"label_smoothing": eps}))
+        first.append(run.history[0]["loss"])
+    assert first[0] != pytest.approx(first[1], rel=1e-4)
