@@ -8,7 +8,7 @@ import torch
 from _golden import arbooth_golden, golden_arbooth, split_bits, unpack_text
 from golden.seeded import int_to_bits
 
-from arbooth.recipes.arbooth_losses import (
+from arbooth.adapt.arbooth_losses import (
     bitwise_ce_per_token,
     default_scale_weights,
     distill_loss,
