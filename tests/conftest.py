@@ -41,6 +41,6 @@ def vico_dir(request: pytest.FixtureRequest) -> Path:
 def toy_subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A subject folder from the toy world (5 views of one object, 96 x 96 PNGs, subject.yaml); used where
     tests once read a real ViCo subject."""
-    from arbooth.data.toyworld import write_subject
+    from arbooth.toy.world import write_subject
 
     return write_subject(tmp_path_factory.mktemp("toy_subject") / "subject", size=96)
