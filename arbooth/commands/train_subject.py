@@ -86,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
         m = toy_report(cfg.subject, path, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg, tau=cfg.val_tau)
         b, p = m["base"]["mean"], m["personalized"]["mean"]
         print(f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}")
-        print("             " + " ".join(f"{k:>10s}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
+        keys = ("subject_acc", "background_acc", "class_shape_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
+        print("             " + " ".join(f"{k:>18s}" for k in keys))
         for name, v in (("base", b), ("personalized", p)):
-            print(f"{name:12s} " + " ".join(f"{v[k]:10.3f}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
+            print(f"{name:12s} " + " ".join(f"{v[k]:18.3f}" for k in keys))
     return 0

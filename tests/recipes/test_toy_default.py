@@ -1,9 +1,9 @@
 """The built-in default: a CI-sized personalization of the shipped toy base on the demo subject.
 
-Asserts that the recipe works, not only that it runs: subject fidelity (toy identity similarity to
-the subject photos) rises above the base model's by more than the spread across seeds, the
-learned appearance shows up (oracle texture accuracy), and the plain class prompt's images stay
-close to the base model's (prior kept).
+Asserts that the recipe works, not only that it runs: the base draws the class and not the subject;
+after personalization the oracle recognises the subject (shape and identity attributes) in most <S*>
+samples on the asked backgrounds, while the plain class prompt keeps drawing ordinary stars (prior kept).
+Thresholds sit below the shipped default's measured rates by more than their seed spread (docs/toy.md).
 """
 import statistics
 from pathlib import Path
@@ -38,21 +38,20 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     from arbooth.recipes.toy_report import toy_report
     from arbooth.recipes.train_subject import train
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
-                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=100"])
+                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}"])
     path = train(cfg)
     m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), cfg=cfg.val_cfg, tau=cfg.val_tau, grid=False)
-    base, pers = m["base"], m["personalized"]
-    gain = pers["mean"]["I_ID"] - base["mean"]["I_ID"]
-    spread = max(statistics.stdev(base["I_ID_per_seed"]), statistics.stdev(pers["I_ID_per_seed"]))
-    assert gain > spread and gain > 0.05, (gain, spread)
-    # the subject's colour (green) appears; its dots do not: the toy VAE cannot represent them (docs/toy.md)
-    assert pers["mean"]["colour_acc"] > base["mean"]["colour_acc"] + 0.1
-    # prior: the plain class prompt's images do not turn into the subject (PRES barely moves, no subject
-    # leak), and per seed they differ from the base model's by no more than base images of different
-    # seeds differ from each other (the toy base's own class-prompt diversity)
-    assert pers["mean"]["PRES"] - base["mean"]["PRES"] < gain / 2
-    assert pers["mean"]["class_subject_leak"] <= base["mean"]["class_subject_leak"] + 1 / 3
-    assert pers["mean"]["class_drift_id"] < 1.5 * base["per_prompt"][0]["DIV"]
+    base, pers = m["base"]["mean"], m["personalized"]["mean"]
+    # the base draws the class it is asked for, and never the subject (its appearance was held out)
+    assert base["class_shape_acc"] >= 0.7 and base["subject_acc"] <= 0.15, base
+    # after personalization the subject (shape AND colours AND split) appears in most <S*> samples, on the
+    # background the prompt asks for, and the plain class prompt still draws ordinary stars
+    assert pers["subject_acc"] >= base["subject_acc"] + 0.5, pers
+    assert pers["background_acc"] >= 0.7 and pers["class_shape_acc"] >= 0.6, pers
+    assert pers["class_subject_leak"] <= 0.2, pers
+    gain = pers["I_ID"] - base["I_ID"]
+    spread = max(statistics.stdev(m["base"]["I_ID_per_seed"]), statistics.stdev(m["personalized"]["I_ID_per_seed"]))
+    assert gain > spread, (gain, spread)
 
 
 def test_no_argument_train_subject_is_the_toy_default(tmp_path, monkeypatch):
