@@ -43,9 +43,9 @@ class PretrainToyConfig:
     vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    model_steps: int = 1000
-    model_batch: int = 24
-    model_lr: float = 1e-3
+    model_steps: int = 700
+    model_batch: int = 20
+    model_lr: float = 1.5e-3
     clip_steps: int = 400
     clip_batch: int = 48
     clip_lr: float = 1e-3
