@@ -73,7 +73,7 @@ def var_example_losses(vae: nn.Module, var: nn.Module, folder: str | Path, class
     """Per-image VAR loss (mean token cross-entropy, no augmentation, no class dropout) of the images
     under folder/<class>/, labelled with the training run's class order."""
     from arbooth.data.class_dataset import ClassImageDataset, Sample, scan_image_folder
-    from arbooth.recipes.train_class import encode_batch, var_loss
+    from arbooth.models.var_training import encode_batch, var_loss
 
     samples, found = scan_image_folder(folder, split=None)
     unknown = sorted(set(found) - set(classes))

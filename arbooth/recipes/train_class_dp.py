@@ -1,7 +1,8 @@
 """Recipe: differentially private class-conditional fine-tuning of VAR (DP-SGD; FFT, LoRA, LNTuning).
 
-Its own explicit loop (STYLE habit 4), reusing the small pieces of the non-private recipe
-(`encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`, `build_scheduler`). What differs:
+Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private recipe uses
+(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`,
+`build_scheduler`); its config is arbooth/recipes/class_dp_config.py. What differs:
 - the logical batch is a Poisson sample of rate `privacy.sample_rate` (not `train.batch_size` x
   `train.grad_accum`, which are unused here), split into physical batches of
   `privacy.max_physical_batch_size` examples by Opacus' BatchMemoryManager;
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,34 +34,17 @@ from torch.utils.data import Dataset
 
 from arbooth.adapt.finetuned import build_vae_var, save_result_weights, write_result_meta
 from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
-from arbooth.config import load_config, parse_overrides, save_config
+from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import ConfigError
+from arbooth.models.var_training import build_optimizer, build_scheduler, drop_labels, encode_batch, var_loss
 from arbooth.precision import autocast
-from arbooth.privacy.config import PrivacyConfig
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
-from arbooth.recipes.class_config import ClassTrainConfig
-from arbooth.recipes.train_class import build_optimizer, build_scheduler, drop_labels, encode_batch, var_loss
+from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ClassDPConfig(ClassTrainConfig):
-    """The class-conditional config plus its `privacy` section."""
-
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-
-    def without_privacy(self) -> ClassTrainConfig:
-        return ClassTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClassTrainConfig)})
-
-
-def load_class_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ClassTrainConfig:
-    """A ClassDPConfig when the YAML or an override has a `privacy` section, else a ClassTrainConfig:
-    `arbooth train-class` can dispatch on `isinstance(cfg, ClassDPConfig)`."""
-    raw = yaml.safe_load(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
-    private = "privacy" in (raw or {}) or "privacy" in parse_overrides(overrides)
-    return load_config(ClassDPConfig if private else ClassTrainConfig, path, overrides)
+__all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
 
 
 class MultiViewDataset(Dataset):
@@ -239,10 +222,8 @@ def save_result(run: DPRun, folder: Path) -> None:
 
 def train(cfg: ClassDPConfig, *, accelerator=None) -> list[DPRun]:
     """Run the recipe once per target epsilon (`privacy.epsilon` may be a sweep)."""
-    out = Path(cfg.train.out_dir)
     runs = []
     for eps in cfg.privacy.epsilons:
         one = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=eps))
-        runs.append(train_one(one, eps, out / f"eps_{eps:g}" if cfg.privacy.is_sweep else out,
-                              accelerator=accelerator))
+        runs.append(train_one(one, eps, cfg.run_dir(eps), accelerator=accelerator))
     return runs
