@@ -1,14 +1,16 @@
 """Pretrain the toy base and the toy evaluators on the toy world (what `arbooth pretrain-toy` runs).
 
-Four stages, each seeded from `seed` and fed by `ToyWorld(seed + stage)` item by item (no files):
+Five stages, each seeded from `seed` and fed by `ToyWorld(seed + stage)` item by item (no files):
 1. BSQ-VAE: reconstruction (MSE + L1) through the multi-scale BSQ quantizer (straight-through, as
    the release trains it), over the toy scale schedule.
 2. Infinity + T5, jointly: bitwise cross-entropy on the VAE's bit maps of toy images, conditioned on
    their captions through the (trained) toy T5; 10% of captions dropped to `cfg_uncond`.
-3. CLIP: open_clip's contrastive loss on full captions ("a small red striped star on a blue background").
-4. Attribute probe: cross-entropy per attribute; its held-out accuracy (also on the never-seen dotted
-   star) goes into toy.json.
-The demo subject's appearance (shape, texture) is excluded from every stage's world.
+3. CLIP: open_clip's contrastive loss on full captions ("a small red split star on a blue background").
+4. Attribute probe: cross-entropy per attribute; its held-out accuracy (also on split stars) goes into toy.json.
+5. Decoder: the VAE decoder alone, with a probe-feature loss (the bits, hence stage 2, are unchanged).
+The demo subject's appearance (split stars) is excluded from the base's stages (1, 2, 5); the
+evaluators (3, 4) see every appearance. Stages depend only on files, not on each other's order
+(2 needs 1's encoder; 5 needs 1 and 4), so they may also run as separate `stages=[...]` processes.
 Writes the folder described in arbooth/toy/models.py.
 """
 from __future__ import annotations

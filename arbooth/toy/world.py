@@ -116,7 +116,7 @@ def render(attrs: ToyAttributes, size: int = 32) -> Image.Image:
 
 
 def caption(attrs: ToyAttributes, parts: Sequence[str] = ("size", "colour", "texture", "background")) -> str:
-    """"a [size] [colour] [striped|dotted] <shape> [on a <bg> background]" with the named attributes."""
+    """"a [size] [colour] [split] <shape> [on a <bg> background]" with the named attributes."""
     words = ["a"]
     if "size" in parts:
         words.append(attrs.size)
