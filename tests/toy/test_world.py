@@ -52,7 +52,7 @@ def test_render_shows_the_colours_asked_for():
     split = np.asarray(render(ToyAttributes("square", "red", "split", "yellow", "big", "blue"), 32))
     top, bottom = split[:16].reshape(-1, 3), split[16:].reshape(-1, 3)  # upright and centred: the top half is yellow
     assert (np.abs(top - COLOURS["yellow"]).sum(1) < 10).mean() > 0.3 and (np.abs(top - COLOURS["red"]).sum(1) < 10).mean() == 0
-    assert (np.abs(bottom - COLOURS["red"]).sum(1) < 10).mean() > 0.3
+    assert (np.abs(bottom - COLOURS["red"]).sum(1) < 10).mean() > 0.2
 
 
 def test_objects_are_centred_and_upright_unless_jitter_or_angle_is_asked():
