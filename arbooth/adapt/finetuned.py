@@ -54,6 +54,7 @@ class ModelConfig:
     vae_ch: int = 160
     share_quant_resi: int = 4
     vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
+    vae_num_res_blocks: int = 2           # resnet blocks per tokenizer level (released: 2)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
@@ -89,13 +90,28 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
     with torch.device("meta" if load else device):
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
-                    ch_mult=tuple(m.vae_ch_mult))
+                    ch_mult=tuple(m.vae_ch_mult), num_res_blocks=m.vae_num_res_blocks)
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
                   patch_nums=tuple(m.patch_nums))
     if load:
         var = load_official_weights(var, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt, device=device)
     return var.vae, var
+
+
+def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: int) -> tuple[nn.Module, nn.Module]:
+    """The training start of both class recipes: (tokenizer, transformer prepared for `method_cfg`) on the
+    CPU. Seeds the global RNG with `seed` first, so random-weight runs and LoRA's A matrices start the
+    same on every rank; switches on gradient checkpointing when `model_cfg` asks for it."""
+    from arbooth.adapt.methods import prepare_for_method
+
+    torch.manual_seed(seed)
+    vae, var = build_vae_var(model_cfg, device="cpu")
+    model = prepare_for_method(var, method_cfg.name, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
+                               lora_dropout=method_cfg.lora_dropout)
+    if model_cfg.gradient_checkpointing:
+        unwrap_peft(model).gradient_checkpointing = True
+    return vae, model
 
 
 def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
@@ -183,7 +199,7 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     if method in PEFT_METHODS and mc.var_ckpt is None:
         log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
                     "re-drawn from the run's seed", result_dir)
-    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.lora_alpha,
+    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
                                lora_dropout=method_cfg.lora_dropout)
     load_result_weights(model, method, Path(result_dir))
     model.requires_grad_(False)

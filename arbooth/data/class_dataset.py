@@ -121,14 +121,18 @@ class ClassImageDataset(Dataset):
         self.size, self.mid_size, self.random_crop, self.hflip = size, mid_size, random_crop, hflip
 
     @classmethod
-    def from_config(cls, data, *, size: int, mid_size: int) -> ClassImageDataset:
-        """Build from a `DataConfig` (manifest wins over root when both are given)."""
+    def from_config(cls, data, *, size: int, mid_size: int, max_classes: int | None = None) -> ClassImageDataset:
+        """Build from a `DataConfig` (manifest wins over root when both are given). Raises ConfigError
+        when no data is given or when it has more than `max_classes` classes (the model's class table)."""
         if data.manifest:
             samples, classes = read_manifest(data.manifest)
         elif data.root:
             samples, classes = scan_image_folder(data.root, data.split)
         else:
             raise ConfigError("no data given: pass --data <folder> or set data.root / data.manifest")
+        if max_classes is not None and len(classes) > max_classes:
+            raise ConfigError(f"the dataset has {len(classes)} classes but the model's class table has "
+                              f"{max_classes}")
         return cls(samples, classes, size=size, mid_size=mid_size, random_crop=data.random_crop,
                    hflip=data.hflip)
 

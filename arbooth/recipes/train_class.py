@@ -32,12 +32,13 @@ import torch
 from torch import nn
 
 from arbooth.adapt.finetuned import (
-    build_vae_var,
+    build_prepared,
     load_result_weights,
     save_result_weights,
     write_result_meta,
 )
-from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
+from arbooth.adapt.methods import count_parameters, unwrap_peft
+from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
 from arbooth.errors import CheckpointError, ConfigError
@@ -72,6 +73,7 @@ class Run:
     sampler: EpochBatchSampler
     loader: torch.utils.data.DataLoader
     total_steps: int
+    grad_accum: int             # micro-steps per optimizer step (derived from the global batch)
     num_classes: int
     last_l: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -83,26 +85,23 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
 
     acc = accelerator or Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
                                      cpu=not torch.cuda.is_available())
-    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
-    if dataset.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
-                          f"{cfg.model.num_classes}")
+    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
+                                            max_classes=cfg.model.num_classes)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
                                 rank=acc.process_index, seed=cfg.train.seed)
     if cfg.model.var_ckpt is None and acc.is_main_process:
         log.warning("no model.vae_ckpt / model.var_ckpt: training from random weights")
-    torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
-    vae, var = build_vae_var(cfg.model, device="cpu")
-    model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
-    if cfg.model.gradient_checkpointing:
-        unwrap_peft(model).grad_checkpointing = True
+    vae, model = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          collate_fn=collate_class_batch,
                                          pin_memory=acc.device.type == "cuda")
-    total_steps = cfg.total_steps(len(sampler))
+    grad_accum = cfg.train.accum_steps(acc.num_processes)
+    total_steps = cfg.total_steps(len(sampler), acc.num_processes)
+    if acc.is_main_process:
+        log.info("logical batch %d = %d per process x %d process(es) x %d accumulation step(s)",
+                 cfg.train.logical_batch(acc.num_processes), cfg.train.batch_size, acc.num_processes, grad_accum)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
@@ -111,7 +110,7 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
     vae.to(acc.device)
     return Run(cfg=cfg, accelerator=acc, vae=vae, model=model, optimizer=optimizer, scheduler=scheduler,
                dataset=dataset, sampler=sampler, loader=loader, total_steps=total_steps,
-               num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2)
+               grad_accum=grad_accum, num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2)
 
 
 # ------------------------------------------------------------------ the loop
@@ -129,7 +128,7 @@ def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_st
         with acc.autocast():
             logits_BLV = run.model(label_B, x_BLCv)
         loss = var_loss(logits_BLV, idx_BL, label_smoothing=cfg.optim.label_smoothing)
-        acc.backward(loss / cfg.train.grad_accum)
+        acc.backward(loss / run.grad_accum)
     stats = {"loss": loss.item(), **token_metrics(logits_BLV.detach(), idx_BL, run.last_l)}
     if update:
         if cfg.optim.grad_clip > 0:
@@ -157,12 +156,12 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: i
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     run.model.train()
-    micro, window, t0 = step * cfg.train.grad_accum, [], time.perf_counter()
+    micro, window, t0 = step * run.grad_accum, [], time.perf_counter()
     while step < end:
         run.sampler.set_position(micro // bpe, micro % bpe)
         for img, label, skipped in run.loader:
             run.skipped_files.update(skipped)
-            update = (micro + 1) % cfg.train.grad_accum == 0
+            update = (micro + 1) % run.grad_accum == 0
             _, stats = train_step(run, img, label, micro, update)
             micro += 1
             window.append(stats)
@@ -242,8 +241,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
     acc, folder = run.accelerator, Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
         torch.save(_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
@@ -253,14 +251,12 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
         save_result_weights(model, run.cfg.method.name, partial)
         write_result_meta(partial, run.cfg, step=step, classes=run.dataset.classes)
         if train_state:
-            torch.save({"step": step, "micro_step": step * run.cfg.train.grad_accum,
+            torch.save({"step": step, "micro_step": step * run.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(),
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
                        partial / "train_state.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        commit_dir(partial, folder)
         log.info("saved %s", folder)
     acc.wait_for_everyone()
 
@@ -276,7 +272,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     state_path = folder / "train_state.pt"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state["world_size"] != acc.num_processes:
         raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
                               f"same number (now {acc.num_processes}) so the data order stays the same")
@@ -287,7 +283,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     if acc.is_main_process:
         log.info("resumed from %s at step %d", folder, state["step"])
     return int(state["step"])
@@ -305,14 +301,19 @@ def _prune_checkpoints(acc, root: Path, keep: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG a step may touch, in types `torch.load(weights_only=True)` reads back (numpy's key array
+    travels as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
