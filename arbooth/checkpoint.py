@@ -1,11 +1,11 @@
 """Checkpoint I/O shared by every model family: read .pth/.safetensors, strict key checks with a
-readable report, and atomic writes (temp file + rename, so a crash never leaves half a file)."""
+readable report, and atomic writes (arbooth/outputs.py: temp file + rename, so a crash never leaves
+half a file)."""
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from arbooth.errors import CheckpointError
+from arbooth.outputs import atomic_write
 
 # Official checkpoints sometimes wrap the weights; these are the wrapper keys we unwrap.
 _WRAPPER_KEYS = ("model", "state_dict", "trainer", "gpt_wo_ddp", "module")
@@ -69,29 +70,16 @@ def state_dict_mismatch(
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> None:
     """Atomically save tensors (made contiguous, detached, on the CPU) as safetensors."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:
     """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from arbooth.errors import ConfigError
+from arbooth.outputs import write_text
 
 T = TypeVar("T")
 
@@ -160,6 +161,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

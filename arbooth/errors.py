@@ -16,3 +16,8 @@ class CheckpointError(ArboothError, RuntimeError):
 
 class ImageReadError(ArboothError, OSError):
     """An image file cannot be read (corrupt, truncated, not an image, too large)."""
+
+
+class OutputError(ArboothError, OSError):
+    """An output cannot be written: its location is not a writable folder, the disk is full, or it
+    would overwrite one of the command's own inputs or another output of the same run."""

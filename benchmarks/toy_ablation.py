@@ -1,17 +1,15 @@
 """Ablation of the ARBooth recipe on the toy base and demo subject (docs/toy.md).
 
 Variants: the full recipe (configs/subject/toy.yaml: cross-attention + FFN + <S*>, scale-weighted loss,
-prior distillation) against no scale weighting, no prior distillation, all-layer tuning,
-self-attention tuning (self-attention + <S*> instead of cross-attention + FFN), LoRA of rank 4 / 16 / 64
-on the full recipe's layers (tuning.method=lora), and a teacher bank of 16 class samples drawn once
-instead of fresh ones every step (teacher.bank_size=16). Each variant trains
-with several seeds; each run is scored by the toy evaluators over 4 sampling seeds. Prints a Markdown
-table (mean ± std across training seeds) and writes JSON.
+prior distillation) against no scale weighting, no prior distillation, all-layer tuning, and
+self-attention tuning (self-attention + <S*> instead of cross-attention + FFN), and LoRA when the
+recipe has `tuning.method=lora`. Each variant trains with the same training seeds; each run is scored
+by the toy evaluators over 4 sampling seeds. Prints two Markdown tables and writes JSON: mean ± std
+across training seeds per metric, and per variant the paired difference to the full recipe (same
+training seed) with a 95% bootstrap interval of the mean difference and a paired t-test p-value.
 
-    python benchmarks/toy_ablation.py                      # 3 seeds, the config's steps
+    python benchmarks/toy_ablation.py                      # 5 seeds, the config's steps
     python benchmarks/toy_ablation.py --seeds 0 1 --steps 100 --out benchmarks/results/toy_ablation.json
-    python benchmarks/toy_ablation.py --variants full lora_r4 lora_r16 lora_r64 teacher_bank16 \
-        --set tuning.lora_lr_scale=10 --out benchmarks/results/toy_lora.json
 """
 from __future__ import annotations
 
@@ -39,18 +37,17 @@ VARIANTS = {
     "no_prior": ["loss.prior=false"],
     "all_layers": ["tuning.all_layers=true"],
     "self_attention": ["tuning.self_attention=true", "tuning.cross_attention=false", "tuning.ffn=false"],
-    # LoRA on the same layers as full (cross-attention + FFN), alpha = 2 * rank (docs/arbooth.md "LoRA")
-    "lora_r4": ["tuning.method=lora", "tuning.lora_rank=4"],
-    "lora_r16": ["tuning.method=lora", "tuning.lora_rank=16"],
-    "lora_r64": ["tuning.method=lora", "tuning.lora_rank=64"],
-    # the teacher's class samples drawn once for a bank of 16 and reused (100 steps x batch 2 = 200 per-step draws)
-    "teacher_bank16": ["teacher.bank_size=16"],
 }
-COLUMNS = ("I_ID", "I_CLIP", "T_CLIP", "PRES", "DIV", "texture_acc", "colour_acc", "class_drift_id")
+if "method" in getattr(__import__("arbooth.recipes.subject_config", fromlist=["TuningConfig"]).TuningConfig,
+                       "__dataclass_fields__", {}):  # LoRA exists (branch `lora`)
+    VARIANTS["lora"] = ["tuning.method=lora"]
+COLUMNS = ("subject_acc", "background_acc", "class_subject_leak", "class_shape_acc", "I_ID", "T_CLIP", "PRES", "DIV",
+           "class_drift_id")
+TESTED = ("subject_acc", "background_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
 
 
-def run_one(name: str, seed: int, steps: int | None, work: Path, extra: list[str] = ()) -> dict:
-    overrides = [*extra, *VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}",
+def run_one(name: str, seed: int, steps: int | None, work: Path) -> dict:
+    overrides = [*VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}",
                  f"subject={ROOT / 'subjects' / 'toy_star'}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
@@ -87,31 +84,60 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(full: list[float], other: list[float], n_boot: int = 10000, seed: int = 0) -> dict:
+    """Mean of other - full (paired by training seed), its 95% bootstrap interval and the paired t-test p."""
+    import numpy as np
+    from scipy import stats
+    d = np.asarray(other) - np.asarray(full)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    p = float(stats.ttest_rel(other, full).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
+    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "p": p}
+
+
+def differences(runs: list[dict]) -> tuple[dict, str]:
+    """Paired differences to `full` per variant and metric, and their Markdown table."""
+    full = {r["seed"]: r for r in runs if r["variant"] == "full"}
+    out, lines = {}, ["| variant - full | " + " | ".join(TESTED) + " |", "|" + "---|" * (len(TESTED) + 1)]
+    for name in VARIANTS:
+        rs = [r for r in runs if r["variant"] == name and r["seed"] in full]
+        if name == "full" or len(rs) < 2:
+            continue
+        out[name] = {c: paired([full[r["seed"]]["personalized"][c] for r in rs], [r["personalized"][c] for r in rs])
+                     for c in TESTED}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] p={v['p']:.2f}" for v in out[name].values()) + " |")
+    return out, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--work", default="runs/toy_ablation")
     ap.add_argument("--out", default="benchmarks/results/toy_ablation.json")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
-                    help="config overrides for every variant (a variant's own settings win)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    runs = []
-    for name in args.variants:
-        for seed in args.seeds:
-            runs.append(run_one(name, seed, args.steps, Path(args.work), args.set))
-            r = runs[-1]
-            print(f"{name} seed {seed}: I_ID {r['personalized']['I_ID']:.3f} PRES {r['personalized']['PRES']:.3f} "
-                  f"({r['train_seconds']:.0f} s)", flush=True)
-    print(table(runs))
+    runs, t0 = [], time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seeds": args.seeds, "steps": args.steps, "threads": args.threads, "set": args.set,
-                               "runs": runs, "table": table(runs)}, indent=1) + "\n")
-    print(f"wrote {out}")
+    for seed in args.seeds:  # seed-major: a run stopped early still has paired seeds for every variant
+        for name in args.variants:
+            runs.append(run_one(name, seed, args.steps, Path(args.work)))
+            r = runs[-1]["personalized"]
+            print(f"{name} seed {seed}: subject_acc {r['subject_acc']:.2f} background_acc {r['background_acc']:.2f} "
+                  f"leak {r['class_subject_leak']:.2f} ({runs[-1]['train_seconds']:.0f} s)", flush=True)
+            diffs, diff_table = differences(runs)
+            out.write_text(json.dumps({"seeds": args.seeds, "steps": args.steps, "threads": args.threads,
+                                       "wall_seconds": time.perf_counter() - t0, "runs": runs, "table": table(runs),
+                                       "differences": diffs, "difference_table": diff_table}, indent=1) + "\n")
+    print(table(runs))
+    print()
+    print(differences(runs)[1])
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from arbooth.adapt.methods import PEFT_METHODS, MethodConfig, merge_adapters, un
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ModelConfig:
     vae_ch: int = 160
     share_quant_resi: int = 4
     vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
+    vae_num_res_blocks: int = 2           # resnet blocks per tokenizer level (released: 2)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
@@ -89,7 +91,7 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
     with torch.device("meta" if load else device):
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
-                    ch_mult=tuple(m.vae_ch_mult))
+                    ch_mult=tuple(m.vae_ch_mult), num_res_blocks=m.vae_num_res_blocks)
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
                   patch_nums=tuple(m.patch_nums))
@@ -148,7 +150,7 @@ def load_result_weights(model: nn.Module, method: str, folder: Path) -> None:
 def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str]) -> None:
     meta = to_dict(cfg)
     meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes)}
-    (Path(folder) / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    write_text(Path(folder) / META_FILE, yaml.safe_dump(meta, sort_keys=False))
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,21 @@ def read_result_config(result_dir: str | Path) -> tuple[dict[str, Any], str, int
     path = Path(result_dir) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{result_dir} is not an arbooth result folder (no {META_FILE})")
-    meta = yaml.safe_load(path.read_text())
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid YAML ({type(e).__name__}); the result folder is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("result"), dict):
+        raise CheckpointError(f"{path} has no `result:` section (method, step, classes); the result folder "
+                              "is damaged or was not written by arbooth train-class")
     res = meta.pop("result")
-    return meta, res["method"], int(res["step"]), tuple(res["classes"])
+    missing = [k for k in ("method", "step", "classes") if k not in res]
+    if missing:
+        raise CheckpointError(f"{path}: `result:` lacks {', '.join(missing)}")
+    try:
+        return meta, str(res["method"]), int(res["step"]), tuple(res["classes"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable `result:` section: {e}") from None
 
 
 def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_ckpt: str | None = None,
@@ -185,8 +199,11 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     from arbooth.adapt.methods import prepare_for_method
 
     config, method, step, classes = read_result_config(result_dir)
-    model_cfg = from_dict(ModelConfig, config.get("model", {}), "model.")
-    method_cfg = from_dict(MethodConfig, config.get("method", {}), "method.")
+    try:
+        model_cfg = from_dict(ModelConfig, config.get("model", {}), "model.")
+        method_cfg = from_dict(MethodConfig, config.get("method", {}), "method.")
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(result_dir) / META_FILE}: the recorded config does not load: {e}") from None
     mc = replace(model_cfg, vae_ckpt=vae_ckpt or model_cfg.vae_ckpt, var_ckpt=var_ckpt or model_cfg.var_ckpt)
     torch.manual_seed(int(config.get("train", {}).get("seed", 0)))  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:

@@ -114,6 +114,23 @@ def save_personalization(path: str | Path, tuned: Mapping[str, torch.Tensor], su
     return Path(path)
 
 
+def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """CheckpointError naming the file for metadata that later steps could not use."""
+    if "config" not in metadata:
+        raise CheckpointError(f"{path}: damaged personalization file: its metadata has no 'config' entry "
+                              "(the training config that names the base model)")
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: damaged personalization file: its 'config' metadata is not valid JSON "
+                              f"({e.msg} at character {e.pos})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: damaged personalization file: its 'config' metadata is not a JSON object")
+    if not metadata.get("base_tuned_sha256"):
+        raise CheckpointError(f"{path}: damaged personalization file: its metadata has no 'base_tuned_sha256' "
+                              "entry (the hash that identifies the base model)")
+
+
 def load_personalization(path: str | Path, device: str | torch.device = "cpu") -> Personalization:
     path = Path(path)
     if not path.is_file():
@@ -126,6 +143,7 @@ def load_personalization(path: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"cannot read personalization {path}: {type(e).__name__}: {e}") from e
     if metadata.get("format") != FORMAT or "subject_token" not in tensors:
         raise CheckpointError(f"{path} is not an arbooth personalization file (format {metadata.get('format')!r})")
+    _check_metadata(path, metadata)
     token = tensors.pop("subject_token")
     tuned = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     return Personalization(tuned, token, metadata)

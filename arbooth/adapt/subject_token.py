@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbooth.errors import ArboothError, ConfigError
+from arbooth.models.t5 import warn_truncation
 
 PLACEHOLDER = "<S*>"
 
@@ -110,13 +111,16 @@ def encode_prompts(tokenizer, encoder: nn.Module, prompts: Sequence[str], *, max
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the frozen T5 on `prompts`: (features (B, T, C) float32, mask (B, T) bool, placeholder (B, T) bool).
 
-    Prompts are truncated so that the splice (+P-1 rows) still fits `max_length` (the model's text_maxlen).
+    Prompts are truncated so that the splice (+P-1 rows) still fits `max_length` (the model's text_maxlen):
+    a truncated prompt is logged as a warning, and ArboothError is raised when the truncation cuts off
+    the placeholder (the image would silently be the one without the subject).
     """
     token_id = tokenizer.convert_tokens_to_ids(placeholder) if placeholder in tokenizer.get_vocab() else None
     if token_id is None and any(placeholder in p for p in prompts):
         raise ArboothError(f"{placeholder} is not a token of this tokenizer; call add_placeholder_token first")
-    tok = tokenizer(list(prompts), padding="longest", truncation=True,
-                    max_length=max_length - (prefix_length - 1), return_tensors="pt")
+    limit = max_length - (prefix_length - 1)
+    warn_truncation(tokenizer, prompts, limit, placeholder_id=token_id, placeholder=placeholder)
+    tok = tokenizer(list(prompts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
     ids_BT = tok.input_ids.to(device)
     mask_BT = tok.attention_mask.to(device).bool()
     feats_BTC = encoder(input_ids=ids_BT, attention_mask=mask_BT.long()).last_hidden_state.float()

@@ -49,7 +49,10 @@ def _audit_result(result_dir: Path, members: str, nonmembers: str, device: str):
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.errors import ConfigError
+    from arbooth.outputs import check_output, write_text
 
+    if args.json:
+        check_output(args.json)
     if args.result:
         results = {"result": _audit_result(Path(args.result), args.members, args.nonmembers, args.device)}
     else:
@@ -60,10 +63,11 @@ def main(args: argparse.Namespace) -> int:
 
         cfg = load_class_config(args.config, args.overrides)
         cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
+        check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
         finals = {r.name: r.final_dir for r in train_class_runs(cfg)}
         results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}
     for name, res in results.items():
         print(f"{name}: {res}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
+        write_text(args.json, json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))
     return 0

@@ -11,7 +11,12 @@ under --cache-dir keyed on the SHA-256 of the reference folder's files and the e
 With --model, the images are sampled first: as many per class as the reference folder holds in that
 class's subfolder (subfolders sorted = labels 0..C-1), written to --generated with a manifest.jsonl
 (file, label, seed) so an interrupted run resumes where it stopped.
---random-weights swaps the Inception for a small random CNN: a smoke test, the numbers mean nothing.
+--extractor toy swaps the Inception for the shipped toy feature extractor (arbooth/toy/class_var.py), a toy
+stand-in for images of the built-in class world (`arbooth toy-data`): its numbers compare only with each
+other. --random-weights (= --extractor random) swaps in a small random CNN: a smoke test, meaningless numbers.
+
+  arbooth toy-data --out data/toy && arbooth eval-class --extractor toy --generated gen/ \
+      --reference data/toy/new_shapes/test
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from arbooth.metrics.report import (
     pick_device,
     publish_report,
 )
+from arbooth.outputs import check_output, refuse_inputs, refuse_nested, save_image
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
     p.add_argument("--inception-weights", default=DEFAULT,
                    help="FID Inception weights file (torch-fidelity format); default: torch hub cache")
-    p.add_argument("--random-weights", action="store_true",
-                   help="smoke test: small random CNN instead of Inception (meaningless numbers)")
+    p.add_argument("--extractor", choices=["inception", "toy", "random"], default="inception",
+                   help="feature network: the FID Inception, the shipped toy stand-in for toy-world images, "
+                        "or a random CNN (smoke tests)")
+    p.add_argument("--random-weights", action="store_true", help="the same as --extractor random")
     g = p.add_argument_group("generation (--model)")
     g.add_argument("--model", choices=["var"], default=None, help="sample the images first with this model")
     g.add_argument("--depth", type=int, default=16)
@@ -132,27 +140,26 @@ def class_counts(reference: Path) -> dict[int, int]:
 
 def generate_class_samples(generate, counts: dict[int, int], out_dir: Path, *, seed: int,
                            batch_size: int) -> int:
-    """Sample counts[label] images per label with `generate(labels_B, seed) -> (B, 3, H, W) in [0, 1]`.
+    """Sample counts[label] images per label with `generate(labels_B, seeds_B) -> (B, 3, H, W) in [0, 1]`.
 
-    Batches are fixed by (counts, batch_size), batch b uses seed + b, and each image is written as
-    <out>/<label>/<label>_<i>.png with a manifest line, so a rerun skips the batches already written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Image k (labels in sorted order, then index within the label) uses seed + k alone, whatever
+    `batch_size`; each is written atomically as <out>/<label>/<label>_<i>.png with a manifest line
+    (file, label, seed), so a rerun samples only the images that are missing. Returns the number written."""
     jobs = [(label, i) for label in sorted(counts) for i in range(counts[label])]
-    manifest = out_dir / "manifest.jsonl"
+    paths = [out_dir / f"{label:04d}" / f"{label:04d}_{i:05d}.png" for label, i in jobs]
+    todo = [k for k, p in enumerate(paths) if not p.is_file()]
     written = 0
-    with open(manifest, "a") as mf:
-        for b, s in enumerate(tqdm(range(0, len(jobs), batch_size), desc="sampling", unit="batch")):
-            chunk = jobs[s:s + batch_size]
-            paths = [out_dir / f"{label:04d}" / f"{label:04d}_{i:05d}.png" for label, i in chunk]
-            if all(p.is_file() for p in paths):
-                continue
-            images_B3HW = generate(torch.tensor([label for label, _ in chunk]), seed + b)
-            for j, ((label, _), p, x) in enumerate(zip(chunk, paths, images_B3HW)):
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tensor_to_pil(x).save(p)
-                mf.write(json.dumps({"file": str(p.relative_to(out_dir)), "label": label, "seed": seed + b,
-                                     "batch": b, "index_in_batch": j, "batch_size": batch_size}) + "\n")
-                written += 1
+    for s in tqdm(range(0, len(todo), batch_size), desc="sampling", unit="batch"):
+        chunk = todo[s:s + batch_size]
+        images_B3HW = generate(torch.tensor([jobs[k][0] for k in chunk]), [seed + k for k in chunk])
+        lines = []
+        for k, x in zip(chunk, images_B3HW, strict=True):
+            save_image(tensor_to_pil(x), paths[k])
+            lines.append(json.dumps({"file": str(paths[k].relative_to(out_dir)), "label": jobs[k][0],
+                                     "seed": seed + k}) + "\n")
+            written += 1
+        with open(out_dir / "manifest.jsonl", "a") as mf:  # appended after the images exist
+            mf.writelines(lines)
     return written
 
 
@@ -162,16 +169,33 @@ def _var_generator(args: argparse.Namespace, device: torch.device):
         raise ArboothError("--model var needs --vae-ckpt and --var-ckpt")
     var = load_var(depth=args.depth, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt).to(device).eval()
 
-    def generate(labels_B: torch.Tensor, seed: int) -> torch.Tensor:
+    def generate(labels_B: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return var.generate(labels_B.to(device), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=seed)
+            return var.generate(labels_B.to(device), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=seeds)
     return generate
 
 
 # ----------------------------------------------------------------------------- main
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any model or data loads: the report folder and (with --model) the sample folder can be
+    written, and samples never go into the reference folder (they would be read as references)."""
+    if args.model is not None:
+        from arbooth.models.sampling import check_sampling_args
+
+        check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
+        if args.gen_batch_size < 1 or (args.per_class is not None and args.per_class < 1):
+            raise ArboothError("--gen-batch-size and --per-class must be at least 1")
+        check_output(args.generated, folder=True, what="--generated")
+        refuse_nested(args.generated, args.reference, what="--reference")
+        refuse_inputs([args.generated], [args.vae_ckpt, args.var_ckpt])
+    check_output(args.out or args.generated / "eval_class", folder=True, what="report")
+
+
+
 def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    _check_outputs(args)
     if args.model is not None:
         counts = class_counts(args.reference)
         if args.per_class is not None:
@@ -182,9 +206,13 @@ def main(args: argparse.Namespace) -> int:
     for what, folder in (("--generated", args.generated), ("--reference", args.reference)):
         if not Path(folder).is_dir():  # before loading the extractor: a typo should not cost a model load
             raise ArboothError(f"{what} folder not found: {folder}")
-    if args.random_weights:
+    kind = "random" if args.random_weights else args.extractor
+    if kind == "random":
         log.warning(RANDOM_WEIGHTS_NOTE)
         extractor = TinyFIDNet()
+    elif kind == "toy":
+        from arbooth.toy.class_var import load_toy_extractor
+        extractor = load_toy_extractor()
     else:
         extractor = InceptionFID(args.inception_weights, spatial=args.sfid)
     extractor = extractor.to(device).eval()
@@ -198,19 +226,24 @@ def main(args: argparse.Namespace) -> int:
     fid.update(gen["pool"], real=False)
     precision, recall = precision_recall(ref["pool"], gen["pool"], k=args.k)
     result = {"FID": fid.compute(), "precision": precision, "recall": recall,
-              "n_generated": len(gen["pool"]), "n_reference": len(ref["pool"])}
+              "n_generated": len(gen["pool"]), "n_reference": len(ref["pool"]), "feature_dim": ref["pool"].shape[1]}
+    warnings = [fid.warning] if fid.warning else []
     if args.sfid and "spatial" in gen and "spatial" in ref:
         sfid = FrechetDistance(reference=GaussianStats.from_features(ref["spatial"]))
         sfid.update(gen["spatial"], real=False)
         result["sFID"] = sfid.compute()
+        warnings += ["s" + sfid.warning] if sfid.warning else []
     elif args.sfid:
         log.warning("sFID requested but the extractor gives no spatial features")
+    # N < D: recorded next to the numbers, so a table built from the JSON cannot lose it (docs/metrics.md)
+    result["fid_fewer_samples_than_dims"] = bool(fid.warning)
 
-    report = {"metrics": result, "extractor": extractor.feature_id, "k": args.k,
-              "random_weights": bool(args.random_weights), "generated": str(args.generated),
+    report = {"metrics": result, "warnings": warnings, "extractor": extractor.feature_id, "k": args.k,
+              "random_weights": kind == "random", "toy_extractor": kind == "toy", "generated": str(args.generated),
               "reference": str(args.reference), "reference_cache_key": key, "skipped": skipped}
     columns = [c for c in ("FID", "sFID", "precision", "recall", "n_generated", "n_reference") if c in result]
+    body = markdown_table([result], columns) + "".join(f"\n\n**Warning:** {w}." for w in warnings)
     publish_report(args.out or args.generated / "eval_class", "eval_class", report,
-                   f"eval-class ({extractor.feature_id}, k={args.k})", markdown_table([result], columns),
-                   random_weights=args.random_weights, n_skipped=len(skipped))
+                   f"eval-class ({extractor.feature_id}, k={args.k})", body,
+                   random_weights=kind == "random", n_skipped=len(skipped))
     return 0

@@ -33,6 +33,7 @@ from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, publish_report
 from arbooth.metrics.subject import PROTOCOLS, SubjectEvaluator
+from arbooth.outputs import check_output, refuse_inputs, refuse_nested, save_image
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,10 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
             paths = {i: out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png" for i in range(n_per_prompt)}
             todo = [i for i, path in paths.items() if not path.is_file()]
             for i, image in _sample(generator, text, todo, seed, batch_size):
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
-                image.convert("RGB").save(paths[i])
+                save_image(image.convert("RGB"), paths[i])
                 mf.write(json.dumps({"file": str(paths[i].relative_to(out_dir)), "prompt": template,
                                      "text": text, "seed": seed + i}) + "\n")
+                mf.flush()  # the line follows its image: a crash leaves no line without a file
                 written += 1
     return written
 
@@ -159,7 +160,7 @@ def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir
     todo = [i for i in range(n) if not (out_dir / f"{i:03d}.png").is_file()]
     with tqdm(total=n, initial=n - len(todo), desc="class prompt", unit="image") as bar:
         for i, image in _sample(generator, f"a photo of {class_noun}", todo, seed, batch_size):
-            image.convert("RGB").save(out_dir / f"{i:03d}.png")
+            save_image(image.convert("RGB"), out_dir / f"{i:03d}.png")
             bar.update()
     return out_dir
 
@@ -181,9 +182,22 @@ def _read(source: list[Path] | Path, skipped: dict[str, str]) -> list[Image.Imag
     return images
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any model loads: the report folder and (with --model) the sample folder can be written,
+    and samples never go into the subject's photos or overwrite the personalization file."""
+    if args.model is not None:
+        if args.gen_batch_size < 1 or args.images_per_prompt < 1:
+            raise ArboothError("--gen-batch-size and --images-per-prompt must be at least 1")
+        check_output(args.generated, folder=True, what="--generated")
+        refuse_nested(args.generated, args.subject, what="--subject")
+        refuse_inputs([args.generated], [args.model])
+    check_output(args.out or args.generated / "eval_subject", folder=True, what="report")
+
+
 def main(args: argparse.Namespace) -> int:
     templates = read_templates(args)
     device = pick_device(args.device)
+    _check_outputs(args)
     if args.model is not None:
         generator = load_subject_generator(args.model, str(device))
         # the placeholder the personalization was trained with (recorded in its file), else the default <S*>

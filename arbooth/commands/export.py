@@ -10,6 +10,8 @@ The VAR file loads with `arbooth.models.load_var(...)` and, with --include-buffe
 code's `load_state_dict(strict=True)` too. The merged personalization holds every tensor of the adapted
 sub-layers (W + alpha/r B A for the adapted weights) and <S*>, like the full recipe's file (3 GB at 2B),
 and is used the same way (`arbooth generate --personalization`).
+--out may not be (or overwrite) a file of the result folder or a base checkpoint;
+it is checked before anything loads and written atomically.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from arbooth.errors import ConfigError
+from arbooth.outputs import check_output, refuse_inputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,13 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None = None,
                   var_ckpt: str | None = None, include_buffers: bool = False) -> Path:
+    out = check_output(Path(out))  # before the heavy imports and any model load
+    if out.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
+    refuse_inputs([out], [result, vae_ckpt, var_ckpt, *_recorded_bases(result)])
     from arbooth.adapt.finetuned import load_finetuned
     from arbooth.checkpoint import save_safetensors, save_torch
     from arbooth.models import official_state_dict
 
-    out = Path(out)
-    if out.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ConfigError(f"--out must end in .safetensors or .pth, got {out.name}")
     ft = load_finetuned(result, vae_ckpt=vae_ckpt, var_ckpt=var_ckpt, merge=True)
     sd = official_state_dict(ft.var, include_buffers=include_buffers)
     if out.suffix == ".safetensors":
@@ -50,6 +54,19 @@ def export_merged(result: str | Path, out: str | Path, *, vae_ckpt: str | None =
     else:
         save_torch({k: v.detach().cpu() for k, v in sd.items()}, out)
     return out
+
+
+def _recorded_bases(result: str | Path) -> list[str | None]:
+    """The base checkpoints a result folder records (inputs of the export too); none if unreadable
+    (load_finetuned then reports the folder's problem)."""
+    from arbooth.adapt.finetuned import read_result_config
+    from arbooth.errors import ArboothError
+
+    try:
+        model = read_result_config(result)[0].get("model") or {}
+    except ArboothError:
+        return []
+    return [model.get("vae_ckpt"), model.get("var_ckpt")] if isinstance(model, dict) else []
 
 
 def main(args: argparse.Namespace) -> int:

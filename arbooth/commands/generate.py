@@ -11,6 +11,7 @@ checkpoints default to those recorded in the file:
 
 Defaults are the released inference settings (scripts/infer.sh): 1024x1024, cfg 4, tau 0.5,
 top-k 900, top-p 0.97. With several images, `--out x.png` writes x_000.png, ... and the grid x.png.
+Image k (prompts in order, --n images each) is sampled from seed + k alone, whatever --batch-size.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from arbooth.data.images import save_grid, tensor_to_pil
 from arbooth.errors import ConfigError
+from arbooth.outputs import check_output, distinct_outputs, refuse_inputs, save_image
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--cfg", type=_floats, default=None, help="guidance scale, or one per scale (comma list); default 4")
-    p.add_argument("--tau", type=_floats, default=None, help="temperature, or one per scale; default 0.5")
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.97)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=_floats, default=None,
+                   help="guidance scale >= 0 (1 = none), or one per scale (comma list); default 4")
+    p.add_argument("--tau", type=_floats, default=None, help="temperature > 0, or one per scale; default 0.5")
+    p.add_argument("--top-k", type=int, default=900, help="keep the k most likely tokens (>= 0; 0 = off)")
+    p.add_argument("--top-p", type=float, default=0.97, help="nucleus mass in [0, 1] (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k, whatever the batch size")
     p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio (nearest template is used)")
     p.add_argument("--pn", default="1M", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,17 +78,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from arbooth.models.sampling import check_sampling_args
+
+    if args.n < 1 or args.batch_size < 1:
+        raise ConfigError("--n and --batch-size must be at least 1")
+    check_output(args.out)  # before any model loads
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must end in .png, got {args.out}")
+    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg, tau=args.tau)
+    refuse_inputs(_outputs(args.out, len(args.prompt) * args.n),
+                  [args.personalization, args.model_ckpt, args.vae_ckpt, args.t5])
+    device = torch.device(args.device)
+    if args.personalization is not None:
+        return _generate_personalized(args, device)
     from tqdm import tqdm
 
     from arbooth.models import T5TextEncoder, infinity_scale_schedule, load_infinity
 
-    if args.n < 1 or args.batch_size < 1:
-        raise ConfigError("--n and --batch-size must be at least 1")
-    if args.out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must end in .png, got {args.out}")
-    device = torch.device(args.device)
-    if args.personalization is not None:
-        return _generate_personalized(args, device)
     if not (args.model_ckpt and args.vae_ckpt):
         raise ConfigError("pass --model-ckpt and --vae-ckpt (or --personalization)")
     cfg, tau = (4.0 if args.cfg is None else args.cfg), (0.5 if args.tau is None else args.tau)
@@ -97,13 +106,13 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"T5 width {t5.dim} does not match the model's text_channels {model.text_channels}")
     schedule = infinity_scale_schedule(args.h_div_w, args.pn)
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    generator = torch.Generator(device).manual_seed(args.seed)
     images = []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
-        text, mask = t5(prompts[i: i + args.batch_size])
+        batch = prompts[i: i + args.batch_size]
+        text, mask = t5(batch)
         out = model.generate(text, mask, schedule, cfg=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p,
-                             generator=generator, use_cache=not args.no_cache, next_scale_mode=args.next_scale_mode,
-                             dtype=args.dtype)
+                             seed=_seeds(args.seed, i, len(batch)), use_cache=not args.no_cache,
+                             next_scale_mode=args.next_scale_mode, dtype=args.dtype)
         images.append(out.images.cpu())
     _write(torch.cat(images), args.out)
     return 0
@@ -117,19 +126,33 @@ def _generate_personalized(args: argparse.Namespace, device: torch.device) -> in
     sampler = load_sampler(args.personalization, model_ckpt=args.model_ckpt, vae_ckpt=args.vae_ckpt, t5=args.t5,
                            device=device)
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = [sampler.generate(prompts[i: i + args.batch_size], seed=args.seed + i, cfg=args.cfg, tau=args.tau,
-                               top_k=args.top_k, top_p=args.top_p, dtype=args.dtype).cpu()
-              for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch")]
+    images = []
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
+        batch = prompts[i: i + args.batch_size]
+        images.append(sampler.generate(batch, seed=_seeds(args.seed, i, len(batch)), cfg=args.cfg, tau=args.tau,
+                                       top_k=args.top_k, top_p=args.top_p, dtype=args.dtype).cpu())
     _write(torch.cat(images), args.out)
     return 0
 
 
+def _seeds(seed: int, start: int, n: int) -> list[int]:
+    """Seeds of images start .. start + n - 1: image k always uses seed + k (batch-size independent)."""
+    return [seed + start + j for j in range(n)]
+
+
+def _outputs(out: Path, n_images: int) -> list[Path]:
+    """The files a run writes: one image at `out`, or x_000.png ... and the grid at `out`."""
+    if n_images == 1:
+        return [out]
+    return distinct_outputs([*(out.with_name(f"{out.stem}_{j:03d}.png") for j in range(n_images)), out])
+
+
 def _write(images: torch.Tensor, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    files = _outputs(out, len(images))
     if len(images) == 1:
-        tensor_to_pil(images[0]).save(out)
+        save_image(tensor_to_pil(images[0]), out)
     else:
-        for j, im in enumerate(images):
-            tensor_to_pil(im).save(out.with_name(f"{out.stem}_{j:03d}.png"))
+        for im, path in zip(images, files, strict=False):
+            save_image(tensor_to_pil(im), path)
         save_grid(images, out, nrow=math.ceil(math.sqrt(len(images))))
     log.info("wrote %d image(s) to %s", len(images), out)

@@ -22,7 +22,9 @@ def main(args: argparse.Namespace) -> int:
     from arbooth.config import load_config
     from arbooth.toy.pretrain import PretrainToyConfig, pretrain
     logging.getLogger("arbooth").setLevel(logging.INFO)
+    from arbooth.outputs import check_output
     cfg = load_config(PretrainToyConfig, args.config, list(args.overrides))
+    check_output(cfg.out, folder=True, what="out")
     out = pretrain(cfg)
     print(f"toy base written to {out}")
     return 0

@@ -16,7 +16,6 @@ import json
 import math
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -101,9 +100,12 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.data.class_dataset import scan_image_folder
+    from arbooth.outputs import check_output, write_text
     from arbooth.recipes.class_config import ClassTrainConfig
 
     cfg = load_config(ClassTrainConfig, args.config, args.overrides)
+    if args.json:
+        check_output(args.json)
     if args.data:
         n = len(scan_image_folder(args.data, cfg.data.split)[0])
     elif args.num_images:
@@ -111,9 +113,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("pass --num-images N or --data <folder> (the run's cost scales with the data)")
     micro_per_epoch = n // cfg.train.batch_size
-    micro_steps = cfg.total_steps(micro_per_epoch) * cfg.train.grad_accum
+    accum = cfg.train.accum_steps(1)
+    micro_steps = cfg.total_steps(micro_per_epoch) * accum
     rows = {}
-    print(f"d{cfg.model.depth}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}, {n} images, "
+    print(f"d{cfg.model.depth}, batch {cfg.train.batch_size} x accum {accum} (1 process), {n} images, "
           f"{cfg.train.epochs:g} epochs = {micro_steps} micro-steps; device {args.device}")
     print(f"{'method':<10} {'trainable':>11} {'GFLOP fwd':>10} {'GFLOP step':>11} {'run PFLOP':>10} "
           f"{'step s':>7} {'peak GiB':>8}")
@@ -125,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
               f"{r['flops_step'] / 1e9:>11.1f} {r['run_pflops']:>10.2f} {_fmt(r['step_s'], '7.3f'):>7} "
               f"{_fmt(r['peak_mem_gib'], '8.2f'):>8}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"micro_steps": micro_steps, "num_images": n,
-                                               "methods": rows}, indent=2))
+        write_text(args.json, json.dumps({"micro_steps": micro_steps, "num_images": n, "methods": rows}, indent=2))
     if not math.isfinite(sum(r["run_pflops"] for r in rows.values())):
         raise ConfigError("FLOP count failed")
     return 0

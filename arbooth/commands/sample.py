@@ -17,6 +17,14 @@ from tqdm import tqdm
 
 from arbooth.data.images import save_grid, tensor_to_pil
 from arbooth.errors import ConfigError
+from arbooth.outputs import (
+    check_output,
+    distinct_outputs,
+    image_format,
+    refuse_inputs,
+    refuse_nested,
+    save_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +40,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="use a tiny random model (64x64, 10 classes)")
     parser.add_argument("--classes", type=int, nargs="+", help="class labels (default: demo classes; 0-3 with --tiny)")
     parser.add_argument("--per-class", type=int, default=4, help="images per class")
-    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance (ramped over scales)")
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance >= 0 (ramped over scales)")
+    parser.add_argument("--top-k", type=int, default=900, help="keep the k most likely tokens (>= 0; 0 = off)")
+    parser.add_argument("--top-p", type=float, default=0.96, help="nucleus mass in [0, 1] (0 = off)")
     parser.add_argument("--more-smooth", action="store_true", help="gumbel smoothing (visualisation only)")
-    parser.add_argument("--seed", type=int, default=0, help="batch i uses seed + i")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image k (in the order of the grid) uses seed + k, whatever the batch size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of the blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="outputs/samples.png", help="PNG grid to write")
-    parser.add_argument("--out-dir", help="also write each image here as class<label>_<i>.png")
+    parser.add_argument("--out-dir", help="also write each image here as class<label>_<i>.png (i counts the "
+                        "images of that label over the whole run, so repeated classes never overwrite)")
+
+
+def single_names(labels: list[int]) -> list[str]:
+    """class<label>_<i>.png per image, i counting that label's images over the whole run (unique names)."""
+    seen: dict[int, int] = {}
+    names = []
+    for label in labels:
+        names.append(f"class{label:04d}_{seen.get(label, 0):02d}.png")
+        seen[label] = seen.get(label, 0) + 1
+    return names
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbooth.models.var_loading import load_var
-    from arbooth.toy.tiny import build_tiny_var
+    from arbooth.models.sampling import check_sampling_args
 
     if args.per_class < 1 or args.batch_size < 1:
         raise ConfigError("--per-class and --batch-size must be at least 1")
+    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
+    # outputs before any model loads: a bad path costs nothing
+    check_output(args.out, what="grid")
+    image_format(args.out)
+    inputs = [args.result, args.vae_ckpt, args.var_ckpt]
+    refuse_inputs([args.out], inputs)
+    if args.out_dir:
+        check_output(args.out_dir, folder=True, what="--out-dir")
+        if args.result:
+            refuse_nested(args.out_dir, args.result, what="--result")
+    from arbooth.models.var_loading import load_var
+    from arbooth.toy.tiny import build_tiny_var
     if args.result:
         from arbooth.adapt import load_finetuned
 
@@ -67,18 +98,19 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"classes {bad} outside [0, {var.num_classes - 1}]")
 
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    singles = [Path(args.out_dir) / n for n in single_names(labels.tolist())] if args.out_dir else []
+    distinct_outputs([args.out, *singles])
+    refuse_inputs(singles, inputs)
     images = []
-    batches = labels.split(args.batch_size)
-    for i, labels_b in enumerate(tqdm(batches, desc="sampling", unit="batch")):
-        images.append(var.generate(labels_b, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i,
-                                   more_smooth=args.more_smooth, dtype=args.dtype).cpu())
+    seeds = torch.arange(len(labels)) + args.seed  # image k: seed + k, whatever the batching
+    for labels_b, seeds_b in tqdm(list(zip(labels.split(args.batch_size), seeds.split(args.batch_size))),
+                                  desc="sampling", unit="batch"):
+        images.append(var.generate(labels_b, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                   seed=seeds_b.tolist(), more_smooth=args.more_smooth, dtype=args.dtype).cpu())
     images_B3HW = torch.cat(images)
 
     path = save_grid(images_B3HW, args.out, nrow=args.per_class)
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for j, (label, img) in enumerate(zip(labels.tolist(), images_B3HW)):
-            tensor_to_pil(img).save(out_dir / f"class{label:04d}_{j % args.per_class:02d}.png")
+    for img, single in zip(images_B3HW, singles, strict=False):  # singles: empty without --out-dir
+        save_image(tensor_to_pil(img), single)
     print(f"wrote {len(images_B3HW)} images to {path}" + (f" and {args.out_dir}/" if args.out_dir else ""))
     return 0

@@ -74,9 +74,13 @@ def _yaml_str(override: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from arbooth.outputs import check_output, refuse_nested
     from arbooth.recipes.subject_config import SUBJECT_PRESETS
     from arbooth.recipes.train_subject import train
     cfg = build_config(args)
+    # before any model loads: the run folder can be written and is not the subject's photo folder
+    check_output(cfg.out_dir, folder=True, what="out_dir")
+    refuse_nested(cfg.out_dir, cfg.subject or None, what="subject")
     preset = SUBJECT_PRESETS[cfg.model.preset]
     if preset.num_threads:
         import torch

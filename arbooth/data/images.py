@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from arbooth.errors import ImageReadError
+from arbooth.outputs import save_image
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,4 @@ def save_grid(images_B3HW: torch.Tensor, path: str | Path, *, nrow: int, pad: in
         for r, text in enumerate((row_labels or [])[:nrows]):
             draw.text((4, top + pad + r * (h + pad) + max(0, (h - line_h) // 2)), text, fill=(0, 0, 0), font=font)
         image = canvas
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return save_image(image, path)

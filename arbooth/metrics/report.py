@@ -12,6 +12,7 @@ from PIL import Image
 
 from arbooth.data.images import list_image_files, read_image
 from arbooth.errors import ImageReadError
+from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,9 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_report(out_dir: Path, stem: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jpath.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    mpath.write_text(markdown + "\n")
+    write_text(jpath, json.dumps(data, indent=2, default=str) + "\n")
+    write_text(mpath, markdown + "\n")
     return jpath, mpath
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
@@ -33,6 +32,14 @@ from arbooth.metrics.extractors import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGE
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("dreambooth", "dreammatcher")
+
+
+def _tf():
+    """torchvision's functional transforms, imported when first used: importing torchvision pulls in
+    torch._dynamo (seconds), and every `arbooth` command imports this module to build its parser."""
+    import torchvision.transforms.functional as TF
+
+    return TF
 
 
 # ----------------------------------------------------------------------------- metric accumulators
@@ -131,6 +138,7 @@ class SubjectProtocol:
             # dino_eval.py feeds the [-1, 1] 256x256 tensor straight to the DINO model: no ImageNet
             # normalisation, no crop; the position embedding is interpolated to 16x16 patches.
             return _dreammatcher_load(im)
+        TF = _tf()
         x = TF.resize(im, 224, interpolation=TF.InterpolationMode.BICUBIC)
         x = TF.to_tensor(TF.center_crop(x, 224))
         return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
@@ -140,6 +148,7 @@ class SubjectProtocol:
             # clip_eval.py: [-1, 1] -> [0, 1], then CLIP's Resize(224, bicubic) and CenterCrop(224) on
             # the tensor, then CLIP normalisation.
             x = _dreammatcher_load(im).add(1.0).div(2.0)
+            TF = _tf()
             x = TF.resize(x, clip.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
             return TF.normalize(TF.center_crop(x, clip.image_size), CLIP_MEAN, CLIP_STD)
         return clip.preprocess(im)

@@ -30,7 +30,7 @@ from arbooth.errors import ConfigError
 from arbooth.models.infinity_keys import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
 from arbooth.models.kv_cache import KVCache
-from arbooth.models.sampling import sample_bits
+from arbooth.models.sampling import check_sampling_args, sample_bits, seed_generators
 from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.precision import autocast
 
@@ -350,8 +350,9 @@ class Infinity(TokenizerHolder):
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
         the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
         random stream, so an image depends on its seed and not on what else is in the batch (up to
-        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images.
-        `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the last bits of batched arithmetic). Ranges (ConfigError otherwise): top_k >= 0 (0 = off),
+        top_p in [0, 1] (0 = off), cfg >= 0 (1 = no guidance), tau > 0. `decode=False` returns the
+        bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
         dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
         Inputs: T5 features `text_BTC` (B, T, Ct) with the bool mask `text_mask_BT`, and the (t, h, w)
@@ -361,13 +362,9 @@ class Infinity(TokenizerHolder):
         prompt, per-scale `cfg`/`tau` lists shorter than the schedule, or a seed list of the wrong length.
         """
         n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
+        check_sampling_args(top_k=top_k, top_p=top_p, cfg=cfg, tau=tau, where="Infinity.generate")
         cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
-        if generator is None and isinstance(seed, int):
-            generator = torch.Generator(dev).manual_seed(seed)
-        elif generator is None and seed is not None:
-            if len(seed) != B:
-                raise ConfigError(f"{len(seed)} seeds for {B} prompts")
-            generator = [torch.Generator(dev).manual_seed(int(s)) for s in seed]
+        generator = seed_generators(seed if generator is None else generator, B, dev)
         guided = any(c != 1 for c in cfgs)
         if guided:  # second half of the batch: the unconditional prompt
             drop = torch.arange(2 * B, device=dev) >= B

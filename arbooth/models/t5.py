@@ -11,12 +11,13 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from arbooth.errors import CheckpointError
+from arbooth.errors import ArboothError, CheckpointError
 from arbooth.precision import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class T5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        warn_truncation(self.tokenizer, prompts, self.max_length)
         tokens = self.tokenizer(prompts, max_length=self.max_length, padding="longest", truncation=True,
                                 return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
@@ -92,3 +94,19 @@ class T5TextEncoder(nn.Module):
         return feats, mask
 
     encode = forward
+
+
+def warn_truncation(tokenizer, prompts: Sequence[str], limit: int, *, placeholder_id: int | None = None,
+                    placeholder: str = "<S*>") -> None:
+    """Log a warning for every prompt longer than `limit` tokens (the text encoder keeps the first
+    `limit`, end-of-sequence token included); ArboothError when the cut removes `placeholder_id`."""
+    full = tokenizer(list(prompts), truncation=False).input_ids
+    cut = tokenizer(list(prompts), truncation=True, max_length=limit).input_ids
+    for prompt, ids, kept in zip(prompts, full, cut, strict=True):
+        if len(ids) <= limit:
+            continue
+        if placeholder_id is not None and placeholder_id in ids and placeholder_id not in kept:
+            raise ArboothError(f"prompt of {len(ids)} tokens is cut to {limit}, which removes {placeholder} "
+                               f"(token {ids.index(placeholder_id) + 1}): shorten it or move {placeholder} "
+                               f"earlier: {prompt!r}")
+        log.warning("prompt of %d tokens truncated to the text encoder's %d: %r", len(ids), limit, prompt)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,13 @@ from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
 from arbooth.models.kv_cache import KVCache
-from arbooth.models.sampling import gumbel_softmax, sample_top_k_top_p, top_k_top_p_filter
+from arbooth.models.sampling import (
+    check_sampling_args,
+    gumbel_softmax,
+    sample_top_k_top_p,
+    seed_generators,
+    top_k_top_p_filter,
+)
 from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
@@ -329,7 +336,7 @@ class VAR(TokenizerHolder):
         cfg: float = 1.5,
         top_k: int = 900,
         top_p: float = 0.96,
-        seed: int | torch.Generator = 0,
+        seed: int | Sequence[int] | torch.Generator = 0,
         more_smooth: bool = False,
         dtype: str | torch.dtype = "fp32",
         use_kv_cache: bool = True,
@@ -342,16 +349,24 @@ class VAR(TokenizerHolder):
         "fp16") sets the autocast of the blocks; head, sampling and tokenizer run in full precision.
         `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
         `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images.
-        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int or a
-        `torch.Generator` on the model's device (the same seed gives the same images); `top_k`,
-        `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels out of range."""
+        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int, a list
+        of B ints or a `torch.Generator` on the model's device (the same seed gives the same images);
+        `top_k`, `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels or
+        sampling arguments out of range.
+
+        `seed`: an int seeds one generator for the whole batch (the official sampler's behaviour); a
+        list of B seeds gives every image its own generator, so image b depends on seed[b] only, not
+        on the batch size or the other labels (up to the last bits of batched arithmetic); a
+        `torch.Generator` is used as is. Ranges (ConfigError otherwise): top_k >= 0 (0 = off), top_p in
+        [0, 1] (0 = off), cfg >= 0."""
+        check_sampling_args(top_k=top_k, top_p=top_p, cfg=cfg, where="VAR.generate")
         device = self.head.weight.device
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype)
         labels_B = torch.as_tensor(labels_B, device=device).long().view(-1)
         if labels_B.numel() == 0 or labels_B.min() < 0 or labels_B.max() > self.num_classes:
             raise ConfigError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = "
                               f"unconditional); got {labels_B.tolist()}")
-        rng = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(int(seed))
+        rng = seed_generators(seed, labels_B.shape[0], device)
         B, quant, num_scales = labels_B.shape[0], self.vae.quantize, len(self.patch_nums)
 
         cond_2BD = self.class_emb(torch.cat((labels_B, torch.full_like(labels_B, self.num_classes))))

@@ -5,6 +5,7 @@ Defaults are the authors' (jiwoogit/ARBooth arg_util.py, booth_train_final.py; s
 """
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +14,7 @@ from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.errors import ConfigError
 from arbooth.models.infinity_loading import infinity_2b_base
 from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.models.sampling import check_sampling_args
 from arbooth.toy.models import toy_infinity_base, toy_schedule
 from arbooth.toy.report import toy_run_report
 from arbooth.toy.tiny import tiny_infinity_base
@@ -37,26 +39,46 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PromptConfig:
     placeholder: str = "<S*>"
-    instance_template: str = "a photo of {token} {cls}"   # arg_util.py L522
-    class_template: str = "a photo of {cls}"              # arg_util.py L523
+    instance_template: str = "a photo of {token} {cls}"   # arg_util.py L522; must hold {token} and {cls}
+    class_template: str = "a photo of {cls}"              # arg_util.py L523; must hold {cls}, not {token}
     validation: tuple[str, ...] = ("a {} in the jungle", "a {} on the beach", "a {} wearing a santa hat")
+    #   each with one `{}` for the subject phrase ("<S*> dog")
 
     def __post_init__(self) -> None:
-        # Placeholder consistency: the one <S*> token is what training splices, what the personalization
-        # file records and what prompts at sampling time must contain (arbooth/adapt/subject_token.py).
+        # Checked when the config loads, before any model: a template without {token} trains <S*> never
+        # (the subject goes into the class prompt the prior loss protects), a misspelt field ({tok}) failed
+        # with a KeyError after the models loaded. The one <S*> token is what training splices, what the
+        # personalization file records and what prompts at sampling time must contain.
         p = self.placeholder
         if not p or any(c.isspace() for c in p) or any(c in p for c in "{}"):
             raise ConfigError(f"prompts.placeholder must be one word without braces, got {p!r}")
-        if "{token}" not in self.instance_template or "{cls}" not in self.instance_template:
-            raise ConfigError("prompts.instance_template must contain {token} (the placeholder) and {cls}, got "
-                              f"{self.instance_template!r}")
-        if "{cls}" not in self.class_template or "{token}" in self.class_template or p in self.class_template:
-            raise ConfigError("prompts.class_template must contain {cls} and no placeholder, got "
-                              f"{self.class_template!r}")
-        bad = [v for v in self.validation if v.count("{}") != 1 or p in v]
-        if bad:
-            raise ConfigError(f"prompts.validation: each prompt needs exactly one {{}} (where '{p} <class>' goes) "
-                              f"and no literal placeholder; bad: {bad}")
+        _check_template("prompts.instance_template", self.instance_template, required={"token", "cls"})
+        _check_template("prompts.class_template", self.class_template, required={"cls"}, allowed={"cls"})
+        if p in self.class_template:
+            raise ConfigError(f"prompts.class_template must contain {{cls}} and no placeholder, got {self.class_template!r}")
+        for i, v in enumerate(self.validation):
+            _check_template(f"prompts.validation[{i}]", v, required={""})
+            if v.count("{}") != 1 or p in v:
+                raise ConfigError(f"prompts.validation: each prompt needs exactly one {{}} (where '{p} <class>' "
+                                  f"goes) and no literal placeholder; bad: {v!r}")
+
+
+def _check_template(name: str, template: str, *, required: set[str], allowed: set[str] | None = None) -> None:
+    """ConfigError unless `template` is a format string whose fields are exactly `required` (each once
+    or more) within `allowed` (default: `required`); "" is the positional `{}`."""
+    allowed = required if allowed is None else allowed
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"{name}: {template!r} is not a valid template ({e})") from None
+    show = {f: "{" + f + "}" for f in (*required, *allowed, *fields)}
+    unknown = [show[f] for f in fields if f not in allowed]
+    if unknown:
+        raise ConfigError(f"{name}: {template!r} has unknown field(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(show[f] for f in allowed))}")
+    missing = [show[f] for f in sorted(required) if f not in fields]
+    if missing:
+        raise ConfigError(f"{name}: {template!r} must contain {' and '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.bank_size < 0:
             raise ConfigError("teacher.bank_size must be >= 0")
+        check_sampling_args(top_k=self.top_k, top_p=self.top_p, tau=self.tau, where="teacher")
 
 
 @dataclass(frozen=True)
@@ -221,3 +244,4 @@ class SubjectTrainConfig:
             raise ConfigError("steps must be >= 0 and batch_size >= 1")
         if self.validate_every < 0 or self.save_every < 0:
             raise ConfigError("validate_every and save_every must be >= 0")
+        check_sampling_args(cfg=self.val_cfg, tau=self.val_tau, where="val_cfg/val_tau")

@@ -44,6 +44,7 @@ from arbooth.models.var_training import (
     step_seed,
     var_loss,
 )
+from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
@@ -104,7 +105,7 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
     gen = torch.Generator().manual_seed(pc.noise_seed) if pc.noise_seed is not None else None
     pt = make_private(model, optimizer, dataset, target_epsilon=epsilon, delta=pc.delta_for(len(dataset)),
                       sample_rate=pc.sample_rate, steps=total, max_grad_norm=pc.max_grad_norm,
-                      views=pc.aug_multiplicity, ghost=pc.ghost_clipping, accountant=pc.accountant,
+                      views=pc.aug_multiplicity, clipping=pc.clipping, accountant=pc.accountant,
                       noise_generator=gen, sampling_generator=torch.Generator().manual_seed(cfg.train.seed),
                       num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(pt.optimizer.original_optimizer, cfg.optim, total)
@@ -195,7 +196,7 @@ def privacy_report(run: DPRun) -> dict:
     return {"target_epsilon": run.epsilon, "epsilon_spent": pt.epsilon(), "delta": pt.delta,
             "accountant": pc.accountant, "noise_multiplier": pt.noise_multiplier, "sample_rate": pt.sample_rate,
             "steps": pt.steps_taken, "planned_steps": run.total_steps, "max_grad_norm": pt.max_grad_norm,
-            "aug_multiplicity": pt.views, "ghost_clipping": pt.ghost, "dataset_size": len(run.dataset),
+            "aug_multiplicity": pt.views, "clipping": pt.clipping, "dataset_size": len(run.dataset),
             "stopped_by_budget": run.stopped_by_budget}
 
 
@@ -208,7 +209,7 @@ def save_result(run: DPRun, folder: Path) -> None:
         save_result_weights(run.model, run.cfg.method.name, partial)
         write_result_meta(partial, run.cfg.without_privacy(), step=run.pt.steps_taken,
                           classes=run.dataset.base.classes)
-        (partial / "privacy.yaml").write_text(yaml.safe_dump(privacy_report(run), sort_keys=False))
+        write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
         commit_dir(partial, folder)
         log.info("saved %s (epsilon %.4f spent of %g)", folder, run.pt.epsilon(), run.epsilon)
     acc.wait_for_everyone()

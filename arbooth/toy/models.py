@@ -39,8 +39,8 @@ CLIP = {"embed_dim": 64,
         "vision": {"layers": 3, "width": 96, "head_width": 32, "patch_size": 4, "image_size": IMAGE_SIZE,
                    "mlp_ratio": 2.0},
         "text": {"context_length": 16, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0}}
-PROBE_HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES, "size": SIZES,
-               "background": tuple(COLOURS)}
+PROBE_HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES, "texture_colour": tuple(COLOURS),
+               "size": SIZES, "background": tuple(COLOURS)}  # texture_colour: the split's top half (split only)
 
 
 # ----------------------------------------------------------------------------- builders

@@ -9,8 +9,11 @@ model's (prompts with "<S*> star") on the right. Metrics, for both models (see d
 - PRES: I_ID between the subject images and the class prompt's images (lower = prior kept).
 - DIV: mean pairwise (1 - cosine) of identity embeddings of one prompt's images (no LPIPS weights here).
 - oracle: the probe's predicted shape / colour / texture against the subject's known attributes, and
-  background / size against what the prompt asks for; on the class prompt, `subject_leak` = share of
-  images showing the subject's colour and texture, and `drift_id` = 1 - I_ID(personalized, base) per seed.
+  background / size against what the prompt asks for; `subject_acc` = share of images in which the probe
+  sees the subject (its shape AND its identity attributes: colour, texture and, for a split subject, the
+  top half's colour). On the class prompt (scored on `class_samples` images, more than the grid shows,
+  so its rates are not quarters): `class_shape_acc` = share showing the class, `subject_leak` = share
+  showing the subject's identity attributes, and `drift_id` = 1 - I_ID(personalized, base) per seed.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from arbooth.adapt.personalization import load_personalization
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
+from arbooth.outputs import write_text
 from arbooth.toy.models import TOY_DIR, ToyEvaluator, load_toy_base
 from arbooth.toy.world import COLOURS, SIZES
 
@@ -66,9 +70,21 @@ def generate_rows(model, text_BTC, mask_BT, schedule, seeds, **sample) -> torch.
     return torch.stack([model.generate(text_BTC, mask_BT, schedule, seed=s, **sample).images for s in seeds], 1)
 
 
+IDENTITY = ("colour", "texture", "texture_colour")  # the attributes that make the subject itself
+
+
+def is_subject(pred: dict[str, str], attrs: dict[str, str], *, shape: bool = True) -> bool:
+    """The probe's prediction `pred` shows the subject `attrs`: (its shape and) its colour, texture and,
+    if textured, its texture colour."""
+    keys = [k for k in IDENTITY if k != "texture_colour" or attrs.get("texture", "plain") != "plain"]
+    return (not shape or pred["shape"] == attrs["shape"]) and all(pred[k] == attrs[k] for k in keys if k in attrs)
+
+
 def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], subject_N3HW: torch.Tensor,
-          attrs: dict[str, str], base_RS3HW: torch.Tensor | None = None) -> dict:
-    """Metrics for one model; row 0 is the class prompt, rows 1.. the subject prompts."""
+          attrs: dict[str, str], base_RS3HW: torch.Tensor | None = None,
+          class_N3HW: torch.Tensor | None = None) -> dict:
+    """Metrics for one model; row 0 is the class prompt, rows 1.. the subject prompts. `class_N3HW`: more
+    class-prompt images for the class-prompt rates (default: row 0)."""
     sub_id, sub_clip = ev.identity(subject_N3HW), ev.clip_image(subject_N3HW)
     # per seed (column), mean over the subject prompts: the spread across seeds for significance checks
     per_seed = (ev.identity(imgs_RS3HW[1:].flatten(0, 1)) @ sub_id.T).mean(-1).view(imgs_RS3HW.shape[0] - 1, -1)
@@ -80,24 +96,29 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
                "T_CLIP": _mean_cos(fclip, ev.clip_text([prompt])), "DIV": _div(fid),
                "shape_acc": sum(p["shape"] == attrs["shape"] for p in preds) / len(preds),
                "colour_acc": sum(p["colour"] == attrs["colour"] for p in preds) / len(preds),
-               "texture_acc": sum(p["texture"] == attrs["texture"] for p in preds) / len(preds)}
+               "texture_acc": sum(p["texture"] == attrs["texture"] for p in preds) / len(preds),
+               "subject_acc": sum(is_subject(p, attrs) for p in preds) / len(preds)}
         for key, want in _asked(prompt).items():
             row[f"{key}_acc"] = sum(p[key] == want for p in preds) / len(preds)
         if r == 0:
-            row["subject_leak"] = sum(p["colour"] == attrs["colour"] and p["texture"] == attrs["texture"]
-                                      for p in preds) / len(preds)
+            many = ev.attributes(class_N3HW) if class_N3HW is not None else preds
+            row["samples"] = len(many)
+            row["class_shape_acc"] = sum(p["shape"] == attrs["shape"] for p in many) / len(many)
+            row["subject_leak"] = sum(is_subject(p, attrs, shape=False) for p in many) / len(many)
+            if class_N3HW is not None:
+                row["I_ID"] = _mean_cos(ev.identity(class_N3HW), sub_id)
             if base_RS3HW is not None:
                 row["drift_id"] = 1 - (fid * ev.identity(base_RS3HW[0])).sum(-1).mean().item()
         per_prompt.append(row)
     subj = per_prompt[1:]
     mean = {k: sum(r[k] for r in subj) / len(subj) for k in ("I_ID", "I_CLIP", "T_CLIP", "DIV", "shape_acc",
-                                                           "colour_acc", "texture_acc")}
+                                                           "colour_acc", "texture_acc", "subject_acc")}
     for key in ("background_acc", "size_acc"):
         vals = [r[key] for r in subj if key in r]
         if vals:
             mean[key] = sum(vals) / len(vals)
     cls = per_prompt[0]
-    mean.update(PRES=cls["I_ID"], class_shape_acc=cls["shape_acc"], class_subject_leak=cls["subject_leak"])
+    mean.update(PRES=cls["I_ID"], class_shape_acc=cls["class_shape_acc"], class_subject_leak=cls["subject_leak"])
     if "drift_id" in cls:
         mean["class_drift_id"] = cls["drift_id"]
     return {"mean": mean, "I_ID_per_seed": per_seed.mean(0).tolist(), "per_prompt": per_prompt}
@@ -105,8 +126,9 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
 
 def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | Path, *, toy_dir: str | Path = TOY_DIR,
                seeds: tuple[int, ...] = (0, 1, 2, 3), cfg: float = 3.0, tau: float = 1.0, top_p: float = 0.0,
-               grid: bool = True) -> dict:
-    """Write `grid.png` and `metrics.json` into `out_dir`; returns the metrics."""
+               grid: bool = True, class_samples: int = 16) -> dict:
+    """Write `grid.png` and `metrics.json` into `out_dir`; returns the metrics. The class prompt's rates
+    (class_shape_acc, class_subject_leak, PRES) are scored on `class_samples` images (seeds 1000, 1001, ...)."""
     out_dir, subject = Path(out_dir), Path(subject)
     pers = load_personalization(personalization)
     base, tuned = load_toy_base(toy_dir), load_toy_base(toy_dir)
@@ -125,13 +147,19 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
     t_p, m_p = pers.encode(tuned.tokenizer, tuned.encoder, prompts_sub, max_length=L)
     img_b = generate_rows(base.model, t_b, m_b, base.schedule, seeds, **sample)
     img_p = generate_rows(tuned.model, t_p, m_p, tuned.schedule, seeds, **sample)
+    many = {}
+    for name, tb, (t, m) in (("base", base, (t_b, m_b)), ("tuned", tuned, (t_p, m_p))):
+        n = class_samples
+        many[name] = tb.model.generate(t[:1].expand(n, -1, -1), m[:1].expand(n, -1), tb.schedule,
+                                       seed=[1000 + k for k in range(n)], **sample).images
     metrics = {"subject": str(subject), "personalization": str(personalization), "class_noun": noun,
                "subject_attributes": attrs, "seeds": list(seeds), "sampling": sample,
-               "base": score(ev, img_b, prompts_cls, sub_imgs, attrs),
-               "personalized": score(ev, img_p, prompts_cls, sub_imgs, attrs, base_RS3HW=img_b),
+               "class_samples": class_samples,
+               "base": score(ev, img_b, prompts_cls, sub_imgs, attrs, class_N3HW=many["base"]),
+               "personalized": score(ev, img_p, prompts_cls, sub_imgs, attrs, base_RS3HW=img_b,
+                                     class_N3HW=many["tuned"]),
                "prompts": prompts_sub}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     if grid:
         R, S = img_b.shape[:2]
         gap = torch.ones(R, 1, *img_b.shape[2:])
@@ -151,10 +179,10 @@ def toy_run_report(cfg, personalization: str | Path) -> list[str]:
     out = Path(cfg.out_dir)
     m = toy_report(cfg.subject, personalization, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg,
                    tau=cfg.val_tau)
-    keys = ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")
+    keys = ("subject_acc", "background_acc", "class_shape_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
     lines = [f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}",
-             "             " + " ".join(f"{k:>10s}" for k in keys)]
+             "             " + " ".join(f"{k:>18s}" for k in keys)]
     for name, v in (("base", m["base"]["mean"]), ("personalized", m["personalized"]["mean"])):
-        lines.append(f"{name:12s} " + " ".join(f"{v[k]:10.3f}" for k in keys))
+        lines.append(f"{name:12s} " + " ".join(f"{v[k]:18.3f}" for k in keys))
     return lines
 

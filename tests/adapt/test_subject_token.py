@@ -1,10 +1,9 @@
 """<S*> splice against the authors' tensors in arbooth_tiny.pt, and prompt encoding with a tiny T5."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from _golden import arbooth_golden, golden_arbooth
 
 from arbooth.adapt.subject_token import (
     PLACEHOLDER,
@@ -21,19 +20,18 @@ from arbooth.errors import ArboothError
 from arbooth.toy.tiny import build_tiny_t5
 
 
-def test_splice_matches_the_authors(shared_dir: Path) -> None:
-    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
-    inp, txt = g["inputs"], g["config"]["text"]
-    token_PC = g["infinity_state_dict"]["special_token"]
-    placeholder_BT = inp["input_ids"] == txt["special_token_id"]
+def test_splice_matches_the_authors() -> None:
+    """Against the fork's training splice (booth_train_final.py) in tests/golden/arbooth_tiny.safetensors."""
+    config, g = arbooth_golden()
+    txt = config["text"]
+    _vae, _model, token_PC = golden_arbooth(config)
+    placeholder_BT = g["input_ids"] == txt["special_token_id"]
     assert placeholder_BT.nonzero()[:, 1].tolist() == txt["placeholder_pos"]
-    mask_BT = inp["attention_mask"].bool()
-    out_BTC, out_mask_BT = splice_subject_token(inp["text_features"], mask_BT, placeholder_BT, token_PC)
+    mask_BT = g["attention_mask"].bool()
+    out_BTC, out_mask_BT = splice_subject_token(g["text_features"], mask_BT, placeholder_BT, token_PC)
     packed, lens = pack_text(out_BTC, out_mask_BT)
-    kv_compact, ref_lens, _, max_len = inp["text_cond_infer"]
-    assert lens == list(ref_lens) and out_BTC.shape[1] == max_len
-    torch.testing.assert_close(packed, kv_compact, rtol=0, atol=0)
-    assert torch.equal(g["inputs"]["text_cond_train"][0], kv_compact)  # the training splice is the same
+    assert lens == txt["lens_after_splice"] and out_BTC.shape[1] == max(txt["lens_after_splice"])
+    torch.testing.assert_close(packed, g["kv_compact"], rtol=0, atol=0)
 
 
 def test_splice_is_differentiable_and_leaves_other_prompts_alone() -> None:
@@ -88,3 +86,25 @@ def test_placeholder_missing_from_tokenizer_is_an_error() -> None:
     tokenizer, encoder = build_tiny_t5(8)
     with pytest.raises(ArboothError, match="add_placeholder_token"):
         encode_prompts(tokenizer, encoder, [f"a {PLACEHOLDER} dog"], max_length=16)
+
+
+def test_truncation_warns_and_never_drops_the_placeholder(caplog) -> None:
+    """Issue 18.6: a 44-token prompt with <S*> at token 41, text length 32 (prefix 4: 29 tokens fit):
+    the image equalled the one without <S*>, silently. Right: an error naming the cut; a long prompt
+    whose <S*> survives the cut is only warned about."""
+    tokenizer, encoder = build_tiny_t5(16)
+    add_placeholder_token(tokenizer, encoder)
+    words = ["dog"] * 43  # + </s> = 44 tokens
+    late = " ".join(words[:40] + [PLACEHOLDER] + words[41:])
+    assert len(tokenizer(late).input_ids) == 44 and tokenizer(late).input_ids[40] == tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+    with pytest.raises(ArboothError, match=r"44 tokens is cut to 29, which removes <S\*> \(token 41\)"):
+        encode_prompts(tokenizer, encoder, ["a dog", late], max_length=32, prefix_length=4)
+    early = " ".join(words[:2] + [PLACEHOLDER] + words[3:])
+    with caplog.at_level("WARNING"):
+        _, mask, ph = encode_prompts(tokenizer, encoder, [early], max_length=32, prefix_length=4)
+    assert "44 tokens truncated to the text encoder's 29" in caplog.text
+    assert mask.sum() == 29 and ph.sum() == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        encode_prompts(tokenizer, encoder, ["a <S*> dog"], max_length=32, prefix_length=4)
+    assert "truncated" not in caplog.text  # short prompts: no warning

@@ -45,6 +45,9 @@ def test_eval_class_end_to_end_with_cache(tmp_path, capsys):
     m = report["metrics"]
     assert abs(m["FID"]) < 1e-3 and m["precision"] == m["recall"] == 1.0
     assert m["n_generated"] == m["n_reference"] == 12 and report["random_weights"]
+    # issue 18.5: 12 samples of 64-d features: warned and recorded next to the numbers
+    assert m["feature_dim"] == 64 and m["fid_fewer_samples_than_dims"] is True
+    assert "12 and 12 samples with 64-dimensional features" in report["warnings"][0]
     assert (gen / "eval_class" / "eval_class.md").read_text().startswith("# eval-class")
     assert len(list(cache.glob("*.npz"))) == 1
     # A second run reuses the cached reference features; changing the reference changes the key.
@@ -64,19 +67,18 @@ def test_class_sampling_is_resumable(tmp_path):
     assert counts == {0: 3, 1: 2}
     calls = []
 
-    def generate(labels_B, seed):  # a deterministic stand-in with the VAR generate() contract
-        calls.append(seed)
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(len(labels_B), 3, 16, 16, generator=g)
+    def generate(labels_B, seeds):  # a deterministic stand-in with the VAR generate() contract (seed per image)
+        calls.append(list(seeds))
+        return torch.stack([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     out = tmp_path / "gen"
     assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 5
-    assert calls == [10, 11, 12]
+    assert calls == [[10, 11], [12, 13], [14]]  # image k uses seed + k
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and lines[2]["seed"] == 11
+    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and [r["seed"] for r in lines] == [10, 11, 12, 13, 14]
     (out / "0001" / "0001_00001.png").unlink()
     assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 1
-    assert calls[3:] == [12]
+    assert calls[3:] == [[14]]  # only the missing image, with its own seed
 
 
 def test_eval_class_var_model_needs_checkpoints(tmp_path):
@@ -106,11 +108,11 @@ def test_eval_reading_over_bad_inputs(bad_inputs_dir):
 
 
 @pytest.fixture(scope="module")
-def subject_dirs(tmp_path_factory, shared_dir):
+def subject_dirs(tmp_path_factory, toy_subject_dir):
     root = tmp_path_factory.mktemp("subj")
     subject = root / "subject"
     subject.mkdir()
-    for p in sorted((shared_dir / "vico" / "red_vase").iterdir())[:2]:
+    for p in sorted(toy_subject_dir.glob("*.png"))[:2]:
         Image.open(p).convert("RGB").resize((96, 96)).save(subject / f"{p.stem}.png")
     prompts = root / "prompts.txt"
     prompts.write_text("a {} in the jungle\na {} in the snow\n")
@@ -174,10 +176,11 @@ def test_eval_subject_prompt_file_errors(subject_dirs, tmp_path):
     assert rc == 2
 
 
-def test_live_object_prompt_split(shared_dir):
-    vico = shared_dir / "vico"
-    args = argparse.Namespace(prompts=None, live_prompts=vico / "prompts_live_objects.txt",
-                              object_prompts=vico / "prompts_nonlive_objects.txt", live=True)
+def test_live_object_prompt_split(tmp_path):
+    (tmp_path / "live.txt").write_text("a {} sleeping\na {} running in the park\n")
+    (tmp_path / "objects.txt").write_text("a {} on a table\n\na {} in the snow\n")
+    args = argparse.Namespace(prompts=None, live_prompts=tmp_path / "live.txt",
+                              object_prompts=tmp_path / "objects.txt", live=True)
     live = read_templates(args)
     args.live = False
     objects = read_templates(args)

@@ -128,3 +128,22 @@ def test_content_hash_changes_with_content(tmp_path):
     assert h1 == folder_content_hash(files, tmp_path)
     (tmp_path / "b.png").write_bytes(b"tw0")
     assert folder_content_hash(files, tmp_path) != h1
+
+
+def test_fewer_samples_than_dims_warns_and_fid_depends_on_n(caplog):
+    """Issue 18.5: two samples of one distribution (true FID 0), 32-d features. Below N = 32 the
+    estimate is large and falls with N (so FIDs at different N are not comparable): warned, and the
+    `warning` attribute carries the text for the JSON report; at N >= D there is no warning."""
+    rng = np.random.default_rng(0)
+    values, warnings = {}, {}
+    for n in (16, 64, 4096):
+        fid = FrechetDistance()
+        fid.update(rng.normal(size=(n, 32)), real=True)
+        fid.update(rng.normal(size=(n, 32)), real=False)
+        with caplog.at_level("WARNING"):
+            values[n] = fid.compute()
+        warnings[n] = fid.warning
+    assert values[16] > values[64] > values[4096] > 0 and values[4096] < 0.5 and values[16] > 20 * values[4096]
+    assert "16 and 16 samples with 32-dimensional features" in warnings[16]
+    assert "only comparable at the same N" in caplog.text
+    assert warnings[64] is None and warnings[4096] is None

@@ -64,3 +64,34 @@ def test_train_export_profile(tmp_path, capsys):
     assert fft["flops_step"] > lora["flops_step"] > lora["flops_forward"] > 0
     assert prof["micro_steps"] == 2 and abs(fft["run_pflops"] - fft["flops_step"] * 2 / 1e15) < 1e-12
     assert "lora" in capsys.readouterr().out
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    """Issue 19.2: `export --merge --out <result>/adapter_model.safetensors` exited 0 and replaced the
+    adapter, so the result no longer loaded. Right: one line, the result untouched and still usable.
+    Also: a run folder inside the data folder, or under a regular file, is refused before any work."""
+    data = write_dataset(tmp_path / "data", per_class=4)
+    save_config(tiny_config(data, tmp_path / "unused", "lora", train={"max_steps": 1}), tmp_path / "tiny.yaml")
+    train = ["train-class", "--config", str(tmp_path / "tiny.yaml"), "--data", str(data)]
+    (tmp_path / "file").write_bytes(b"x")
+    for out_dir, msg in ((data / "run", "overlaps the data folder"), (tmp_path / "file" / "run", "not a folder")):
+        capsys.readouterr()
+        assert cli([*train, "--out-dir", str(out_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
+    assert not (data / "run").exists()
+    assert cli([*train, "--out-dir", str(tmp_path / "run")]) == 0
+    final = tmp_path / "run" / "final"
+    adapter = final / "adapter_model.safetensors"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    capsys.readouterr()
+    assert cli(["export", str(final), "--merge", "--out", str(adapter)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would overwrite the input" in err and "\n" not in err, err
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert cli(["export", str(final), "--merge", "--out", str(tmp_path / "merged.safetensors")]) == 0
+    assert cli(["sample", "--result", str(final), "--classes", "0", "--per-class", "1", "--top-k", "1",
+                "--out", str(tmp_path / "g.png")]) == 0  # the result still loads
+    capsys.readouterr()
+    assert cli(["sample", "--result", str(final), "--out", str(tmp_path / "g.png"), "--out-dir", str(final)]) == 2
+    assert "overlaps the --result folder" in capsys.readouterr().err

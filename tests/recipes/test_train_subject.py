@@ -37,9 +37,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_train_subject_end_to_end_tiny(shared_dir: Path, tmp_path: Path) -> None:
+def test_train_subject_end_to_end_tiny(toy_subject_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_cli("--tiny", "--subject", str(shared_dir / "vico/brown_dog"), "--class-noun", "dog", "--out", str(out),
+    r = run_cli("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out),
                 "steps=2", "validate_every=2", "prompts.validation=['a {} on the beach']", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pers = load_personalization(out / "personalization.safetensors")
@@ -50,7 +50,7 @@ def test_train_subject_end_to_end_tiny(shared_dir: Path, tmp_path: Path) -> None
     assert [m["step"] for m in lines] == [1, 2] and all(m["distill"] >= 0 for m in lines)
     assert len(lines[0]["acc"]) == 7 and (out / "val/step_000002.png").is_file()
     # resume: continues from the saved state to 3 steps
-    r = run_cli("--tiny", "--subject", str(shared_dir / "vico/brown_dog"), "--class-noun", "dog", "--out", str(out),
+    r = run_cli("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out),
                 "steps=3", "validate_every=0", "resume=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -86,3 +86,34 @@ def test_train_step_reports_its_phases(overrides, phases, tmp_path) -> None:
     seen: list[str] = []
     train_step(run, torch.arange(cfg.batch_size), on_phase=seen.append)
     assert seen == phases
+
+
+def test_templates_and_outputs_checked_before_models_load(tmp_path, capsys):
+    """Issue 18.7: `instance_template="a photo of {cls}"` trained <S*> never, `{tok}` ended in a KeyError
+    traceback after the models loaded. Right: one-line ConfigError when the config loads. Checkpoint
+    paths that do not exist prove the order: the template (or output) error comes first.
+    Issue 19.3: an unwritable run folder (under a file) or one inside the subject's photos, likewise."""
+    from arbooth.cli import main as cli
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for p in (ROOT / "subjects" / "toy_star").iterdir():
+        (subject / p.name).write_bytes(p.read_bytes())
+    missing = ["--model-ckpt", str(tmp_path / "no.pth"), "--vae-ckpt", str(tmp_path / "no_vae.pth"),
+               "--t5", str(tmp_path / "no_t5")]
+    base = ["train-subject", "--subject", str(subject), "--class-noun", "star", *missing]
+    (tmp_path / "file").write_bytes(b"x")
+    cases = [(["prompts.instance_template=a photo of {cls}"], "instance_template: 'a photo of {cls}' must contain {token}"),
+             (["prompts.instance_template=a photo of {tok} {cls}"], "unknown field(s) {tok}"),
+             (["prompts.class_template=a photo of {token} {cls}"], "class_template"),
+             (["prompts.validation=[a dog on the beach]"], "must contain {}"),
+             (["--out", str(tmp_path / "file" / "run")], "file is a file, not a folder"),
+             (["--out", str(subject / "run")], "overlaps the subject folder")]
+    for extra, msg in cases:
+        capsys.readouterr()
+        assert cli([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "no.pth" not in err, err
+    with pytest.raises(ConfigError, match="must contain"):
+        load_config(SubjectTrainConfig, None, ["prompts.instance_template=a photo of {token}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "subject"] and not (subject / "run").exists()

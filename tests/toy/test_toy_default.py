@@ -1,9 +1,9 @@
 """The built-in default: a CI-sized personalization of the shipped toy base on the demo subject.
 
-Asserts that the recipe works, not only that it runs: subject fidelity (toy identity similarity to
-the subject photos) rises above the base model's by more than the spread across seeds, the
-learned appearance shows up (oracle texture accuracy), and the plain class prompt's images stay
-close to the base model's (prior kept).
+Asserts that the recipe works, not only that it runs: the base never draws the subject; after
+personalization the oracle sees the subject's identity attributes in most <S*> samples and the whole
+subject more often than in the base's, on the asked backgrounds, while the plain class prompt does not
+turn into the subject. Thresholds sit well below the shipped default's measured rates (docs/toy.md).
 """
 import statistics
 from pathlib import Path
@@ -38,21 +38,22 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     from arbooth.recipes.train_subject import train
     from arbooth.toy.report import toy_report
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
-                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=100"])
+                      [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}"])
     path = train(cfg)
     m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), cfg=cfg.val_cfg, tau=cfg.val_tau, grid=False)
-    base, pers = m["base"], m["personalized"]
-    gain = pers["mean"]["I_ID"] - base["mean"]["I_ID"]
-    spread = max(statistics.stdev(base["I_ID_per_seed"]), statistics.stdev(pers["I_ID_per_seed"]))
-    assert gain > spread and gain > 0.05, (gain, spread)
-    # the subject's colour (green) appears; its dots do not: the toy VAE cannot represent them (docs/toy.md)
-    assert pers["mean"]["colour_acc"] > base["mean"]["colour_acc"] + 0.1
-    # prior: the plain class prompt's images do not turn into the subject (PRES barely moves, no subject
-    # leak), and per seed they differ from the base model's by no more than base images of different
-    # seeds differ from each other (the toy base's own class-prompt diversity)
-    assert pers["mean"]["PRES"] - base["mean"]["PRES"] < gain / 2
-    assert pers["mean"]["class_subject_leak"] <= base["mean"]["class_subject_leak"] + 1 / 3
-    assert pers["mean"]["class_drift_id"] < 1.5 * base["per_prompt"][0]["DIV"]
+    base, pers = m["base"]["mean"], m["personalized"]["mean"]
+    # the base never draws the subject (its appearance was held out) and follows the asked background
+    assert base["subject_acc"] <= 0.1 and base["background_acc"] >= 0.7, base
+    # after personalization the subject's identity (green with a yellow top half) is in most <S*> samples,
+    # the whole subject (also its star shape) in more than the base's, and the plain class prompt does
+    # not turn into the subject. NOT asserted, because the shipped base does not reach it yet (docs/toy.md):
+    # base class_shape_acc >= 0.8 and personalized subject_acc >= 0.7.
+    assert pers["colour_acc"] >= 0.7 and pers["texture_acc"] >= 0.7, pers
+    assert pers["subject_acc"] >= base["subject_acc"] + 0.15, pers
+    assert pers["class_subject_leak"] <= 0.25 and pers["background_acc"] >= 0.5, pers
+    gain = pers["I_ID"] - base["I_ID"]
+    spread = max(statistics.stdev(m["base"]["I_ID_per_seed"]), statistics.stdev(m["personalized"]["I_ID_per_seed"]))
+    assert gain > spread and gain > 0.1, (gain, spread)
 
 
 def test_no_argument_train_subject_is_the_toy_default(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def test_items_are_a_pure_function_of_seed_and_index():
 
 
 def test_excluded_appearance_never_occurs_and_captions_only_name_true_attributes():
-    world = ToyWorld(0, 16, exclude=[("star", "dotted")], p_texture=0.9)
+    world = ToyWorld(0, 16, exclude=[("star", "split")], p_texture=0.9)
     seen = set()
     for i in range(400):
         attrs, parts = world.attributes(i)
@@ -41,7 +41,7 @@ def test_excluded_appearance_never_occurs_and_captions_only_name_true_attributes
         if "background" in parts:
             assert words[-2] == attrs.background
         assert set(words) <= set(vocabulary())
-    assert ("star", "dotted") not in seen and ("star", "striped") in seen and ("heart", "dotted") in seen
+    assert ("star", "split") not in seen and ("star", "plain") in seen and ("heart", "split") in seen
 
 
 def test_render_shows_the_colours_asked_for():
@@ -49,8 +49,19 @@ def test_render_shows_the_colours_asked_for():
     arr = np.asarray(render(attrs, 32)).reshape(-1, 3)
     assert (np.abs(arr - COLOURS["red"]).sum(1) < 10).mean() > 0.3
     assert (np.abs(arr - COLOURS["blue"]).sum(1) < 10).mean() > 0.3
-    dotted = np.asarray(render(ToyAttributes("square", "red", "dotted", "yellow", "big", "blue"), 32)).reshape(-1, 3)
-    assert (np.abs(dotted - COLOURS["yellow"]).sum(1) < 60).mean() > 0.03
+    split = np.asarray(render(ToyAttributes("square", "red", "split", "yellow", "big", "blue"), 32))
+    top, bottom = split[:16].reshape(-1, 3), split[16:].reshape(-1, 3)  # upright and centred: the top half is yellow
+    assert (np.abs(top - COLOURS["yellow"]).sum(1) < 10).mean() > 0.3 and (np.abs(top - COLOURS["red"]).sum(1) < 10).mean() == 0
+    assert (np.abs(bottom - COLOURS["red"]).sum(1) < 10).mean() > 0.2
+
+
+def test_objects_are_centred_and_upright_unless_jitter_or_angle_is_asked():
+    items = ToyWorld(0, 32).batch(0, 50)
+    assert all(it.attrs.cx == 0.5 and it.attrs.cy == 0.5 and it.attrs.angle == 0 for it in items)
+    moved = ToyWorld(0, 32, jitter=0.05, max_angle=10).batch(0, 50)
+    assert len({it.attrs.cx for it in moved}) > 40 and max(abs(it.attrs.angle) for it in moved) <= 10
+    with pytest.raises(ConfigError, match="jitter"):
+        ToyWorld(0, 32, jitter=0.3)
 
 
 def test_bad_attributes_are_clear_errors():
@@ -73,4 +84,4 @@ def test_write_subject_is_a_readable_subject_folder(tmp_path):
     folder = write_subject(tmp_path / "s", n=4)
     data = load_subject(folder, 32)
     assert len(data) == 4 and data.info.class_noun == DEMO_SUBJECT.shape and data.info.prompts
-    assert json.loads((folder / "attributes.json").read_text())["texture"] == "dotted"
+    assert json.loads((folder / "attributes.json").read_text())["texture"] == "split"
