@@ -104,7 +104,7 @@ def test_lora_personalization_round_trip_refusal_and_merge(tmp_path):
     token = SubjectToken(2, 128)
     path = save_personalization(tmp_path / "p.safetensors", tuner.tuned_state_dict(), token.embedding_PC,
                                 base_tuned_sha256=tuner.base_tuned_sha256,
-                                metadata={"placeholder": "<S*>", **tuner.file_metadata()})
+                                metadata={"config": "{}", "placeholder": "<S*>", **tuner.file_metadata()})
     pers = load_personalization(path)
     assert pers.kind == "lora" and set(pers.tensors) == set(tuner.params)  # only adapter tensors are stored
     assert pers.metadata["base_dtype"] == "bfloat16"
