@@ -5,6 +5,7 @@ Examples:
       --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth
   accelerate launch --num_processes 4 -m arbooth.cli train-class --config ... train.batch_size=16
   arbooth train-class --config ... --resume auto            # continue the newest checkpoint of out_dir
+  arbooth train-class --config ... --overwrite              # out_dir holds another run: replace it
   arbooth train-class --config configs/class/dp/flowers102_lora.yaml --data ... privacy.epsilon=10   # DP-SGD
 Any config field can be overridden as key=value (e.g. optim.lr=2.0e-4 method.name=lntuning).
 A config with a `privacy` section trains with DP-SGD (arbooth/recipes/train_class_dp.py; docs/privacy.md).
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from arbooth.errors import ConfigError
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/class/*.yaml); defaults apply without it")
@@ -24,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-ckpt", help="official vae_ch160v4096z32.pth")
     parser.add_argument("--var-ckpt", help="official var_d{depth}.pth")
     parser.add_argument("--out-dir", help="where checkpoints, samples and the final result go")
-    parser.add_argument("--resume", help="a checkpoint folder, or 'auto' for the newest one under out_dir")
+    parser.add_argument("--resume", help="a checkpoint folder, or 'auto' for the newest one of the run in out_dir "
+                        "(a fresh start when out_dir holds no run); the config may differ only in the safe "
+                        "keys listed in README 'Run folders and resume'")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="out_dir holds another run: delete its checkpoints, results and logs and start anew")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -40,15 +43,13 @@ def main(args: argparse.Namespace) -> int:
                                 var_ckpt=args.var_ckpt or cfg.model.var_ckpt),
                   train=replace(cfg.train, out_dir=args.out_dir or cfg.train.out_dir))
     if isinstance(cfg, train_class_dp.ClassDPConfig):
-        if args.resume:
-            raise ConfigError("--resume is not supported for DP runs (the accountant's history is not saved)")
-        for run in train_class_dp.train(cfg):
+        for run in train_class_dp.train(cfg, resume=args.resume, overwrite=args.overwrite):
             if run.accelerator.is_main_process:
                 r = train_class_dp.privacy_report(run)
                 print(f"done: epsilon {r['epsilon_spent']:.4f} of {r['target_epsilon']:g} "
                       f"(delta {r['delta']:.3g}), {r['steps']} steps")
         return 0
-    run = train(cfg, resume=args.resume)
+    run = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if run.accelerator.is_main_process and run.history:
         last = run.history[-1]
         print(f"done: {len(run.history)} steps this session, loss {last['loss']:.4f}, "
