@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nonmembers", required=True, help="held-out folder <class>/*.jpg, same classes")
     parser.add_argument("--result", help="audit this finished result folder instead of training")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train.out_dir holds another run: replace it (otherwise that is refused)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. privacy.epsilon=1)")
 
@@ -58,11 +60,11 @@ def main(args: argparse.Namespace) -> int:
         cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
         out = Path(cfg.train.out_dir)
         if isinstance(cfg, train_class_dp.ClassDPConfig):
-            runs = train_class_dp.train(cfg)
+            runs = train_class_dp.train(cfg, overwrite=args.overwrite)
             finals = {f"epsilon={r.epsilon:g}": (out / f"eps_{r.epsilon:g}" if cfg.privacy.is_sweep else out)
                       / "final" for r in runs}
         else:
-            train_class.train(cfg)
+            train_class.train(cfg, overwrite=args.overwrite)
             finals = {"non-private": out / "final"}
         results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}
     for name, res in results.items():
