@@ -239,12 +239,16 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
         probe = tm.AttributeProbe().eval()
         probe.load_state_dict(read_state_dict(out / "probe.safetensors"))
         report.setdefault("probe", {}).update(probe_report(cfg, probe, world(3)))
+    for stage in cfg.stages:  # stages kept from an earlier invocation keep the config they were trained with
+        if isinstance(report.get(stage), dict):
+            report[stage]["config"] = to_dict(cfg)
     for stage, info in report.items():
-        log.info("%s: %s", stage, {k: v for k, v in info.items() if k != "log"})
+        log.info("%s: %s", stage, {k: v for k, v in info.items() if k not in ("log", "config")})
     t5_files = sorted(str(p.relative_to(out)) for p in (out / "t5").iterdir()) if (out / "t5").is_dir() else []
     files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors", *t5_files]
     manifest = {"format": "arbooth-toy/1", "image_size": cfg.image_size, "schedule": tm.SCHEDULE,
                 "vae": tm.VAE, "model": tm.MODEL, "t5": tm.T5, "clip": tm.CLIP,
+                # the last invocation's config; each stage's own is training.<stage>.config
                 "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},

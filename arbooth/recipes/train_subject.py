@@ -293,7 +293,9 @@ def save_outputs(run: Run, step: int) -> Path:
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
                 "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
                 "bsc_generator": run.bsc_generator.get_state(),
-                "rng": torch.get_rng_state(), "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
+                "rng": torch.get_rng_state(),
+                # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
     run.record["sessions"][-1]["end_step"] = step
     write_run_file(out, run.record)
     return path
@@ -320,6 +322,8 @@ def _resume(run: Run, holds_run: bool) -> int:
     if "bsc_generator" in state:  # states written before bitwise self-correction lack it
         run.bsc_generator.set_state(state["bsc_generator"].cpu())
     torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
