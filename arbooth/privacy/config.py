@@ -15,11 +15,16 @@ class PrivacyConfig:
     # Target epsilon of the whole run; a list is a sweep (one run per value, e.g. the paper's Table 3).
     epsilon: float | tuple[float, ...] = 10.0
     delta: float | None = None            # None = 1 / (number of training examples)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    # pld: Google's dp-accounting PLD (tight, robust to epsilon 1000); rdp: Opacus' RDP over wider
+    # orders (looser); prv: Opacus' PRV (tight, fails at large epsilon). See arbooth/privacy/accountants.py.
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
     sample_rate: float = 0.251            # Poisson sampling rate q; expected logical batch q * N
     max_grad_norm: float = 1.0            # per-example clipping norm C
     aug_multiplicity: int = 1             # K augmented views per example, gradients averaged before clipping
-    ghost_clipping: bool = False          # Opacus' fast gradient clipping: norms without per-example grads
+    # How per-example gradients are clipped (same clipped sum, different cost; docs/privacy.md):
+    # explicit = Opacus' per-example gradients; ghost = Opacus' ghost clipping (two backward passes);
+    # book_keeping = ghost norms and the clipped sum from one backward (arbooth/privacy/bookkeeping.py).
+    clipping: Literal["explicit", "ghost", "book_keeping"] = "book_keeping"
     max_physical_batch_size: int = 8      # examples per forward pass (each K views); logical batch is split
     noise_seed: int | None = None         # seed of the noise generator; None = fresh entropy (never reuse)
 

@@ -3,12 +3,15 @@
 `make_private(model, optimizer, dataset, ...)` returns a `PrivateTraining` that holds the four Opacus
 pieces a DP loop needs and nothing else:
 - the model wrapped in a GradSampleModule that understands augmentation multiplicity
-  (`arbooth.privacy.views`), in the explicit per-sample mode or with ghost clipping;
+  (`arbooth.privacy.views`), in one of three clipping modes (`CLIPPING`, docs/privacy.md):
+  `explicit` (Opacus' per-sample gradients, clipped by the optimizer), `ghost` (Opacus' ghost clipping:
+  norms, then a second backward of the clip-weighted loss) or `book_keeping` (ghost norms and the
+  clipped sum from ONE backward, `arbooth.privacy.bookkeeping`); all three give the same clipped sum;
 - a DPOptimizer (clip each example's gradient to `max_grad_norm`, sum, add N(0, (sigma*C)^2) noise,
   divide by the expected batch q*N), distributed when torch.distributed is initialised;
 - a Poisson-sampling DPDataLoader with rate q (batches of random size, possibly empty);
-- the accountant (`rdp` or `prv`) and the noise multiplier sigma, calibrated BEFORE the first step from
-  (target epsilon, delta, q, number of steps) with Opacus' `get_noise_multiplier`.
+- the accountant (`pld`, `rdp` or `prv`, `arbooth.privacy.accountants`) and the noise multiplier sigma,
+  calibrated BEFORE the first step from (target epsilon, delta, q, number of steps).
 
 It builds these from Opacus' own classes rather than `PrivacyEngine.make_private`, because that call
 accepts only Opacus' stock GradSampleModule types. The accountant is stepped from the optimizer's step
@@ -24,10 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.optimizers import DPOptimizer, get_optimizer_class
@@ -38,6 +40,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from arbooth.errors import ArboothError, ConfigError
+from arbooth.privacy.accountants import calibrate_noise, make_accountant
+from arbooth.privacy.bookkeeping import BookKeepingGradSampleModule
 from arbooth.privacy.views import ViewsGradSampleModule, ViewsGradSampleModuleGhost
 
 log = logging.getLogger(__name__)
@@ -47,13 +51,7 @@ class PrivacyBudgetExceeded(ArboothError):
     """The next optimizer step would spend more than the target epsilon; it was not taken."""
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "rdp") -> float:
-    """sigma such that `steps` Poisson-subsampled Gaussian steps at rate q spend at most target_epsilon."""
-    if steps < 1:
-        raise ConfigError(f"a private run needs at least one step, got {steps}")
-    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                steps=steps, accountant=accountant)
+CLIPPING = ("explicit", "ghost", "book_keeping")
 
 
 class EpsilonMeter:
@@ -62,20 +60,26 @@ class EpsilonMeter:
     Opacus' RDP accountant recomputes the RDP curve of every (sigma, q) entry on each call, which
     takes about a second at large sigma (fractional orders). RDP composes additively and is linear in
     the number of steps (opacus/accountants/analysis/rdp.py compute_rdp: `rdp * steps`), so we keep
-    one curve per (sigma, q) and sum: the same numbers, computed once. PRV is delegated unchanged.
+    one curve per (sigma, q) and sum: the same numbers, computed once. PLD and PRV are delegated to a
+    copy of the accountant, and the last answer is kept: the budget guard asks for the history after
+    the next step, and the log line after that step asks for the same history again.
     """
 
     def __init__(self, accountant: IAccountant, delta: float) -> None:
         self.accountant, self.delta = accountant, delta
         self._curves: dict[tuple[float, float], np.ndarray] = {}
+        self._last: tuple[tuple, float] | None = None
 
     def __call__(self, history: list[tuple[float, float, int]]) -> float:
         if not history:
             return 0.0
         if not isinstance(self.accountant, RDPAccountant):
-            acc = copy.deepcopy(self.accountant)
-            acc.history = list(history)
-            return float(acc.get_epsilon(self.delta))
+            key = tuple(map(tuple, history))
+            if self._last is None or self._last[0] != key:
+                acc = copy.deepcopy(self.accountant)
+                acc.history = list(history)
+                self._last = (key, float(acc.get_epsilon(self.delta)))
+            return self._last[1]
         alphas = self.accountant.DEFAULT_ALPHAS
         rdp = sum(n * self._curve(sigma, q, alphas) for sigma, q, n in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.delta)
@@ -107,7 +111,7 @@ class PrivateTraining:
     target_epsilon: float
     max_grad_norm: float
     views: int
-    ghost: bool
+    clipping: str                    # one of CLIPPING
     meter: EpsilonMeter
 
     def epsilon(self) -> float:
@@ -122,11 +126,14 @@ class PrivateTraining:
         """Backward of per-row losses (N = B*K rows, K views of each example next to each other).
 
         The rows of one example are averaged; the returned loss (for logging) is the mean over examples.
-        With ghost clipping this runs Opacus' two backward passes (norms, then the clip-weighted loss).
+        `ghost` runs Opacus' two backward passes (norms, then the clip-weighted loss); `book_keeping`
+        one backward that leaves the clipped sum in p.grad.
         """
         loss_B = loss_N.reshape(-1, self.views).mean(1)
-        if self.ghost:
+        if self.clipping == "ghost":
             DPTensorFastGradientClipping(self.module, self.optimizer, loss_B, "mean").backward()
+        elif self.clipping == "book_keeping":
+            self.module.backward(loss_B)
         else:
             # mean over B examples == mean over N rows; the module rescales backprops per example.
             # An empty Poisson batch backpropagates an empty sum (zero-size per-example gradients).
@@ -141,7 +148,7 @@ class PrivateTraining:
         gen = self.optimizer.generator
         return {"accountant": self.accountant.state_dict(), "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "delta": self.delta, "target_epsilon": self.target_epsilon,
-                "max_grad_norm": self.max_grad_norm, "views": self.views, "ghost": self.ghost,
+                "max_grad_norm": self.max_grad_norm, "views": self.views, "clipping": self.clipping,
                 "noise_generator": gen.get_state() if gen is not None else None,
                 "optimizer": self.optimizer.original_optimizer.state_dict()}
 
@@ -185,7 +192,7 @@ def _guarded_accounting_hook(pt: PrivateTraining) -> Callable[[DPOptimizer], Non
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *,
                  target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                 max_grad_norm: float, views: int = 1, ghost: bool = False, accountant: str = "rdp",
+                 max_grad_norm: float, views: int = 1, clipping: str = "explicit", accountant: str = "pld",
                  noise_multiplier: float | None = None, noise_generator: torch.Generator | None = None,
                  sampling_generator: torch.Generator | None = None,
                  collate_fn: Callable | None = None, num_workers: int = 0) -> PrivateTraining:
@@ -198,6 +205,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     """
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    if clipping not in CLIPPING:
+        raise ConfigError(f"unknown clipping mode `{clipping}`; choose one of {', '.join(CLIPPING)}")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"model is not DP-compatible (Opacus ModuleValidator): {errors[0]}")
@@ -206,25 +215,27 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
         noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=delta,
                                            sample_rate=sample_rate, steps=steps, accountant=accountant)
     inner = DPDDP(model) if distributed else model
-    if ghost:
+    if clipping == "ghost":
         module = ViewsGradSampleModuleGhost(inner, views=views, max_grad_norm=max_grad_norm)
+    elif clipping == "book_keeping":
+        module = BookKeepingGradSampleModule(inner, views=views, max_grad_norm=max_grad_norm)
     else:
         module = ViewsGradSampleModule(inner, views=views)
     loader = DPDataLoader(dataset, sample_rate=sample_rate, distributed=distributed,
                           generator=sampling_generator, collate_fn=collate_fn, num_workers=num_workers)
     world = torch.distributed.get_world_size() if distributed else 1
     optim_cls = get_optimizer_class(clipping="flat", distributed=distributed,
-                                    grad_sample_mode="ghost" if ghost else "hooks")
+                                    grad_sample_mode="hooks" if clipping == "explicit" else "ghost")
     dp_optimizer = optim_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=max(1, int(len(dataset) * sample_rate)) / world,  # as PrivacyEngine
                              loss_reduction="mean", generator=noise_generator)
-    acc = create_accountant(mechanism=accountant)
+    acc = make_accountant(accountant, epsilon_hint=target_epsilon)
     pt = PrivateTraining(module=module, optimizer=dp_optimizer, data_loader=loader, accountant=acc,
                          noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
-                         target_epsilon=target_epsilon, max_grad_norm=max_grad_norm, views=views, ghost=ghost,
+                         target_epsilon=target_epsilon, max_grad_norm=max_grad_norm, views=views, clipping=clipping,
                          meter=EpsilonMeter(acc, delta))
     dp_optimizer.attach_step_hook(_guarded_accounting_hook(pt))
     log.info("DP-SGD: target epsilon %g, delta %.3g, q %.4g, %d steps -> noise multiplier %.4f (%s), "
-             "C %g, %d view(s)%s", target_epsilon, delta, sample_rate, steps, noise_multiplier, accountant,
-             max_grad_norm, views, ", ghost clipping" if ghost else "")
+             "C %g, %d view(s), %s clipping", target_epsilon, delta, sample_rate, steps, noise_multiplier,
+             accountant, max_grad_norm, views, clipping)
     return pt

@@ -102,8 +102,8 @@ def _views_samplers(registry: dict, views: int, fold_only: bool) -> dict:
     return out
 
 
-class _Views:
-    """Shared by both modules below; `self` is a GradSampleHooks subclass."""
+class ViewsMixin:
+    """Shared by the modules below and arbooth.privacy.bookkeeping; `self` is a GradSampleHooks subclass."""
 
     views: int
 
@@ -131,7 +131,7 @@ class _Views:
                                               loss_reduction=loss_reduction, batch_first=batch_first)
 
 
-class ViewsGradSampleModule(_Views, GradSampleModule):
+class ViewsGradSampleModule(ViewsMixin, GradSampleModule):
     """Opacus' hooks GradSampleModule; `p.grad_sample` holds one row per example (mean over views)."""
 
     def __init__(self, m: nn.Module, *, views: int = 1, loss_reduction: str = "mean", strict: bool = True):
@@ -139,7 +139,7 @@ class ViewsGradSampleModule(_Views, GradSampleModule):
         self._setup_views(views)
 
 
-class ViewsGradSampleModuleGhost(_Views, GradSampleModuleFastGradientClipping):
+class ViewsGradSampleModuleGhost(ViewsMixin, GradSampleModuleFastGradientClipping):
     """Opacus' ghost-clipping module: per-example norms of the mean over views, then a second backward
     of the clip-weighted loss (see `arbooth.privacy.engine.PrivateTraining.backward`)."""
 

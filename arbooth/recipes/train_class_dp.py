@@ -161,7 +161,7 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
     gen = torch.Generator().manual_seed(pc.noise_seed) if pc.noise_seed is not None else None
     pt = make_private(model, optimizer, dataset, target_epsilon=epsilon, delta=pc.delta_for(len(dataset)),
                       sample_rate=pc.sample_rate, steps=total, max_grad_norm=pc.max_grad_norm,
-                      views=pc.aug_multiplicity, ghost=pc.ghost_clipping, accountant=pc.accountant,
+                      views=pc.aug_multiplicity, clipping=pc.clipping, accountant=pc.accountant,
                       noise_generator=gen, sampling_generator=torch.Generator().manual_seed(cfg.train.seed),
                       num_workers=cfg.data.num_workers)
     # The loader's own generator for the base seed it draws at each iterator creation, so that the
@@ -363,7 +363,7 @@ def privacy_report(run: DPRun) -> dict:
     return {"target_epsilon": run.epsilon, "epsilon_spent": pt.epsilon(), "delta": pt.delta,
             "accountant": pc.accountant, "noise_multiplier": pt.noise_multiplier, "sample_rate": pt.sample_rate,
             "steps": pt.steps_taken, "planned_steps": run.total_steps, "max_grad_norm": pt.max_grad_norm,
-            "aug_multiplicity": pt.views, "ghost_clipping": pt.ghost, "dataset_size": len(run.dataset),
+            "aug_multiplicity": pt.views, "clipping": pt.clipping, "dataset_size": len(run.dataset),
             "unreadable_files": len(run.dataset.base.unreadable), "stopped_by_budget": run.stopped_by_budget,
             "sessions": [{"start_step": x["start_step"], "end_step": x["end_step"]}
                          for x in run.record.get("sessions", [])]}

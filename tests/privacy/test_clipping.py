@@ -19,11 +19,11 @@ def _batch(k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return make_views(tok_BT, k, seed), y_BT.repeat_interleave(k, 0)
 
 
-def _private(model: torch.nn.Module, *, k: int, c: float, ghost: bool = False):
+def _private(model: torch.nn.Module, *, k: int, c: float, clipping: str = "explicit"):
     ds = TensorDataset(torch.zeros(B, SEQ, dtype=torch.long))
     opt = torch.optim.SGD(trainable(model), lr=0.0)
     return make_private(model, opt, ds, target_epsilon=float("inf"), delta=1e-5, sample_rate=1.0, steps=1,
-                        max_grad_norm=c, views=k, ghost=ghost, noise_multiplier=0.0)
+                        max_grad_norm=c, views=k, clipping=clipping, noise_multiplier=0.0)
 
 
 def _clipped_sum(pt, tok_NT, y_NT) -> torch.Tensor:
@@ -64,11 +64,12 @@ def test_each_clipped_gradient_has_norm_at_most_c_and_same_direction(k: int) -> 
     assert clipped_any
 
 
-@pytest.mark.parametrize("ghost", [False, True])
+@pytest.mark.parametrize("clipping", ["explicit", "ghost", "book_keeping"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_augmentation_multiplicity_is_mean_over_views_then_clip(k: int, ghost: bool) -> None:
+def test_augmentation_multiplicity_is_mean_over_views_then_clip(k: int, clipping: str) -> None:
     """Whole batch at once: sum_i clip(mean_v g_iv, C) -- the brute-force definition -- for the explicit
-    per-sample path and for ghost clipping (norms of the mean over views, cross-view terms included)."""
+    per-sample path, Opacus' two-pass ghost clipping and one-backward book-keeping (norms of the mean over
+    views, cross-view terms included)."""
     tok, y = _batch(k, seed=2)
     ref = brute_force_grads(TinyNet(), tok, y, k)
     c = float(torch.stack([g.norm() for g in ref]).median())
@@ -79,14 +80,15 @@ def test_augmentation_multiplicity_is_mean_over_views_then_clip(k: int, ghost: b
         wrong = torch.stack([torch.stack([clip(g, c) for g in per_view[i * k:(i + 1) * k]]).mean(0)
                              for i in range(B)]).sum(0)
         assert not torch.allclose(wrong, expected, atol=1e-4)
-    got = _clipped_sum(_private(TinyNet(), k=k, c=c, ghost=ghost), tok, y)
+    got = _clipped_sum(_private(TinyNet(), k=k, c=c, clipping=clipping), tok, y)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
-def test_ghost_equals_explicit_path() -> None:
+@pytest.mark.parametrize("clipping", ["ghost", "book_keeping"])
+def test_ghost_modes_equal_explicit_path(clipping: str) -> None:
     tok, y = _batch(4, seed=3)
     explicit = _clipped_sum(_private(TinyNet(), k=4, c=0.05), tok, y)
-    ghost = _clipped_sum(_private(TinyNet(), k=4, c=0.05, ghost=True), tok, y)
+    ghost = _clipped_sum(_private(TinyNet(), k=4, c=0.05, clipping=clipping), tok, y)
     torch.testing.assert_close(ghost, explicit, atol=1e-6, rtol=1e-4)
 
 
@@ -99,5 +101,6 @@ def test_layer_without_grad_sampler_is_refused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.w
 
-    with pytest.raises(ConfigError, match="RawParam"):
-        _private(torch.nn.Sequential(RawParam()), k=2, c=1.0)
+    for clipping in ("explicit", "book_keeping"):
+        with pytest.raises(ConfigError, match="RawParam"):
+            _private(torch.nn.Sequential(RawParam()), k=2, c=1.0, clipping=clipping)

@@ -60,7 +60,7 @@ def test_dp_resume_refuses_another_privacy_config_or_step_count(tmp_path):
         train(_cfg(data, tmp_path / "out", train={"max_steps": 9}), resume="auto")
 
 
-def _engine(seed_model: int, target: float, n: int = 6):
+def _engine(seed_model: int, target: float, n: int = 6, accountant: str = "pld"):
     model = TinyNet(seed_model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def _engine(seed_model: int, target: float, n: int = 6):
     # q = 1: every example in every batch, so the data stream has no position; the noise generator,
     # the accountant and the optimizer are what the engine's state must carry
     return make_private(model, opt, ds, target_epsilon=target, delta=1e-3, sample_rate=1.0, steps=10,
-                        max_grad_norm=1.0, noise_multiplier=1.0,
+                        max_grad_norm=1.0, noise_multiplier=1.0, accountant=accountant,
                         noise_generator=torch.Generator().manual_seed(7)), model
 
 
@@ -88,18 +88,18 @@ def _steps(pt, model, until: int | None = None) -> bool:
     return False
 
 
-@pytest.mark.parametrize("stop", [2, "refused"])
-def test_engine_state_round_trips_including_right_after_a_refused_step(stop):
-    probe, _ = _engine(0, 1e9)
+@pytest.mark.parametrize("stop,accountant", [(2, "pld"), ("refused", "pld"), ("refused", "rdp")])
+def test_engine_state_round_trips_including_right_after_a_refused_step(stop, accountant):
+    probe, _ = _engine(0, 1e9, accountant=accountant)
     eps = [probe.meter([(1.0, 1.0, k)]) for k in (3, 4)]
     target = (eps[0] + eps[1]) / 2  # steps 1-3 fit, step 4 is refused
-    full, m_full = _engine(0, target)
+    full, m_full = _engine(0, target, accountant=accountant)
     assert _steps(full, m_full) and full.steps_taken == 3
-    first, m_first = _engine(0, target)
+    first, m_first = _engine(0, target, accountant=accountant)
     refused = _steps(first, m_first, until=None if stop == "refused" else stop)
     assert refused == (stop == "refused")
     assert first.state_dict()["accountant"]["history"]
-    second, m_second = _engine(0, target)
+    second, m_second = _engine(0, target, accountant=accountant)
     torch.save(first.state_dict(), buf := io.BytesIO())
     buf.seek(0)
     m_second.load_state_dict(m_first.state_dict())

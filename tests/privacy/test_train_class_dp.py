@@ -25,10 +25,10 @@ def _cfg(data: Path, out: Path, method: str, **privacy) -> ClassDPConfig:
     return from_dict(ClassDPConfig, base)
 
 
-@pytest.mark.parametrize("method,ghost", [("lora", True), ("fft", False)])
-def test_dp_recipe_trains_and_records_privacy(tmp_path: Path, method: str, ghost: bool) -> None:
+@pytest.mark.parametrize("method,clipping", [("lora", "ghost"), ("fft", "explicit"), ("fft", "book_keeping")])
+def test_dp_recipe_trains_and_records_privacy(tmp_path: Path, method: str, clipping: str) -> None:
     data = write_dataset(tmp_path / "data")
-    cfg = _cfg(data, tmp_path / "out", method, epsilon=8.0, ghost_clipping=ghost)
+    cfg = _cfg(data, tmp_path / "out", method, epsilon=8.0, clipping=clipping)
     run = train(cfg)[0]
     rep = yaml.safe_load((tmp_path / "out" / "final" / "privacy.yaml").read_text())
     assert rep["steps"] == run.total_steps == 6 and not rep["stopped_by_budget"]
