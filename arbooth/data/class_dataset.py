@@ -81,8 +81,9 @@ def drop_unreadable(samples: Sequence[Sample], *, num_workers: int = 0
     `num_workers` processes when > 0. Each unreadable file is named in a warning."""
     paths = [s.path for s in samples]
     if num_workers > 0:
+        # its own generator: the worker seed must not come from (and shift) the global RNG
         loader = torch.utils.data.DataLoader(paths, batch_size=None, num_workers=num_workers,
-                                             collate_fn=_read_error)
+                                             collate_fn=_read_error, generator=torch.Generator())
         errors = list(loader)
     else:
         errors = [_read_error(p) for p in paths]

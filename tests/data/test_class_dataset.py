@@ -105,6 +105,7 @@ def test_bad_inputs_are_left_out_before_training_never_substituted(tmp_path, bad
     for name in expected_bad:  # every bad file is named in a warning; the bomb with its reason
         assert any(name in r.getMessage() for r in caplog.records), name
     assert any("decompression-bomb" in r.getMessage() for r in caplog.records)
+    assert drop_unreadable(samples, num_workers=1) == (good, bad)  # the same with a worker process
     ds = ClassImageDataset(good, classes, size=16, mid_size=18, hflip=True, unreadable=bad)
     imgs, labels = collate_class_batch([ds[(i, i)] for i in range(len(ds))])
     assert imgs.shape == (len(good), 3, 16, 16) and labels.shape == (len(good),)
