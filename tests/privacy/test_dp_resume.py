@@ -119,3 +119,25 @@ def test_dp_leaves_an_unreadable_image_out_of_n_and_delta(tmp_path):
     rep = yaml.safe_load((tmp_path / "out" / "final" / "privacy.yaml").read_text())
     assert rep["dataset_size"] == 16 and rep["delta"] == 1 / 16 and rep["unreadable_files"] == 1
     assert "truncated.jpg" not in {s.path.name for s in run.dataset.base.samples}
+
+
+def test_dp_run_stopped_by_the_budget_guard_resumes_to_the_same_end(tmp_path, monkeypatch):
+    # Less noise than the calibration asks for, so that the guard refuses a step before the planned 5.
+    from arbooth.privacy import engine
+    calibrate = engine.calibrate_noise
+    monkeypatch.setattr(engine, "calibrate_noise", lambda **kw: 0.7 * calibrate(**kw))
+    data = write_dataset(tmp_path / "data")
+    full = train(_cfg(data, tmp_path / "full"))[0]
+    assert full.stopped_by_budget and 1 < full.pt.steps_taken < 5
+    cfg = _cfg(data, tmp_path / "split")
+    train(cfg, stop_at=1)
+    a = train(cfg, resume="auto")[0]  # runs until the guard refuses, and saves right after the refusal
+    b = train(cfg, resume="auto")[0]  # resumed right after the refused step: refused again at once
+    for run in (a, b):
+        assert run.stopped_by_budget and run.pt.steps_taken == full.pt.steps_taken
+        assert run.pt.epsilon() == full.pt.epsilon()
+        want, got = _params(full), _params(run)
+        for n in want:
+            assert torch.equal(want[n], got[n]), n
+    rep = yaml.safe_load((tmp_path / "split" / "final" / "privacy.yaml").read_text())
+    assert rep["stopped_by_budget"] and rep["epsilon_spent"] == full.pt.epsilon() <= 8.0
