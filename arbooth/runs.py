@@ -13,18 +13,24 @@ creation time, and one entry per session: the steps it ran and the config change
   is refused, naming the keys; safe changes (more steps, checkpoint/log cadence, moved paths whose
   content hash is unchanged) are applied and recorded in `run.json` and the checkpoint.
 
-Only the standard library and `arbooth.config`/`errors`: this module sits in the bottom layer.
+Imports only torch/numpy/yaml and `arbooth.config`/`errors`: this module sits in the bottom layer, with
+`checkpoint`, so that every recipe can share it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+import yaml
 
 from arbooth.config import to_dict
 from arbooth.errors import ArboothError, ConfigError
@@ -181,3 +187,42 @@ def start_session(record: dict[str, Any], *, start_step: int, changes: Mapping[s
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     record.setdefault("sessions", []).append(session)
     return session
+
+
+# ------------------------------------------------------------------ checkpoints of a run
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The run id a result/checkpoint folder records in arbooth.yaml (`result.run.run_id`), if any."""
+    meta = Path(folder) / "arbooth.yaml"
+    if not meta.is_file():
+        return None
+    return ((yaml.safe_load(meta.read_text()) or {}).get("result", {}).get("run") or {}).get("run_id")
+
+
+def latest_checkpoint(root: Path, run_id: str | None) -> Path | None:
+    """The newest `step_*` checkpoint under `root` that belongs to `run_id` (any, when None)."""
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    steps = [p for p in steps if run_id is None or checkpoint_run_id(p) == run_id]
+    return steps[-1] if steps else None
+
+
+def prune_checkpoints(root: Path, keep: int, run_id: str) -> None:
+    """Delete all but the newest `keep` step checkpoints OF THIS RUN (others are never touched); 0 keeps all.
+    Call it on one process."""
+    if keep > 0:
+        mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and checkpoint_run_id(p) == run_id]
+        for old in mine[:-keep]:
+            shutil.rmtree(old)
+
+
+def get_rng_state() -> dict:
+    """The global RNGs a training step may draw from (dropout, DropPath): torch CPU and CUDA, numpy, random."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import shutil
 import time
 from collections.abc import Iterable
@@ -34,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from arbooth.adapt.finetuned import (
@@ -52,10 +50,14 @@ from arbooth.runs import (
     ResumeError,
     RunFolderError,
     check_resume,
+    get_rng_state,
+    latest_checkpoint,
     new_run_record,
     prepare_run_dir,
+    prune_checkpoints,
     read_run_file,
     run_identity,
+    set_rng_state,
     start_session,
     write_run_file,
 )
@@ -302,7 +304,8 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
                 save_samples(run, out / "samples" / f"step_{step:08d}.png", step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
                 save_checkpoint(run, step, out / "checkpoints" / f"step_{step:08d}", train_state=True)
-                _prune_checkpoints(acc, out / "checkpoints", cfg.train.keep_checkpoints, run.record["run_id"])
+                if acc.is_main_process:
+                    prune_checkpoints(out / "checkpoints", cfg.train.keep_checkpoints, run.record["run_id"])
             if step >= end:
                 break
     bar.close()
@@ -368,7 +371,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
     if train_state:
-        torch.save(_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
+        torch.save(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.record["sessions"][-1]["end_step"] = step
@@ -398,7 +401,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     acc, out = run.accelerator, Path(run.cfg.train.out_dir)
     current = read_run_file(out)
     if str(resume) == "auto":
-        folder = _latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
+        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
         if folder is None:
             raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
                                  "start a new run there")
@@ -423,47 +426,12 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
     run.record = {**saved["record"], "_changes": changes}
     if acc.is_main_process:
         log.info("resumed from %s at step %d%s", folder, state["step"],
                  f" with changes {changes}" if changes else "")
     return int(state["step"])
-
-
-def _checkpoint_run_id(folder: Path) -> str | None:
-    meta = folder / "arbooth.yaml"
-    if not meta.is_file():
-        return None
-    return ((yaml.safe_load(meta.read_text()) or {}).get("result", {}).get("run") or {}).get("run_id")
-
-
-def _latest_checkpoint(root: Path, run_id: str | None) -> Path | None:
-    """The newest step checkpoint under `root` that belongs to `run_id` (any, when None)."""
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-    steps = [p for p in steps if run_id is None or _checkpoint_run_id(p) == run_id]
-    return steps[-1] if steps else None
-
-
-def _prune_checkpoints(acc, root: Path, keep: int, run_id: str) -> None:
-    """Delete all but the newest `keep` step checkpoints OF THIS RUN (others are never touched)."""
-    if acc.is_main_process and keep > 0:
-        mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and _checkpoint_run_id(p) == run_id]
-        for old in mine[:-keep]:
-            shutil.rmtree(old)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def losses(history: Iterable[dict[str, float]]) -> list[float]:

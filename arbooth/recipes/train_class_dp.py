@@ -48,10 +48,6 @@ from arbooth.privacy.config import PrivacyConfig
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.recipes.train_class import (
-    _latest_checkpoint,
-    _prune_checkpoints,
-    _rng_state,
-    _set_rng_state,
     base_hashes,
     build_optimizer,
     build_scheduler,
@@ -63,10 +59,14 @@ from arbooth.runs import (
     ResumeError,
     RunFolderError,
     check_resume,
+    get_rng_state,
+    latest_checkpoint,
     new_run_record,
     prepare_run_dir,
+    prune_checkpoints,
     read_run_file,
     run_identity,
+    set_rng_state,
     start_session,
     write_run_file,
 )
@@ -300,10 +300,11 @@ def save_dp_checkpoint(run: DPRun, pos: dict, folder: Path) -> None:
     acc = run.accelerator
     save_result(run, folder, train_state={
         "step": run.pt.steps_taken, "world_size": acc.num_processes, "private": run.pt.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "position": pos, "rng": _rng_state(),
+        "scheduler": run.scheduler.state_dict(), "position": pos, "rng": get_rng_state(),
         "stopped_by_budget": run.stopped_by_budget,
         "run": {**run.identity, "run_id": run.record["run_id"], "record": run.record}})
-    _prune_checkpoints(acc, folder.parent, run.cfg.train.keep_checkpoints, run.record["run_id"])
+    if acc.is_main_process:
+        prune_checkpoints(folder.parent, run.cfg.train.keep_checkpoints, run.record["run_id"])
 
 
 def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
@@ -313,7 +314,7 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
 
     current = read_run_file(out)
     if str(resume) == "auto":
-        folder = _latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
+        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
         if folder is None:
             raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
                                  "start a new run there")
@@ -335,7 +336,7 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
     load_result_weights(run.model, run.cfg.method.name, folder)
     run.pt.load_state_dict(state["private"])
     run.scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     run.stopped_by_budget = bool(state.get("stopped_by_budget"))
     run.record = {**saved["record"], "_changes": changes}
     if run.accelerator.is_main_process:
