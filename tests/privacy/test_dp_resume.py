@@ -125,7 +125,7 @@ def test_dp_run_stopped_by_the_budget_guard_resumes_to_the_same_end(tmp_path, mo
     # Less noise than the calibration asks for, so that the guard refuses a step before the planned 5.
     from arbooth.privacy import engine
     calibrate = engine.calibrate_noise
-    monkeypatch.setattr(engine, "calibrate_noise", lambda **kw: 0.7 * calibrate(**kw))
+    monkeypatch.setattr(engine, "calibrate_noise", lambda **kw: 0.8 * calibrate(**kw))
     data = write_dataset(tmp_path / "data")
     full = train(_cfg(data, tmp_path / "full"))[0]
     assert full.stopped_by_budget and 1 < full.pt.steps_taken < 5
