@@ -20,7 +20,7 @@ import torch
 
 from arbooth.models import VAR, VQVAE
 from arbooth.models.var import PATCH_NUMS, VAE_PRESET, VAR_PRESETS
-from arbooth.models.var_loading import build_tiny_var
+from arbooth.toy.tiny import build_tiny_var
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:

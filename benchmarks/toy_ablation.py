@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 from arbooth.adapt.personalization import load_personalization
 from arbooth.config import load_config
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.toy_report import toy_report
 from arbooth.recipes.train_subject import train
+from arbooth.toy.report import toy_report
 
 VARIANTS = {
     "full": [],

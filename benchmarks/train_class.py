@@ -33,9 +33,9 @@ TINY = {"depth": 4, "embed_dim": 128, "num_heads": 4, "num_classes": 10, "patch_
 def one_method(method: str, depth: int | None, batch_size: int, steps: int, device: str) -> dict:
     from arbooth.adapt.finetuned import build_vae_var
     from arbooth.adapt.methods import count_parameters, prepare_for_method
+    from arbooth.models.var_training import build_optimizer, var_loss
     from arbooth.precision import autocast
     from arbooth.recipes.class_config import ModelConfig, OptimConfig
-    from arbooth.recipes.train_class import build_optimizer, var_loss
 
     dev = torch.device(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)

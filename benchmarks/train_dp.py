@@ -40,9 +40,9 @@ def run_one(size: str, method: str, views: int, batch: int, mode: str, reps: int
 
     from arbooth.adapt.methods import prepare_for_method
     from arbooth.models import VAR, VQVAE
+    from arbooth.models.var_training import build_optimizer, var_loss
     from arbooth.privacy.engine import make_private
     from arbooth.recipes.class_config import OptimConfig
-    from arbooth.recipes.train_class import build_optimizer, var_loss
 
     torch.manual_seed(0)
     spec = SIZES[size]

@@ -21,7 +21,8 @@ from arbooth.adapt.selective import SelectiveTuner, tensors_sha256
 from arbooth.adapt.subject_token import SubjectToken
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import ModelConfig, SubjectTrainConfig
-from arbooth.recipes.train_subject import TINY, Run, train_step
+from arbooth.recipes.train_subject import Run, train_step
+from arbooth.toy.tiny import TINY
 
 
 def bench(size: str, steps: int) -> dict:

@@ -12,7 +12,7 @@ A result folder (what `arbooth train-class` writes as `final/` or `checkpoints/s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from arbooth.adapt.methods import PEFT_METHODS, merge_adapters, unwrap_peft
+from arbooth.adapt.methods import PEFT_METHODS, MethodConfig, merge_adapters, unwrap_peft
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
@@ -30,6 +30,49 @@ log = logging.getLogger(__name__)
 META_FILE = "arbooth.yaml"
 ADAPTER_FILE = "adapter_model.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
+
+# The released VAR family (FoundationVision/VAR models/__init__.py build_vae_var): width 64 per layer.
+VAR_WIDTH_PER_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The `model` section of the class-conditional config (arbooth/recipes/class_config.py): which VAR,
+    from which checkpoints. `build_vae_var` builds it; result folders record it."""
+
+    depth: int = 16                       # transformer depth (16, 20, 24, 30 are released)
+    vae_ckpt: str | None = None           # vae_ch160v4096z32.pth; None = random weights (tests only)
+    var_ckpt: str | None = None           # var_d{depth}.pth; None = random weights (tests only)
+    num_classes: int = 1000               # size of the pretrained class table; dataset labels index it
+    embed_dim: int | None = None          # None = 64 * depth, as released
+    num_heads: int | None = None          # None = depth, as released
+    mlp_ratio: float = 4.0
+    shared_aln: bool = False
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.num_classes < 1:
+            raise ConfigError("model.depth and model.num_classes must be positive")
+        if list(self.patch_nums) != sorted(self.patch_nums) or not self.patch_nums:
+            raise ConfigError(f"model.patch_nums must be increasing, got {self.patch_nums}")
+
+    @property
+    def width(self) -> int:
+        return self.embed_dim or VAR_WIDTH_PER_DEPTH * self.depth
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads or self.depth
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * 2 ** (len(self.vae_ch_mult) - 1)
 
 
 def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
@@ -105,25 +148,34 @@ class Finetuned:
     method: str
     step: int
     classes: tuple[str, ...]
-    config: Any
+    config: dict[str, Any]      # the run's resolved config as recorded (type it with the recipe's config class)
+    model_config: ModelConfig   # the model section, with the checkpoint paths actually used
 
 
-def read_result_config(result_dir: str | Path):
-    """(ClassTrainConfig, method, step, classes) of a result folder."""
-    from arbooth.recipes.class_config import ClassTrainConfig
-
+def read_result_config(result_dir: str | Path) -> tuple[dict[str, Any], str, int, tuple[str, ...]]:
+    """(resolved training config as a plain dict, method, step, classes) of a result folder. The dict
+    is what the recipe wrote; the recipe's config class types it (`from_dict(ClassTrainConfig, d)`)."""
     path = Path(result_dir) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{result_dir} is not an arbooth result folder (no {META_FILE})")
     meta = yaml.safe_load(path.read_text())
     res = meta.pop("result")
-    return from_dict(ClassTrainConfig, meta), res["method"], int(res["step"]), tuple(res["classes"])
+    return meta, res["method"], int(res["step"]), tuple(res["classes"])
+
+
+def base_hashes(vae: nn.Module, var: nn.Module) -> dict[str, str]:
+    """SHA-256 of the base tokenizer's and transformer's tensors (before any adapter), recorded with every
+    result so that `load_finetuned` refuses to apply it to another base (README "Results")."""
+    from arbooth.adapt.selective import tensors_sha256
+
+    return {"vae_sha256": tensors_sha256(vae.state_dict()),
+            "var_sha256": tensors_sha256({k: v for k, v in var.state_dict().items() if not k.startswith("vae.")})}
 
 
 def check_base(result_dir: str | Path, vae: nn.Module, var: nn.Module | None, *, vae_ckpt: str | None,
                var_ckpt: str | None) -> None:
     """Refuse a base that is not the one the result was trained on: compares the SHA-256 of the base
-    tensors (as `train_class.base_hashes` computes them) with `result.base` of arbooth.yaml. `var` None
+    tensors (as `base_hashes` computes them) with `result.base` of arbooth.yaml. `var` None
     skips the transformer (FFT results carry their whole transformer). A result written before the
     hashes were recorded is accepted with a warning. Raises CheckpointError naming both hashes."""
     from arbooth.adapt.selective import tensors_sha256
@@ -155,13 +207,13 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     With `merge` (default) the adapters are folded in and a plain VAR is returned; otherwise the
     peft-wrapped model (adapters separate, e.g. to continue training).
     """
-    from dataclasses import replace
-
     from arbooth.adapt.methods import prepare_for_method
 
-    cfg, method, step, classes = read_result_config(result_dir)
-    mc = replace(cfg.model, vae_ckpt=vae_ckpt or cfg.model.vae_ckpt, var_ckpt=var_ckpt or cfg.model.var_ckpt)
-    torch.manual_seed(cfg.train.seed)  # random-weight runs (tests, dry runs): the same init as in training
+    config, method, step, classes = read_result_config(result_dir)
+    model_cfg = from_dict(ModelConfig, config.get("model", {}), "model.")
+    method_cfg = from_dict(MethodConfig, config.get("method", {}), "method.")
+    mc = replace(model_cfg, vae_ckpt=vae_ckpt or model_cfg.vae_ckpt, var_ckpt=var_ckpt or model_cfg.var_ckpt)
+    torch.manual_seed(int(config.get("train", {}).get("seed", 0)))  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:
         vae, var = build_vae_var(mc)
     else:  # FFT: the transformer comes whole from the result; only the tokenizer is needed from outside
@@ -173,10 +225,10 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     if method in PEFT_METHODS and mc.var_ckpt is None:
         log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
                     "re-drawn from the run's seed", result_dir)
-    model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.lora_alpha,
-                               lora_dropout=cfg.method.lora_dropout)
+    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.lora_alpha,
+                               lora_dropout=method_cfg.lora_dropout)
     load_result_weights(model, method, Path(result_dir))
     model.requires_grad_(False)
     model = merge_adapters(model) if merge else model
     return Finetuned(vae=vae.to(device).eval(), var=model.to(device).eval(), method=method, step=step,
-                     classes=classes, config=cfg)
+                     classes=classes, config=config, model_config=mc)

@@ -31,6 +31,23 @@ log = logging.getLogger(__name__)
 METHODS = ("fft", "lora", "lora_attn", "lora_mlp", "lntuning")
 PEFT_METHODS = ("lora", "lora_attn", "lora_mlp", "lntuning")
 
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The `method` section of the class-conditional config (arbooth/recipes/class_config.py)."""
+
+    name: str = "lora"                    # one of METHODS
+    lora_rank: int = 16
+    lora_alpha: int = 32                  # the authors' code sets alpha = 2 * rank
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name {self.name!r} is not one of {', '.join(METHODS)}")
+        if self.lora_rank < 1:
+            raise ConfigError("method.lora_rank must be >= 1")
+
+
 _ATTN = (r"blocks\.\d+\.attn\.mat_qkv", r"blocks\.\d+\.attn\.proj")
 _MLP = (r"blocks\.\d+\.ffn\.fc1", r"blocks\.\d+\.ffn\.fc2")
 _ADALN = (r"blocks\.\d+\.ada_lin\.1",)

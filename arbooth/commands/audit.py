@@ -37,10 +37,13 @@ def _cuda() -> bool:
 
 def _audit_result(result_dir: Path, members: str, nonmembers: str, device: str):
     from arbooth.adapt.finetuned import load_finetuned
+    from arbooth.config import from_dict
     from arbooth.privacy.audit import loss_threshold_attack, var_example_losses
+    from arbooth.recipes.class_config import ClassTrainConfig
 
     ft = load_finetuned(result_dir, device=device)
-    kw = {"size": ft.config.data.image_size, "mid_size": ft.config.mid_size, "device": device}
+    cfg = from_dict(ClassTrainConfig, ft.config)
+    kw = {"size": cfg.data.image_size, "mid_size": cfg.mid_size, "device": device}
     classes = list(ft.classes)
     return loss_threshold_attack(var_example_losses(ft.vae, ft.var, members, classes, **kw),
                                  var_example_losses(ft.vae, ft.var, nonmembers, classes, **kw))
@@ -54,18 +57,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not args.config and not args.overrides:
             raise ConfigError("pass --config (to train on --members) or --result (to audit a finished run)")
-        from arbooth.recipes import train_class, train_class_dp
+        from arbooth.commands.train_class import train_class_runs
+        from arbooth.recipes.class_dp_config import load_class_config
 
-        cfg = train_class_dp.load_class_config(args.config, args.overrides)
+        cfg = load_class_config(args.config, args.overrides)
         cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
-        out = Path(cfg.train.out_dir)
-        if isinstance(cfg, train_class_dp.ClassDPConfig):
-            runs = train_class_dp.train(cfg, overwrite=args.overwrite)
-            finals = {f"epsilon={r.epsilon:g}": (out / f"eps_{r.epsilon:g}" if cfg.privacy.is_sweep else out)
-                      / "final" for r in runs}
-        else:
-            train_class.train(cfg, overwrite=args.overwrite)
-            finals = {"non-private": out / "final"}
+        finals = {r.name: r.final_dir for r in train_class_runs(cfg, overwrite=args.overwrite)}
         results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}
     for name, res in results.items():
         print(f"{name}: {res}")

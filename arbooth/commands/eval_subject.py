@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_template", "DIV")
 # (prompt text, seed) -> image. A generator that also has `images(prompt, seeds) -> list of images`
-# (arbooth.recipes.subject_sampling.PersonalizedSampler) is asked for a batch at a time instead.
+# (arbooth.adapt.personalized_sampler.PersonalizedSampler) is asked for a batch at a time instead.
 SubjectGenerator = Callable[[str, int], Image.Image]
 
 
@@ -145,9 +145,9 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
 def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
     """The ARBooth generator of a personalization file: (prompt, seed) -> PIL image, with the
     personalization's base model rebuilt from the config recorded in the file."""
-    from arbooth.recipes.subject_sampling import PersonalizedSampler
+    from arbooth.recipes.train_subject import load_sampler
 
-    return PersonalizedSampler.from_file(checkpoint, device=device)
+    return load_sampler(checkpoint, device=device)
 
 
 def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int,

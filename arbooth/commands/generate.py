@@ -112,10 +112,10 @@ def main(args: argparse.Namespace) -> int:
 def _generate_personalized(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
-    from arbooth.recipes.subject_sampling import PersonalizedSampler
+    from arbooth.recipes.train_subject import load_sampler
 
-    sampler = PersonalizedSampler.from_file(args.personalization, model_ckpt=args.model_ckpt,
-                                            vae_ckpt=args.vae_ckpt, t5=args.t5, device=device)
+    sampler = load_sampler(args.personalization, model_ckpt=args.model_ckpt, vae_ckpt=args.vae_ckpt, t5=args.t5,
+                           device=device)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = [sampler.generate(prompts[i: i + args.batch_size], seed=args.seed + i, cfg=args.cfg, tau=args.tau,
                                top_k=args.top_k, top_p=args.top_p, dtype=args.dtype).cpu()

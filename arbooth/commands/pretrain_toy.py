@@ -5,7 +5,7 @@ Examples:
   arbooth pretrain-toy out=/tmp/toy model_steps=200     # a quick try elsewhere
   arbooth pretrain-toy stages=[clip,probe]              # retrain some stages, keep the others' files
 
-Reproducible from `seed` (same thread count). Config keys: arbooth/recipes/pretrain_toy.py PretrainToyConfig.
+Reproducible from `seed` (same thread count). Config keys: arbooth/toy/pretrain.py PretrainToyConfig.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.config import load_config
-    from arbooth.recipes.pretrain_toy import PretrainToyConfig, pretrain
+    from arbooth.toy.pretrain import PretrainToyConfig, pretrain
     logging.getLogger("arbooth").setLevel(logging.INFO)
     cfg = load_config(PretrainToyConfig, args.config, list(args.overrides))
     out = pretrain(cfg)

@@ -58,8 +58,8 @@ def profile_step(cfg, method: str, *, device: str = "fake", timed_steps: int = 3
 
 def _profile_step(cfg, model, var, device: str, timed_steps: int) -> dict[str, float | None]:
     from arbooth.adapt.methods import count_parameters
+    from arbooth.models.var_training import build_optimizer, var_loss
     from arbooth.precision import autocast
-    from arbooth.recipes.train_class import build_optimizer, var_loss
 
     model.train()
     var.grad_checkpointing = cfg.model.gradient_checkpointing

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbooth.models.var_loading import build_tiny_var, load_var
+    from arbooth.models.var_loading import load_var
+    from arbooth.toy.tiny import build_tiny_var
 
     if args.per_class < 1 or args.batch_size < 1:
         raise ConfigError("--per-class and --batch-size must be at least 1")

@@ -13,7 +13,9 @@ A config with a `privacy` section trains with DP-SGD (arbooth/recipes/train_clas
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,27 +33,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
-def main(args: argparse.Namespace) -> int:
-    from arbooth.recipes import train_class_dp
-    from arbooth.recipes.train_class import train
+@dataclass
+class ClassRunResult:
+    """One finished class-conditional run: `name` is "non-private" or "epsilon=<target>", `final_dir` the
+    result folder `load_finetuned` reads, `summary` the one line `train-class` prints (None on ranks
+    other than 0, or when nothing ran this session)."""
 
-    cfg = train_class_dp.load_class_config(args.config, args.overrides)
+    name: str
+    final_dir: Path
+    summary: str | None
+    run: Any
+
+
+def train_class_runs(cfg, *, resume: str | None = None, overwrite: bool = False) -> list[ClassRunResult]:
+    """The DP/non-DP dispatch of `train-class` and `audit`: a `ClassDPConfig` (a config with a
+    `privacy` section) trains with DP-SGD, once per target epsilon of a sweep; a `ClassTrainConfig`
+    with the non-private recipe. `resume` / `overwrite`: see README "Run folders and resume"."""
+    from arbooth.recipes import train_class, train_class_dp
+
+    if isinstance(cfg, train_class_dp.ClassDPConfig):
+        results = []
+        for run in train_class_dp.train(cfg, resume=resume, overwrite=overwrite):
+            summary = None
+            if run.accelerator.is_main_process:
+                r = train_class_dp.privacy_report(run)
+                summary = (f"done: epsilon {r['epsilon_spent']:.4f} of {r['target_epsilon']:g} "
+                           f"(delta {r['delta']:.3g}), {r['steps']} steps")
+            results.append(ClassRunResult(f"epsilon={run.epsilon:g}", cfg.run_dir(run.epsilon) / "final",
+                                          summary, run))
+        return results
+    run = train_class.train(cfg, resume=resume, overwrite=overwrite)
+    summary = None
+    if run.accelerator.is_main_process and run.history:
+        last = run.history[-1]
+        summary = (f"done: {len(run.history)} steps this session, loss {last['loss']:.4f}, "
+                   f"acc {last['acc']:.2f}%; result in {cfg.train.out_dir}")
+    return [ClassRunResult("non-private", Path(cfg.train.out_dir) / "final", summary, run)]
+
+
+def main(args: argparse.Namespace) -> int:
+    from arbooth.recipes.class_dp_config import load_class_config
+
+    cfg = load_class_config(args.config, args.overrides)
     # paths replace the config's after parsing, so no path is ever read as a YAML scalar
     cfg = replace(cfg, data=replace(cfg.data, root=args.data or cfg.data.root,
                                     manifest=args.manifest or cfg.data.manifest),
                   model=replace(cfg.model, vae_ckpt=args.vae_ckpt or cfg.model.vae_ckpt,
                                 var_ckpt=args.var_ckpt or cfg.model.var_ckpt),
                   train=replace(cfg.train, out_dir=args.out_dir or cfg.train.out_dir))
-    if isinstance(cfg, train_class_dp.ClassDPConfig):
-        for run in train_class_dp.train(cfg, resume=args.resume, overwrite=args.overwrite):
-            if run.accelerator.is_main_process:
-                r = train_class_dp.privacy_report(run)
-                print(f"done: epsilon {r['epsilon_spent']:.4f} of {r['target_epsilon']:g} "
-                      f"(delta {r['delta']:.3g}), {r['steps']} steps")
-        return 0
-    run = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if run.accelerator.is_main_process and run.history:
-        last = run.history[-1]
-        print(f"done: {len(run.history)} steps this session, loss {last['loss']:.4f}, "
-              f"acc {last['acc']:.2f}%; result in {cfg.train.out_dir}")
+    for result in train_class_runs(cfg, resume=args.resume, overwrite=args.overwrite):
+        if result.summary:
+            print(result.summary)
     return 0

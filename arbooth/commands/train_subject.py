@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     path = train(cfg)
     print(f"personalization: {path}")
     if cfg.model.preset == "toy":  # the toy base has evaluators: base-vs-personalized grid and metrics
-        from arbooth.recipes.toy_report import TOY_DIR, toy_report
+        from arbooth.toy.report import TOY_DIR, toy_report
         out = Path(cfg.out_dir)
         m = toy_report(cfg.subject, path, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg, tau=cfg.val_tau)
         b, p = m["base"]["mean"], m["personalized"]["mean"]

@@ -1,1 +1,1 @@
-"""Data: safe image reading, class-labelled datasets, subject folders, the toy world."""
+"""Data: safe image reading, class-labelled datasets, subject folders (the toy world is in arbooth.toy)."""

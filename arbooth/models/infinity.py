@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
-from arbooth.models.infinity_loading import from_official_keys
+from arbooth.models.infinity_keys import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
 from arbooth.precision import autocast
 

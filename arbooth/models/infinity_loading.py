@@ -1,4 +1,7 @@
-"""Released Infinity checkpoints <-> our module names, and `load_infinity` for the CLI.
+"""Released Infinity checkpoints: our weights written back in the released layout, and `load_infinity`.
+
+The released -> ours key conversion is in arbooth/models/infinity_keys.py (Infinity applies it when
+loading a state dict).
 
 The release (infinity/models/infinity.py, basic.py) fuses q/k/v into `mat_qkv` (cross-attention:
 `mat_kv`) with loose `q_bias`/`v_bias` tensors and an all-zero `zero_k_bias` buffer, names the
@@ -14,38 +17,13 @@ import torch
 
 from arbooth.checkpoint import read_state_dict
 from arbooth.errors import CheckpointError
+from arbooth.models.bsq_vae import BSQVAE
+from arbooth.models.infinity import CrossAttention, Infinity, SelfAttention
+from arbooth.models.infinity_keys import from_official_keys
 
-_CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+__all__ = ["from_official_keys", "load_infinity", "official_state_dict"]
+
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> dict[str, torch.Tensor]:
-    """Released key layout -> ours. Keys already in our layout pass through unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        m = _CHUNK.match(key)
-        if m:
-            key = f"blocks.{int(m[1]) * blocks_per_chunk + int(m[2])}." + key[m.end():]
-        key = key.replace("text_proj_for_sos.ca.mat_q", "text_proj_for_sos.query").replace("text_proj_for_sos.ca.", "text_proj_for_sos.")
-        base, _, leaf = key.rpartition(".")
-        if leaf == "zero_k_bias":
-            if value.count_nonzero() != 0:
-                raise CheckpointError(f"{key} is not all zero; cannot drop it")
-            continue
-        if key.endswith(".mat_qkv.weight"):
-            owner = key[: -len(".mat_qkv.weight")]
-            for name, part in zip("qkv", value.chunk(3)):
-                out[f"{owner}.{name}.weight"] = part
-        elif key.endswith(".mat_kv.weight"):
-            owner = key[: -len(".mat_kv.weight")]
-            out[f"{owner}.k.weight"], out[f"{owner}.v.weight"] = value.chunk(2)
-        elif leaf in ("q_bias", "v_bias"):
-            out[f"{base}.{leaf[0]}.bias"] = value
-        elif key.endswith((".mat_q.weight", ".mat_q.bias")):
-            out[key.replace(".mat_q.", ".q.")] = value
-        else:
-            out[key] = value
-    return out
 
 
 def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,8 +43,6 @@ def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor
 
 def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the released layout and order of keys (see the module docstring)."""
-    from arbooth.models.infinity import CrossAttention, SelfAttention
-
     per_chunk = model.depth // model.block_chunks
     attn = {n: m for n, m in model.named_modules() if isinstance(m, (SelfAttention, CrossAttention))}
 
@@ -91,9 +67,6 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
                   vae_kwargs: dict | None = None, model_kwargs: dict | None = None):
     """Build BSQVAE + Infinity (the d32 / 2B releases unless kwargs say otherwise) and load both
     checkpoints strictly. Builds on the meta device, so no memory is spent on random weights."""
-    from arbooth.models.bsq_vae import BSQVAE
-    from arbooth.models.infinity import Infinity
-
     vae_sd, sd = _read_vae(vae_ckpt), read_state_dict(model_ckpt)
     with torch.device("meta"):
         vae = BSQVAE(**(vae_kwargs or {}))

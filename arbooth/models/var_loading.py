@@ -19,11 +19,6 @@ from arbooth.models.var import VAE_PRESET, VAR, VAR_PRESETS, is_official_buffer,
 from arbooth.models.vqvae import VAE_DROPPED_KEYS, VQVAE
 from arbooth.precision import torch_dtype
 
-# A tiny model with the released architecture: for smoke runs, tests and benchmarks without weights.
-TINY_VAE = {"vocab_size": 64, "z_channels": 8, "ch": 32, "share_quant_resi": 4, "patch_nums": (1, 2, 3, 4)}
-TINY_VAR = {"num_classes": 10, "depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 4.0, "norm_eps": 1e-6,
-            "shared_aln": False, "attn_l2_norm": True, "patch_nums": (1, 2, 3, 4)}
-
 
 def official_state_dict(model: VAR | VQVAE, include_buffers: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights under the official key names and shapes (FoundationVision/VAR), so a
@@ -103,13 +98,3 @@ def load_official_weights(
     var.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in var_sd.items()}, assign=True)
     var.vae.eval().requires_grad_(False)
     return var.eval()
-
-
-def build_tiny_var(seed: int = 0, device: str | torch.device = "cpu", **overrides) -> VAR:
-    """A tiny randomly initialised VAR (64x64 images, 10 classes) with its tokenizer at `var.vae`.
-    Seeded without touching the global random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = VQVAE(**TINY_VAE)
-        var = VAR(vae, **{**TINY_VAR, **overrides})
-    return var.to(device).eval()

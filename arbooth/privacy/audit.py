@@ -74,7 +74,7 @@ def var_example_losses(vae: nn.Module, var: nn.Module, folder: str | Path, class
     under folder/<class>/ (read as training reads class folders; unreadable files left out, never
     substituted), labelled by class NAME with the training run's class list."""
     from arbooth.data.class_dataset import ClassImageDataset, Sample, drop_unreadable, scan_image_folder
-    from arbooth.recipes.train_class import encode_batch, var_loss
+    from arbooth.models.var_training import encode_batch, var_loss
 
     samples, found = scan_image_folder(folder, split=None)
     unknown = sorted(set(found) - set(classes))

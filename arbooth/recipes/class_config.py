@@ -11,49 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from arbooth.adapt.methods import METHODS
+# The model and method sections are defined beside the code that reads them (the result loader in
+# arbooth/adapt reads them without this recipe config); their fields are documented there.
+from arbooth.adapt.finetuned import ModelConfig
+from arbooth.adapt.methods import MethodConfig
 from arbooth.errors import ConfigError
 
-# The released VAR family (FoundationVision/VAR models/__init__.py build_vae_var): width 64 per layer.
-VAR_WIDTH_PER_DEPTH = 64
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    depth: int = 16                       # transformer depth (16, 20, 24, 30 are released)
-    vae_ckpt: str | None = None           # vae_ch160v4096z32.pth; None = random weights (tests only)
-    var_ckpt: str | None = None           # var_d{depth}.pth; None = random weights (tests only)
-    num_classes: int = 1000               # size of the pretrained class table; dataset labels index it
-    embed_dim: int | None = None          # None = 64 * depth, as released
-    num_heads: int | None = None          # None = depth, as released
-    mlp_ratio: float = 4.0
-    shared_aln: bool = False
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
-    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
-    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
-
-    def __post_init__(self) -> None:
-        if self.depth < 1 or self.num_classes < 1:
-            raise ConfigError("model.depth and model.num_classes must be positive")
-        if list(self.patch_nums) != sorted(self.patch_nums) or not self.patch_nums:
-            raise ConfigError(f"model.patch_nums must be increasing, got {self.patch_nums}")
-
-    @property
-    def width(self) -> int:
-        return self.embed_dim or VAR_WIDTH_PER_DEPTH * self.depth
-
-    @property
-    def heads(self) -> int:
-        return self.num_heads or self.depth
-
-    @property
-    def image_size(self) -> int:
-        return self.patch_nums[-1] * 2 ** (len(self.vae_ch_mult) - 1)
-
+__all__ = ["ClassTrainConfig", "DataConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig",
+           "TrainConfig"]
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -69,20 +34,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.mid_reso < 1.0:
             raise ConfigError(f"data.mid_reso must be >= 1, got {self.mid_reso}")
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str = "lora"                    # one of arbooth.adapt.METHODS
-    lora_rank: int = 16
-    lora_alpha: int = 32                  # the authors' code sets alpha = 2 * rank
-    lora_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ConfigError(f"method.name {self.name!r} is not one of {', '.join(METHODS)}")
-        if self.lora_rank < 1:
-            raise ConfigError("method.lora_rank must be >= 1")
 
 
 @dataclass(frozen=True)

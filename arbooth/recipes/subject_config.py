@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from arbooth.recipes.arbooth_losses import default_scale_weights
+from arbooth.adapt.arbooth_losses import default_scale_weights
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 One explicit loop (STYLE habit 4): `setup` builds the tokenizer, the transformer, the method's trainable
 set, the data and the optimizer; `train_step` is one micro-step; `train` runs the loop with gradient
 accumulation, logging, sample grids and resumable checkpoints. The loss pieces (`encode_batch`,
-`var_loss`, `drop_labels`, `token_metrics`) are small functions that the DP recipe reuses.
+`var_loss`, `drop_labels`, `token_metrics`) and the optimizer are small functions in
+arbooth/models/var_training.py, shared with the DP recipe, the audit and `arbooth profile`.
 
 Result layout under `train.out_dir` (one run per folder: arbooth/runs.py, README "Run folders"):
     run.json                            run id, command, and one entry per session (steps, applied changes)
@@ -32,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from arbooth.adapt.finetuned import (
+    base_hashes,
     build_vae_var,
     load_result_weights,
     save_result_weights,
@@ -45,6 +46,15 @@ from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_p
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models.var_training import (
+    build_optimizer,
+    build_scheduler,
+    drop_labels,
+    encode_batch,
+    step_seed,
+    token_metrics,
+    var_loss,
+)
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.runs import (
     ResumeError,
@@ -64,9 +74,6 @@ from arbooth.runs import (
 
 log = logging.getLogger(__name__)
 
-# Parameters without weight decay besides biases and 1-d tensors (FoundationVision/VAR train.py, nowd_keys).
-NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-                 "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # What this recipe writes into train.out_dir: a folder holding any of these holds a run.
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
@@ -76,76 +83,6 @@ RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
 SAFE_RESUME_KEYS = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
                     "train.out_dir", "log.", "data.num_workers", "data.root", "data.manifest",
                     "model.vae_ckpt", "model.var_ckpt")
-
-
-# ------------------------------------------------------------------ loss pieces (shared with DP)
-@torch.no_grad()
-def encode_batch(vae: nn.Module, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] -> (target tokens idx_BL, teacher-forcing input x_BLCv), tokenizer in fp32."""
-    idx_Bl = vae.img_to_idxBl(img_B3HW)
-    return torch.cat(idx_Bl, dim=1), vae.idxBl_to_var_input(idx_Bl)
-
-
-def var_loss(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, *, label_smoothing: float = 0.0,
-             reduction: str = "mean") -> torch.Tensor:
-    """VAR's training loss: token cross-entropy weighted 1/L per token, summed over tokens
-    (FoundationVision/VAR trainer.py: `loss_weight = ones(1, L) / L`), i.e. the mean over tokens.
-    reduction "none" gives the per-example loss (B,), which DP-SGD clips; "mean"/"sum" reduce over B."""
-    ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, label_smoothing=label_smoothing,
-                            reduction="none")
-    loss_B = ce_BL.mean(dim=1)
-    if reduction == "none":
-        return loss_B
-    return loss_B.sum() if reduction == "sum" else loss_B.mean()
-
-
-def drop_labels(label_B: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each label by the unconditional class `num_classes` with probability p (CFG training,
-    FoundationVision/VAR var.py forward: cond_drop_rate 0.1). Drawn from `generator` on the CPU so
-    the draw is reproducible and independent of the device."""
-    drop_B = torch.rand(label_B.shape[0], generator=generator) < p
-    return torch.where(drop_B.to(label_B.device), torch.full_like(label_B, num_classes), label_B)
-
-
-@torch.no_grad()
-def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -> dict[str, float]:
-    """Accuracy (%) over all tokens and over the last scale, and the last scale's loss (as VAR logs)."""
-    pred_BL = logits_BLV.argmax(dim=-1)
-    return {
-        "acc": (pred_BL == idx_BL).float().mean().item() * 100,
-        "acc_last": (pred_BL[:, -last_l:] == idx_BL[:, -last_l:]).float().mean().item() * 100,
-        "loss_last": F.cross_entropy(logits_BLV[:, -last_l:].float().flatten(0, 1),
-                                     idx_BL[:, -last_l:].flatten()).item(),
-    }
-
-
-def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    """Seed of the per-micro-step randomness (class dropout): a function of the position, so resuming
-    needs no generator state."""
-    return (seed * 1_000_003 + micro_step) * 1_009 + rank
-
-
-# ------------------------------------------------------------------ optimisation
-def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with VAR's betas and no decay on biases/norms/embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
-         else decay).append(p)
-    if not decay and not no_decay:
-        raise ConfigError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    name = "constant_with_warmup" if optim.scheduler == "constant" else optim.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
 
 
 # ------------------------------------------------------------------ setup
@@ -215,15 +152,6 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
                num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2, base=base,
                identity=run_identity(cfg, data_sha256=dataset.fingerprint(),
                                      base_sha256=base["vae_sha256"] + base["var_sha256"]))
-
-
-def base_hashes(vae: nn.Module, var: nn.Module) -> dict[str, str]:
-    """SHA-256 of the base tokenizer's and transformer's tensors (before any adapter), recorded with every
-    result so that `load_finetuned` refuses to apply it to another base (README "Results")."""
-    from arbooth.adapt.selective import tensors_sha256
-
-    return {"vae_sha256": tensors_sha256(vae.state_dict()),
-            "var_sha256": tensors_sha256({k: v for k, v in var.state_dict().items() if not k.startswith("vae.")})}
 
 
 # ------------------------------------------------------------------ the loop

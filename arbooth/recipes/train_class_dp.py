@@ -1,7 +1,8 @@
 """Recipe: differentially private class-conditional fine-tuning of VAR (DP-SGD; FFT, LoRA, LNTuning).
 
-Its own explicit loop (STYLE habit 4), reusing the small pieces of the non-private recipe
-(`encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`, `build_scheduler`). What differs:
+Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private recipe uses
+(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`,
+`build_scheduler`); its config is arbooth/recipes/class_dp_config.py. What differs:
 - the logical batch is a Poisson sample of rate `privacy.sample_rate` (not `train.batch_size` x
   `train.grad_accum`, which are unused here), split into physical batches of
   `privacy.max_physical_batch_size` examples by Opacus' BatchMemoryManager;
@@ -29,7 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,23 +39,15 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from arbooth.adapt.finetuned import build_vae_var, save_result_weights, write_result_meta
+from arbooth.adapt.finetuned import base_hashes, build_vae_var, save_result_weights, write_result_meta
 from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
-from arbooth.config import load_config, parse_overrides, save_config
+from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models.var_training import build_optimizer, build_scheduler, drop_labels, encode_batch, var_loss
 from arbooth.precision import autocast
-from arbooth.privacy.config import PrivacyConfig
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
-from arbooth.recipes.class_config import ClassTrainConfig
-from arbooth.recipes.train_class import (
-    base_hashes,
-    build_optimizer,
-    build_scheduler,
-    drop_labels,
-    encode_batch,
-    var_loss,
-)
+from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     ResumeError,
     RunFolderError,
@@ -73,29 +66,13 @@ from arbooth.runs import (
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
+
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final")
 # A DP resume may change only what does not touch the privacy analysis or the data stream: no step
 # count (sigma was calibrated for the planned steps) and no privacy.* key.
 SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
                     "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
-
-
-@dataclass(frozen=True)
-class ClassDPConfig(ClassTrainConfig):
-    """The class-conditional config plus its `privacy` section."""
-
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-
-    def without_privacy(self) -> ClassTrainConfig:
-        return ClassTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClassTrainConfig)})
-
-
-def load_class_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ClassTrainConfig:
-    """A ClassDPConfig when the YAML or an override has a `privacy` section, else a ClassTrainConfig:
-    `arbooth train-class` can dispatch on `isinstance(cfg, ClassDPConfig)`."""
-    raw = yaml.safe_load(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
-    private = "privacy" in (raw or {}) or "privacy" in parse_overrides(overrides)
-    return load_config(ClassDPConfig if private else ClassTrainConfig, path, overrides)
 
 
 class MultiViewDataset(Dataset):
@@ -400,13 +377,12 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
 def train(cfg: ClassDPConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           stop_at: int | None = None, accelerator=None) -> list[DPRun]:
     """Run the recipe once per target epsilon (`privacy.epsilon` may be a sweep: one run folder per value,
-    `out_dir/eps_<value>/`; `resume="auto"` resumes each, an explicit checkpoint folder needs one value)."""
-    out = Path(cfg.train.out_dir)
+    `cfg.run_dir(eps)`; `resume="auto"` resumes each, an explicit checkpoint folder needs one value)."""
     if cfg.privacy.is_sweep and resume is not None and str(resume) != "auto":
         raise ConfigError("a sweep resumes with --resume auto (one checkpoint folder cannot continue several runs)")
     runs = []
     for eps in cfg.privacy.epsilons:
         one = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=eps))
-        runs.append(train_one(one, eps, out / f"eps_{eps:g}" if cfg.privacy.is_sweep else out, resume=resume,
-                              overwrite=overwrite, stop_at=stop_at, accelerator=accelerator))
+        runs.append(train_one(one, eps, cfg.run_dir(eps), resume=resume, overwrite=overwrite, stop_at=stop_at,
+                              accelerator=accelerator))
     return runs

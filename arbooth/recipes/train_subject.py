@@ -13,6 +13,7 @@ the state records the config, the subject photos' and the base's identity, and a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,8 +27,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from arbooth.adapt.personalization import save_personalization
+from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
+from arbooth.adapt.personalization import load_personalization, save_personalization
+from arbooth.adapt.personalized_sampler import PersonalizedSampler
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
+from arbooth.adapt.subject_teacher import teacher_targets
 from arbooth.adapt.subject_token import (
     SubjectToken,
     add_placeholder_token,
@@ -37,7 +41,7 @@ from arbooth.adapt.subject_token import (
     instance_prompt,
 )
 from arbooth.checkpoint import save_torch
-from arbooth.config import save_config, to_dict
+from arbooth.config import from_dict, save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
@@ -45,9 +49,7 @@ from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
-from arbooth.recipes.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.subject_teacher import teacher_targets
 from arbooth.runs import (
     RunFolderError,
     check_resume,
@@ -68,11 +70,6 @@ RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
-TINY = {"vae": {"codebook_dim": 8, "base_ch": 32, "num_res_blocks": 1, "ch_mult": (1, 1, 2, 2, 2)},
-        "model": {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4.0, "text_channels": 128,
-                  "text_maxlen": 32, "block_chunks": 1}}
-
-
 def build_models(cfg: SubjectTrainConfig):
     """(vae, model, tokenizer, t5_encoder, base_id) on the CPU; frozen, eval mode."""
     from arbooth.models import BSQVAE, Infinity
@@ -80,14 +77,14 @@ def build_models(cfg: SubjectTrainConfig):
     kw = {"drop_path_rate": m.drop_path_rate, "cond_drop_rate": m.cond_drop_rate,
           "lvl_embed_every_chunk": m.lvl_embed_every_chunk, "checkpointing": cfg.gradient_checkpointing}
     if m.preset == "tiny":
-        from arbooth.recipes.subject_tiny import build_tiny_t5
+        from arbooth.toy.tiny import TINY, build_tiny_t5
         torch.manual_seed(m.seed)
         vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
         model = Infinity(vae, **TINY["model"], **kw).eval().requires_grad_(False)
         tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=m.seed)
         return vae, model, tokenizer, encoder, f"tiny-random seed={m.seed}"
     if m.preset == "toy":  # the pretrained toy base (docs/toy.md); its own scale schedule, see setup
-        from arbooth.recipes.toy_models import TOY_DIR, load_toy_base
+        from arbooth.toy.models import TOY_DIR, load_toy_base
         base = load_toy_base(m.model_ckpt or TOY_DIR, **kw)
         return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
     missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(m, k)]
@@ -108,9 +105,31 @@ def build_models(cfg: SubjectTrainConfig):
 def subject_schedule(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
     """The scale schedule the model is trained (and sampled) at."""
     if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
-        from arbooth.recipes.toy_models import TOY_DIR, read_manifest
+        from arbooth.toy.models import TOY_DIR, read_manifest
         return [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
     return [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+
+
+def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
+                 t5: str | None = None, device: str | torch.device = "cpu") -> PersonalizedSampler:
+    """A `PersonalizedSampler` from a personalization file written by this recipe: the base model its
+    recorded config names is rebuilt (the checkpoints default to those recorded at training time) and
+    the personalization applied, which checks that it is the base model it was trained from.
+    Raises CheckpointError for a missing or foreign file or a recorded config that does not load."""
+    pers = load_personalization(path)
+    try:
+        cfg = from_dict(SubjectTrainConfig, pers.config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
+    m = cfg.model
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
+        drop_path_rate=0.0))
+    _, model, tokenizer, encoder, _ = build_models(cfg)
+    pers.apply(model)
+    device = torch.device(device)
+    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, subject_schedule(cfg),
+                               cfg, device)
 
 
 def _file_sha256(path: str) -> str:

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from arbooth.adapt.arbooth_losses import distill_loss
 from arbooth.adapt.personalization import load_personalization, save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
+from arbooth.adapt.subject_teacher import teacher_targets
 from arbooth.adapt.subject_token import SubjectToken, splice_subject_token
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models import BSQVAE, Infinity
-from arbooth.recipes.arbooth_losses import distill_loss
-from arbooth.recipes.subject_teacher import teacher_targets
 
 SCHEDULE = [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
 

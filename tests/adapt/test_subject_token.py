@@ -18,7 +18,7 @@ from arbooth.adapt.subject_token import (
     splice_subject_token,
 )
 from arbooth.errors import ArboothError
-from arbooth.recipes.subject_tiny import build_tiny_t5
+from arbooth.toy.tiny import build_tiny_t5
 
 
 def test_splice_matches_the_authors(shared_dir: Path) -> None:

@@ -14,7 +14,8 @@ from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.bsq_vae import BSQVAE
 from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.train_subject import TINY, instance_batch, setup, train_step
+from arbooth.recipes.train_subject import instance_batch, setup, train_step
+from arbooth.toy.tiny import TINY
 
 SCHED_S = [tuple(s) for s in infinity_scale_schedule(1.0, "0.06M")]  # 7 scales, last 16x16
 SCHED_1M = [tuple(s) for s in infinity_scale_schedule(1.0, "1M")]    # 13 scales, last 64x64

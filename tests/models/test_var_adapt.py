@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 from arbooth.models import VAR, VQVAE
 from arbooth.models.var import VAE_PRESET, VAR_PRESETS
-from arbooth.models.var_loading import build_tiny_var
+from arbooth.toy.tiny import build_tiny_var
 
 BLOCK_LINEARS = r"blocks\.\d+\.(attn\.mat_qkv|attn\.proj|ffn\.fc1|ffn\.fc2|ada_lin\.1)"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arbooth.errors import ConfigError
-from arbooth.models.var_loading import build_tiny_var
+from arbooth.toy.tiny import build_tiny_var
 
 
 @pytest.fixture(scope="module")

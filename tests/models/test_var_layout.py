@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models import VAR, VQVAE, load_var, official_state_dict
 from arbooth.models.var import VAE_PRESET, VAR_PRESETS
-from arbooth.models.var_loading import TINY_VAE, TINY_VAR, build_tiny_var, load_official_weights
+from arbooth.models.var_loading import load_official_weights
+from arbooth.toy.tiny import TINY_VAE, TINY_VAR, build_tiny_var
 
 
 def _manifest(shared_dir, depth):

@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 
 from arbooth.adapt.methods import prepare_for_method
 from arbooth.models import VAR, VQVAE
+from arbooth.models.var_training import var_loss
 from arbooth.privacy.engine import make_private
-from arbooth.recipes.train_class import var_loss
 
 B = 3
 

@@ -11,8 +11,7 @@ from arbooth.config import load_config
 from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.subject_sampling import PersonalizedSampler
-from arbooth.recipes.train_subject import train
+from arbooth.recipes.train_subject import load_sampler, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +25,7 @@ def personalization(tmp_path_factory) -> Path:
 
 
 def test_sampler_applies_the_personalization(personalization):
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     params = dict(sampler.model.named_parameters())
     assert sampler.personalization.tensors  # something was tuned
     for name, value in sampler.personalization.tensors.items():
@@ -41,14 +40,14 @@ def test_generate_cli_with_personalization(personalization, tmp_path):
     rc = cli(["generate", "--personalization", str(personalization), "--prompt", prompt, "--n", "2",
               "--seed", "5", "--out", str(tmp_path / "s.png"), "--device", "cpu"])
     assert rc == 0 and (tmp_path / "s.png").is_file()
-    expected = PersonalizedSampler.from_file(personalization).generate([prompt, prompt], seed=5)
+    expected = load_sampler(personalization).generate([prompt, prompt], seed=5)
     got = pil_to_tensor_m11(read_image(tmp_path / "s_001.png")).add(1).div(2)
     assert (got - expected[1]).abs().max() <= 1 / 255 + 1e-6  # same seed, same image as the Python API
 
 
 def test_generate_cli_refuses_a_different_base(personalization, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        PersonalizedSampler.from_file(tmp_path / "missing.safetensors")
+        load_sampler(tmp_path / "missing.safetensors")
     assert cli(["generate", "--prompt", "a star", "--out", str(tmp_path / "x.png")]) == 2  # no model given
 
 
@@ -70,7 +69,7 @@ def test_eval_subject_samples_from_the_personalization(personalization, tmp_path
 
 def test_batched_images_follow_their_own_seeds(personalization):
     """eval-subject samples several seeds in one batch: image i must be the image of seed i alone."""
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     prompt = "a <S*> star on a red background"
     batch = sampler.generate([prompt] * 3, seed=[7, 8, 9])
     for i, seed in enumerate((7, 8, 9)):
@@ -86,7 +85,7 @@ def test_batched_images_follow_their_own_seeds(personalization):
 def test_eval_subject_generation_batches_keep_the_seeds(personalization, tmp_path):
     from arbooth.commands.eval_subject import generate_class_samples, generate_subject_samples
 
-    sampler = PersonalizedSampler.from_file(personalization)
+    sampler = load_sampler(personalization)
     calls = []
 
     class Recording:

@@ -15,8 +15,9 @@ from arbooth.adapt.finetuned import build_vae_var, load_finetuned
 from arbooth.adapt.methods import unwrap_peft
 from arbooth.config import from_dict, load_config
 from arbooth.errors import ConfigError
+from arbooth.models.var_training import drop_labels, encode_batch, var_loss
 from arbooth.recipes.class_config import ClassTrainConfig
-from arbooth.recipes.train_class import drop_labels, encode_batch, train, var_loss
+from arbooth.recipes.train_class import train
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = {"fft": 2e-3, "lora": 1e-2, "lora_attn": 1e-2, "lora_mlp": 1e-2, "lntuning": 1e-2}

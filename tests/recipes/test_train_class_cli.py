@@ -13,7 +13,7 @@ from arbooth.cli import main as cli
 from arbooth.config import save_config
 from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.models import official_state_dict
-from arbooth.recipes.train_class import encode_batch
+from arbooth.models.var_training import encode_batch
 
 
 def test_train_export_profile(tmp_path, capsys):

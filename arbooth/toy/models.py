@@ -5,7 +5,7 @@ Everything is the real architecture with a tiny config: `arbooth.models.BSQVAE` 
 `transformers.T5EncoderModel`, `open_clip.CLIP`. The folder (arbooth/assets/toy by default) holds
 `vae.safetensors`, `infinity.safetensors`, `t5/` (save_pretrained: config, weights, tokenizer),
 `clip.safetensors`, `probe.safetensors` and `toy.json` (configs, scale schedule, sha256 of every file,
-the pretraining log). `arbooth pretrain-toy` (arbooth/recipes/pretrain_toy.py) writes it.
+the pretraining log). `arbooth pretrain-toy` (arbooth/toy/pretrain.py) writes it.
 
 Shape letters: B batch, D feature width.
 """
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbooth.checkpoint import read_state_dict
-from arbooth.data.toyworld import COLOURS, SHAPES, SIZES, TEXTURES
 from arbooth.errors import CheckpointError
+from arbooth.toy.world import COLOURS, SHAPES, SIZES, TEXTURES
 
 log = logging.getLogger(__name__)
 TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
@@ -170,7 +170,7 @@ class ToyEvaluator:
 
     @torch.no_grad()
     def clip_text(self, prompts: list[str]) -> torch.Tensor:
-        from arbooth.data.toy_text import tokenize_ids
+        from arbooth.toy.text import tokenize_ids
         return F.normalize(self.clip.encode_text(tokenize_ids(self.tokenizer, prompts, self.context_length)), dim=-1)
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ Four stages, each seeded from `seed` and fed by `ToyWorld(seed + stage)` item by
 4. Attribute probe: cross-entropy per attribute; its held-out accuracy (also on the never-seen dotted
    star) goes into toy.json.
 The demo subject's appearance (shape, texture) is excluded from every stage's world.
-Writes the folder described in arbooth/recipes/toy_models.py.
+Writes the folder described in arbooth/toy/models.py.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arbooth.adapt.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
 from arbooth.checkpoint import save_safetensors
 from arbooth.config import to_dict
-from arbooth.data.toy_text import build_toy_tokenizer, tokenize_ids
-from arbooth.data.toyworld import ToyWorld, images_to_array
-from arbooth.recipes import toy_models as tm
-from arbooth.recipes.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
+from arbooth.toy import models as tm
+from arbooth.toy.text import build_toy_tokenizer, tokenize_ids
+from arbooth.toy.world import ToyWorld, images_to_array
 
 log = logging.getLogger(__name__)
 

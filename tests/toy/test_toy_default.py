@@ -13,7 +13,7 @@ import torch
 
 from arbooth.config import load_config
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.toy_models import TOY_DIR, read_manifest
+from arbooth.toy.models import TOY_DIR, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not (TOY_DIR / "toy.json").is_file(), reason="toy base not built")
@@ -35,8 +35,8 @@ def one_thread():
 
 
 def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, one_thread):
-    from arbooth.recipes.toy_report import toy_report
     from arbooth.recipes.train_subject import train
+    from arbooth.toy.report import toy_report
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
                       [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}", "steps=100"])
     path = train(cfg)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from arbooth.data.subject import load_subject
-from arbooth.data.toy_text import EOS_ID, build_toy_tokenizer
-from arbooth.data.toyworld import (
+from arbooth.errors import ConfigError
+from arbooth.toy.text import EOS_ID, build_toy_tokenizer
+from arbooth.toy.world import (
     COLOURS,
     DEMO_SUBJECT,
     ToyAttributes,
@@ -17,7 +18,6 @@ from arbooth.data.toyworld import (
     vocabulary,
     write_subject,
 )
-from arbooth.errors import ConfigError
 
 
 def test_items_are_a_pure_function_of_seed_and_index():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arbooth.recipes.arbooth_losses import (
+from arbooth.adapt.arbooth_losses import (
     bitwise_ce_per_token,
     default_scale_weights,
     distill_loss,

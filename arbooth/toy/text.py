@@ -1,6 +1,6 @@
 """Word-level tokenizer of the toy world, as a `transformers` PreTrainedTokenizerFast with T5's conventions.
 
-Built with `tokenizers` over `toyworld.vocabulary()`: "<pad>" = 0, "</s>" = 1 (appended to every
+Built with `tokenizers` over `arbooth.toy.world.vocabulary()`: "<pad>" = 0, "</s>" = 1 (appended to every
 prompt, like T5's sentencepiece tokenizer), "<unk>" = 2, then the words. The subject placeholder "<S*>"
 is a special token from the start, so `add_placeholder_token` finds it and the toy T5 has an embedding
 row for it. Saved with the toy T5 (`save_pretrained`), `AutoTokenizer.from_pretrained` reloads it, so
@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from arbooth.adapt.subject_token import PLACEHOLDER
-from arbooth.data.toyworld import vocabulary
+from arbooth.toy.world import vocabulary
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 

@@ -1,50 +1,34 @@
-"""Sampling from a personalization file: rebuild the base model its config records, apply the tuned
-tensors and <S*>, and generate. Used by `arbooth generate --personalization` and `arbooth eval-subject
---model`; prompts name the subject with the placeholder ("a <S*> dog wearing a santa hat")."""
+"""Sampling from a personalized Infinity: the base model with a `Personalization` applied (tuned tensors
+and <S*>). Prompts name the subject with the placeholder ("a <S*> dog wearing a santa hat").
+
+`arbooth.recipes.train_subject.load_sampler(path)` builds one from a personalization file (it rebuilds
+the base model the file's training config records); `arbooth generate --personalization` and
+`arbooth eval-subject --model` use it.
+"""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from arbooth.adapt.personalization import Personalization, load_personalization
-from arbooth.config import from_dict
+from arbooth.adapt.personalization import Personalization
 from arbooth.data.images import tensor_to_pil
-from arbooth.errors import CheckpointError, ConfigError
-from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.train_subject import build_models, subject_schedule
 
 
 @dataclasses.dataclass
 class PersonalizedSampler:
+    """A personalized Infinity ready to sample: `model` already has `personalization` applied."""
+
     model: nn.Module
     tokenizer: object
     encoder: nn.Module
     personalization: Personalization
     schedule: list[tuple[int, int, int]]
-    config: SubjectTrainConfig
+    config: Any                       # the training config: its val_cfg / val_tau are the defaults
     device: torch.device
-
-    @classmethod
-    def from_file(cls, path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
-                  t5: str | None = None, device: str | torch.device = "cpu") -> PersonalizedSampler:
-        """Load `path`; the base checkpoints default to those recorded at training time."""
-        pers = load_personalization(path)
-        try:
-            cfg = from_dict(SubjectTrainConfig, pers.config)
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
-        m = cfg.model
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
-            drop_path_rate=0.0))
-        _, model, tokenizer, encoder, _ = build_models(cfg)
-        pers.apply(model)  # checks that this is the base model it was trained from
-        device = torch.device(device)
-        return cls(model.to(device).eval(), tokenizer, encoder.to(device), pers, subject_schedule(cfg), cfg, device)
 
     @property
     def class_noun(self) -> str:

@@ -25,8 +25,8 @@ import torch
 from arbooth.adapt.personalization import load_personalization
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
-from arbooth.data.toyworld import COLOURS, SIZES
-from arbooth.recipes.toy_models import TOY_DIR, ToyEvaluator, load_toy_base
+from arbooth.toy.models import TOY_DIR, ToyEvaluator, load_toy_base
+from arbooth.toy.world import COLOURS, SIZES
 
 log = logging.getLogger(__name__)
 
