@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from dp_tiny import CLASSES, VOCAB, TinyNet, make_views, row_loss, trainable
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import PRVAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from arbooth.privacy.accountants import PLDAccountant, WideRDPAccountant
 from arbooth.privacy.engine import PrivacyBudgetExceeded, calibrate_noise, make_private
 
 
@@ -52,7 +53,7 @@ def test_noise_has_calibrated_std() -> None:
     assert noise.std().item() == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "prv"])
 def test_epsilon_matches_opacus_accountant_and_stays_under_target(accountant: str) -> None:
     n, q, steps, target, delta = 64, 0.25, 6, 3.0, 1 / 64
     model = TinyNet()
@@ -62,7 +63,8 @@ def test_epsilon_matches_opacus_accountant_and_stays_under_target(accountant: st
     assert pt.noise_multiplier == calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q,
                                                   steps=steps, accountant=accountant)
     _train_steps(pt, 2, steps)
-    reference = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    reference = {"pld": lambda: PLDAccountant(epsilon_hint=target), "rdp": WideRDPAccountant,
+                 "prv": PRVAccountant}[accountant]()
     reference.history = [(pt.noise_multiplier, q, steps)]
     assert pt.steps_taken == steps
     assert pt.epsilon() == pytest.approx(reference.get_epsilon(delta), rel=1e-6)

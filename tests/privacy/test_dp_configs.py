@@ -22,6 +22,7 @@ def test_table8_configs(method: str) -> None:
     p = cfg.privacy
     assert (cfg.optim.lr, cfg.train.epochs, p.max_grad_norm, p.aug_multiplicity) == (lr, epochs, c, k)
     assert (p.epsilons, p.sample_rate, p.delta) == ((10.0,), 0.251, None)
+    assert (p.accountant, p.clipping) == ("pld", "book_keeping")  # tightest robust accountant, fastest exact mode
 
 
 def test_sweep_is_one_config_with_a_list_and_overridable() -> None:
@@ -36,7 +37,7 @@ def test_sweep_is_one_config_with_a_list_and_overridable() -> None:
 def test_no_privacy_section_gives_the_plain_config_and_bad_values_are_errors() -> None:
     assert type(load_class_config(None, ["method.name=lora"])) is ClassTrainConfig
     assert isinstance(load_class_config(None, ["privacy.epsilon=3"]), ClassDPConfig)
-    for bad in (["privacy.epsilon=0"], ["privacy.sample_rate=1.5"], ["privacy.accountant=gdp"],
+    for bad in (["privacy.epsilon=0"], ["privacy.sample_rate=1.5"], ["privacy.accountant=gdp"], ["privacy.clipping=fast"],
                 ["privacy.aug_multiplicity=0"], ["privacy.epsilon=[1, -2]"], ["privacy.typo=1"]):
         with pytest.raises(ConfigError):
             load_class_config(None, bad)
