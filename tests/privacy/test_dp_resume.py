@@ -35,20 +35,21 @@ def _params(run) -> dict[str, torch.Tensor]:
 
 def test_dp_run_stopped_and_resumed_is_bit_identical_with_the_same_epsilon(tmp_path):
     data = write_dataset(tmp_path / "data")  # 16 images, q = 0.5: 2 Poisson batches per epoch
-    full = train(_cfg(data, tmp_path / "full"))[0]
-    cfg = _cfg(data, tmp_path / "split")
+    four = {"max_steps": 4, "checkpoint_every": 1}
+    full = train(_cfg(data, tmp_path / "full", train=four))[0]
+    cfg = _cfg(data, tmp_path / "split", train=four)
     a = train(cfg, stop_at=1)[0]               # mid-epoch
-    b = train(cfg, resume="auto", stop_at=4)[0]  # from mid-epoch over an epoch boundary to one
-    c = train(cfg, resume="auto")[0]           # from an epoch boundary to the end
-    assert (a.pt.steps_taken, b.pt.steps_taken, c.pt.steps_taken) == (1, 4, 5)
+    b = train(cfg, resume="auto", stop_at=2)[0]  # from mid-epoch to an epoch boundary
+    c = train(cfg, resume="auto")[0]           # from an epoch boundary over the next one to the end
+    assert (a.pt.steps_taken, b.pt.steps_taken, c.pt.steps_taken) == (1, 2, 4)
     want, got = _params(full), _params(c)
     for n in want:
         assert torch.equal(want[n], got[n]), n
     assert c.pt.epsilon() == full.pt.epsilon() and c.pt.accountant.history == full.pt.accountant.history
     assert [h["loss"] for h in a.history + b.history + c.history] == [h["loss"] for h in full.history]
     rep = yaml.safe_load((tmp_path / "split" / "final" / "privacy.yaml").read_text())
-    assert rep["epsilon_spent"] == full.pt.epsilon() and rep["steps"] == 5
-    assert [(s["start_step"], s["end_step"]) for s in rep["sessions"]] == [(0, 1), (1, 4), (4, 5)]
+    assert rep["epsilon_spent"] == full.pt.epsilon() and rep["steps"] == 4
+    assert [(s["start_step"], s["end_step"]) for s in rep["sessions"]] == [(0, 1), (1, 2), (2, 4)]
 
 
 def test_dp_resume_refuses_another_privacy_config_or_step_count(tmp_path):
