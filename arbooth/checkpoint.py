@@ -2,7 +2,9 @@
 readable report, and atomic writes (temp file + rename, so a crash never leaves half a file)."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -90,3 +92,31 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 def save_torch(obj: object, path: str | os.PathLike) -> None:
     """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG)."""
     _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 16 MiB chunks (base-model ids, shipped-asset checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def partial_dir(folder: str | os.PathLike) -> Path:
+    """A fresh, empty `.<name>.partial` folder beside `folder` to write a whole result or checkpoint into;
+    `commit_dir` then moves it into place, so `folder` is always complete or absent."""
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_dir(partial: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Replace `folder` (if any) by the finished `partial` (a rename on the same file system)."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    Path(partial).rename(folder)
+

@@ -1,8 +1,10 @@
 """`arbooth <command> ...`: one entry point; each command lives in its own module.
 
-A command module defines `add_arguments(parser)` and `main(args) -> int | None`, and a one-line
-module docstring that becomes the command's help. Modules are imported only when their command runs,
-so `arbooth --help` stays fast and one broken optional dependency cannot break every command.
+A command module defines `add_arguments(parser)` and `main(args) -> int | None`, and a module
+docstring whose first line becomes the command's help. Every command module is imported to build the
+parser; each imports its heavy dependencies (torch models, metrics, recipes) inside `main`, so
+`arbooth --help` stays fast. An `ArboothError` (bad config value, missing checkpoint, unreadable
+image) is printed as one line and exit status 2, without a traceback.
 """
 from __future__ import annotations
 

@@ -215,14 +215,18 @@ def prune_checkpoints(root: Path, keep: int, run_id: str) -> None:
 
 
 def get_rng_state() -> dict:
-    """The global RNGs a training step may draw from (dropout, DropPath): torch CPU and CUDA, numpy, random."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """The global RNGs a training step may draw from (dropout, DropPath): torch CPU and CUDA, numpy, random,
+    in types `torch.load(weights_only=True)` reads back (numpy's key array travels as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -100,7 +100,7 @@ def measure(depth: int, batch: int, steps: int, vae: BSQVAE, pn: str, count_flop
     base = _status_gib("VmRSS")
     _reset_peak()
     torch.manual_seed(0)
-    model = Infinity(vae, depth=depth, block_chunks=1, checkpointing=True)  # 2B width, heads, text channels
+    model = Infinity(vae, depth=depth, block_chunks=1, gradient_checkpointing=True)  # 2B width, heads, text channels
     model.blocks.to(torch.bfloat16)
     tuner = SelectiveTuner(model)
     token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)

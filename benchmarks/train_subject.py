@@ -35,10 +35,10 @@ def bench(size: str, steps: int) -> dict:
     with torch.device(dev):
         if cuda:
             vae = BSQVAE().eval().requires_grad_(False)
-            model = Infinity(vae, checkpointing=True)
+            model = Infinity(vae, gradient_checkpointing=True)
         else:
             vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
-            model = Infinity(vae, **TINY["model"], checkpointing=True)
+            model = Infinity(vae, **TINY["model"], gradient_checkpointing=True)
     if cuda:
         model.blocks.to(torch.bfloat16)
     schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]

@@ -98,6 +98,24 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
     return var.vae, var
 
 
+def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: int
+                   ) -> tuple[nn.Module, nn.Module, dict[str, str]]:
+    """The training start of both class recipes: (tokenizer, transformer prepared for `method_cfg`, the
+    base weights' `base_hashes`) on the CPU. Seeds the global RNG with `seed` first, so random-weight runs
+    and LoRA's A matrices start the same on every rank; switches on gradient checkpointing when
+    `model_cfg` asks for it."""
+    from arbooth.adapt.methods import prepare_for_method
+
+    torch.manual_seed(seed)
+    vae, var = build_vae_var(model_cfg, device="cpu")
+    base = base_hashes(vae, var)
+    model = prepare_for_method(var, method_cfg.name, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
+                               lora_dropout=method_cfg.lora_dropout)
+    if model_cfg.gradient_checkpointing:
+        unwrap_peft(model).gradient_checkpointing = True
+    return vae, model, base
+
+
 def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
     """Write the method's weights into `folder`: the adapter only (peft format) or the full transformer."""
     folder = Path(folder)
@@ -225,7 +243,7 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
     if method in PEFT_METHODS and mc.var_ckpt is None:
         log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
                     "re-drawn from the run's seed", result_dir)
-    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.lora_alpha,
+    model = prepare_for_method(var, method, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
                                lora_dropout=method_cfg.lora_dropout)
     load_result_weights(model, method, Path(result_dir))
     model.requires_grad_(False)

@@ -3,8 +3,8 @@
 Each method is a function of a model and a name (STYLE habit 8): `prepare_for_method(var, "lora")`
 returns the model, peft-wrapped where needed, with exactly that method's parameters requiring grad.
 
-- `fft`: every transformer parameter trains (the VQVAE tokenizer, if the model holds one, stays frozen).
-- `lora`: peft LoRA (rank 16, alpha 32, dropout 0) on each block's attention `mat_qkv` and `proj`, MLP
+- `fft`: every transformer parameter trains (the VQVAE tokenizer is not a submodule of VAR: never trained).
+- `lora`: peft LoRA (rank 16, alpha 2 * rank = 32, dropout 0) on each block's attention `mat_qkv` and `proj`, MLP
   `fc1` and `fc2` and AdaLN `ada_lin.1` linear: the paper's "LoRA-AM + LN" setting (6.03M trainable at
   d16, 9.42M at d20). `head_nm.ada_lin.1` is not a target: counting it would give 6.08M at d16, while the
   paper reports 6.02M, so the paper adapts the blocks only.
@@ -38,14 +38,23 @@ class MethodConfig:
 
     name: str = "lora"                    # one of METHODS
     lora_rank: int = 16
-    lora_alpha: int = 32                  # the authors' code sets alpha = 2 * rank
+    lora_alpha: int | None = None         # None: 2 * lora_rank, as the authors' code (`alpha` below)
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"method.name {self.name!r} is not one of {', '.join(METHODS)}")
         if self.lora_rank < 1:
-            raise ConfigError("method.lora_rank must be >= 1")
+            raise ConfigError(f"method.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"method.lora_alpha must be > 0 (or null for 2 * lora_rank), got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"method.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def alpha(self) -> int:
+        """The LoRA alpha in use: `lora_alpha` when set, else 2 * `lora_rank` (LoRA scale alpha / rank = 2)."""
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
 
 _ATTN = (r"blocks\.\d+\.attn\.mat_qkv", r"blocks\.\d+\.attn\.proj")
@@ -99,25 +108,23 @@ def resolve_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     return found
 
 
-def _frozen_submodules(model: nn.Module) -> list[nn.Module]:
-    # The tokenizer is not part of any method's trainable set; VAR may hold it as a submodule.
-    return [m for m in model.modules() if type(m).__name__ == "VQVAE"]
-
-
-def prepare_for_method(var: nn.Module, name: str, *, lora_rank: int = 16, lora_alpha: int = 32,
+def prepare_for_method(var: nn.Module, name: str, *, lora_rank: int = 16, lora_alpha: int | None = None,
                        lora_dropout: float = 0.0) -> nn.Module:
-    """Return `var` ready for method `name`: peft-wrapped for LoRA/LNTuning, plain for FFT.
+    """Return `var` ready for method `name` (one of METHODS): a `peft.PeftModel` for LoRA/LNTuning, the
+    same module for FFT.
 
-    Exactly the method's parameters require grad afterwards. The input model is modified in place
-    (peft injects its layers into it), so pass a fresh model per method.
+    Exactly the method's parameters require grad afterwards (counts at d16/d20 in the module
+    docstring; the paper's Table 1 settings, Shaikh et al. 2025). LoRA: rank `lora_rank` >= 1, scale
+    `lora_alpha / lora_rank` with `lora_alpha` defaulting to 2 * rank (the authors' code), dropout
+    `lora_dropout` in [0, 1). The VQVAE tokenizer is not a submodule of VAR (see arbooth/models/var.py),
+    so no method ever trains it. The input model is modified in place (peft injects its layers into it),
+    so pass a fresh model per method. Raises ConfigError for an unknown method or a target pattern that
+    matches no linear layer.
     """
     if name not in METHODS:
         raise ConfigError(f"unknown adaptation method {name!r}; choose one of {', '.join(METHODS)}")
     if name == "fft":
-        var.requires_grad_(True)
-        for m in _frozen_submodules(var):
-            m.requires_grad_(False)
-        return var
+        return var.requires_grad_(True)
 
     from peft import LNTuningConfig, LoraConfig, get_peft_model
 
@@ -127,7 +134,8 @@ def prepare_for_method(var: nn.Module, name: str, *, lora_rank: int = 16, lora_a
     if name == "lntuning":
         cfg = LNTuningConfig(target_modules=target_regex)
     else:
-        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        alpha = 2 * lora_rank if lora_alpha is None else lora_alpha
+        cfg = LoraConfig(r=lora_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
                          target_modules=target_regex, bias="none")
     model = get_peft_model(var, cfg)
     log.debug("%s: %s", name, count_parameters(model))

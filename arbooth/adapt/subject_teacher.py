@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from arbooth.models.infinity import rope_cos_sin, sample_bits
+from arbooth.models.infinity import rope_cos_sin
+from arbooth.models.sampling import sample_bits
 
 
 @torch.no_grad()

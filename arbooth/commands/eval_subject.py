@@ -27,6 +27,7 @@ from statistics import mean
 from PIL import Image
 from tqdm import tqdm
 
+from arbooth.adapt.subject_token import PLACEHOLDER
 from arbooth.data.images import read_image, read_image_folder
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
@@ -185,7 +186,8 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.model is not None:
         generator = load_subject_generator(args.model, str(device))
-        placeholder = getattr(getattr(generator, "personalization", None), "placeholder", "<sks>")
+        # the placeholder the personalization was trained with (recorded in its file), else the default <S*>
+        placeholder = getattr(getattr(generator, "personalization", None), "placeholder", PLACEHOLDER)
         generate_subject_samples(generator, templates, args.subject_phrase or f"{placeholder} {args.class_noun}",
                                  args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed,
                                  batch_size=args.gen_batch_size)

@@ -90,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("pass --model-ckpt and --vae-ckpt (or --personalization)")
     cfg, tau = (4.0 if args.cfg is None else args.cfg), (0.5 if args.tau is None else args.tau)
     model_kwargs = {"lvl_embed_every_chunk": args.lvl_embed_every_chunk, **args.model_kwargs}
-    _, model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs,
-                             model_kwargs=model_kwargs)
+    model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs,
+                          model_kwargs=model_kwargs)
     t5 = T5TextEncoder(args.t5 or "google/flan-t5-xl", dtype="fp32" if device.type == "cpu" else "fp16", device=device)
     if t5.dim != model.text_channels:
         raise ConfigError(f"T5 width {t5.dim} does not match the model's text_channels {model.text_channels}")

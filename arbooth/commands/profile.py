@@ -44,7 +44,7 @@ def profile_step(cfg, method: str, *, device: str = "fake", timed_steps: int = 3
     fake = device == "fake"
     mcfg = replace(cfg.model, vae_ckpt=None, var_ckpt=None)  # weights do not change the cost
     _, var = build_vae_var(mcfg, device="meta" if fake else device)
-    model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.lora_alpha)
+    model = prepare_for_method(var, method, lora_rank=cfg.method.lora_rank, lora_alpha=cfg.method.alpha)
     if not fake:
         return _profile_step(cfg, model, var, device, timed_steps)
     # Fake tensors carry shapes and dtypes only, so a d30 step is counted on a laptop. The model is

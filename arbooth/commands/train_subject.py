@@ -72,21 +72,16 @@ def _yaml_str(override: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from arbooth.recipes.subject_config import SUBJECT_PRESETS
     from arbooth.recipes.train_subject import train
     cfg = build_config(args)
-    if cfg.model.preset == "toy":
+    preset = SUBJECT_PRESETS[cfg.model.preset]
+    if preset.num_threads:
         import torch
-        # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one
-        torch.set_num_threads(1)
+        torch.set_num_threads(preset.num_threads)
     path = train(cfg)
     print(f"personalization: {path}")
-    if cfg.model.preset == "toy":  # the toy base has evaluators: base-vs-personalized grid and metrics
-        from arbooth.toy.report import TOY_DIR, toy_report
-        out = Path(cfg.out_dir)
-        m = toy_report(cfg.subject, path, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg, tau=cfg.val_tau)
-        b, p = m["base"]["mean"], m["personalized"]["mean"]
-        print(f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}")
-        print("             " + " ".join(f"{k:>10s}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
-        for name, v in (("base", b), ("personalized", p)):
-            print(f"{name:12s} " + " ".join(f"{v[k]:10.3f}" for k in ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")))
+    if preset.report is not None:  # e.g. the toy base's evaluators: base-vs-personalized grid and metrics
+        for line in preset.report(cfg, path):
+            print(line)
     return 0

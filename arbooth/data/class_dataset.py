@@ -162,15 +162,19 @@ class ClassImageDataset(Dataset):
         self.unreadable = dict(unreadable or {})  # path -> reason, of files left out
 
     @classmethod
-    def from_config(cls, data, *, size: int, mid_size: int) -> ClassImageDataset:
+    def from_config(cls, data, *, size: int, mid_size: int, max_classes: int | None = None) -> ClassImageDataset:
         """Build from a `DataConfig` (manifest wins over root when both are given); every file is read
-        once first and the unreadable ones are left out (`unreadable`)."""
+        once first and the unreadable ones are left out (`unreadable`). Raises ConfigError when no data is
+        given or when it has more than `max_classes` classes (the model's class table)."""
         if data.manifest:
             samples, classes = read_manifest(data.manifest)
         elif data.root:
             samples, classes = scan_image_folder(data.root, data.split)
         else:
             raise ConfigError("no data given: pass --data <folder> or set data.root / data.manifest")
+        if max_classes is not None and len(classes) > max_classes:
+            raise ConfigError(f"the dataset has {len(classes)} classes but the model's class table has "
+                              f"{max_classes}")
         good, bad = drop_unreadable(samples, num_workers=data.num_workers)
         return cls(good, classes, size=size, mid_size=mid_size, random_crop=data.random_crop,
                    hflip=data.hflip, unreadable=bad)

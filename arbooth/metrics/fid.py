@@ -90,9 +90,12 @@ class _MomentAccumulator:
 
 
 class FrechetDistance:
-    """FID (or sFID) from features: update(feats, real=...) for both sets, then compute().
+    """FID (or sFID) from features: update(feats_ND, real=...) for both sets (N x D float features, e.g.
+    D = 2048 Inception pool features), then compute() -> the Frechet distance (>= 0, float64 statistics;
+    Heusel et al. 2017, as pytorch-fid / torch-fidelity compute it).
 
-    `reference` may be given as precomputed statistics (the cached real-data statistics)."""
+    `reference` may be given as precomputed statistics (the cached real-data statistics); adding real
+    features then raises ArboothError, as does compute() with fewer than two samples in a set."""
 
     def __init__(self, reference: GaussianStats | None = None) -> None:
         self.reference = reference
@@ -144,7 +147,10 @@ def precision_recall(real_ND: np.ndarray | torch.Tensor, fake_MD: np.ndarray | t
 
 
 class PrecisionRecall:
-    """update(feats, real=...) for both sets, then compute() -> {"precision": p, "recall": r}."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019; NVlabs/stylegan2-ada-pytorch
+    metrics/precision_recall.py): update(feats_ND, real=...) for both sets, then compute() ->
+    {"precision": p, "recall": r}, each in [0, 1], with k-NN radii (k = 3) in float64. Raises
+    ArboothError when a set has k samples or fewer."""
 
     def __init__(self, k: int = 3) -> None:
         self.k = k

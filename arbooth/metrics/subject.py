@@ -38,7 +38,8 @@ PROTOCOLS = ("dreambooth", "dreammatcher")
 # ----------------------------------------------------------------------------- metric accumulators
 
 class ImageSimilarity:
-    """Mean pairwise cosine similarity between reference features and every generated feature.
+    """Mean pairwise cosine similarity in [-1, 1] between reference features (N, D) and every generated
+    feature (M, D) given to update(); compute() raises ArboothError before any update.
 
     I_DINO, I_CLIP and PRES are this with different features (DreamBooth Sec. 4.1; ARBooth
     booth_evaluation/clip_eval.py `img_to_img_similarity`: (src @ gen.T).mean() of unit vectors)."""
@@ -60,7 +61,9 @@ class ImageSimilarity:
 
 
 class TextSimilarity:
-    """Mean cosine similarity between generated images and their prompt's text embedding (T_CLIP)."""
+    """T_CLIP: mean cosine similarity in [-1, 1] between generated image embeddings (M, D) and their
+    prompt's text embedding (D,) (DreamBooth Sec. 4.1; ARBooth booth_evaluation/clip_eval.py
+    `img_to_text_similarity`); compute() raises ArboothError before any update."""
 
     def __init__(self) -> None:
         self.total = 0.0
@@ -82,7 +85,9 @@ class PairwiseDiversity:
     """DIV: mean LPIPS distance over all unordered pairs (i < j) within each group of images.
 
     Matches ARBooth booth_evaluation/lpips_eval.py `compute_pairwise_distance` (one group per prompt),
-    batched over pairs. update() takes one group; compute() averages over all pairs seen."""
+    batched over pairs. update() takes one group (N, 3, H, W) in [-1, 1]; compute() averages the LPIPS
+    distances (>= 0, higher = more diverse) over all pairs seen and raises ArboothError when no group had
+    two images."""
 
     def __init__(self, lpips_fn: nn.Module, batch_size: int = 32) -> None:
         self.lpips_fn = lpips_fn

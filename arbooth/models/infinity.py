@@ -29,6 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from arbooth.errors import ConfigError
 from arbooth.models.infinity_keys import from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
+from arbooth.models.kv_cache import KVCache
+from arbooth.models.sampling import sample_bits
+from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.precision import autocast
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,7 +100,7 @@ class SelfAttention(nn.Module):
         self.max_scale_mul = math.log(100)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: KVCache | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         q, k, v = (f(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
@@ -106,9 +109,7 @@ class SelfAttention(nn.Module):
         # that dtype too (half the cache under bf16 autocast, no re-cast of the whole cache each scale)
         q, k = apply_rope(q, cos_Lc, sin_Lc).to(v.dtype), apply_rope(k, cos_Lc, sin_Lc).to(v.dtype)
         if cache is not None:  # generation: earlier scales' keys/values (RoPE already applied)
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
+            k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -226,28 +227,30 @@ class InfinityOutput:
     logits: list[torch.Tensor] | None   # per scale (B or 2B, l, 2d) before tau and guidance, if asked
 
 
-class Infinity(nn.Module):
+class Infinity(TokenizerHolder):
     """Defaults build the released Infinity-2B (`infinity_2b_reg.pth`).
 
     `vae` gives the bit depth and decodes in `generate`; it is kept out of this module's parameters
-    and state_dict (the release's state_dict has none of it; optimisers must not see it).
+    and state_dict (the release's state_dict has none of it; optimisers must not see it) and moves with
+    the model, as VAR's tokenizer (arbooth/models/tokenizer_holder.py).
     `lvl_embed_every_chunk=True` adds the level embedding before every block chunk, as the ARBooth
-    fork does (official: before the first block only). `checkpointing` recomputes blocks in backward.
-    `cond_drop_rate` is the train-mode probability of replacing a prompt by `cfg_uncond`.
+    fork does (official: before the first block only). `gradient_checkpointing` (also an attribute, as
+    on VAR) recomputes blocks in backward. `forward` is deterministic apart from DropPath: prompt dropout
+    for guidance training is decided by the caller (`cond_drop_B`, e.g. from `draw_prompt_drop`).
     """
 
     def __init__(self, vae: nn.Module, depth: int = 32, embed_dim: int = 2048, num_heads: int = 16,
                  mlp_ratio: float = 4.0, text_channels: int = 2048, text_maxlen: int = 512, block_chunks: int = 8,
-                 norm_eps: float = 1e-6, drop_path_rate: float = 0.1, cond_drop_rate: float = 0.1,
-                 lvl_embed_every_chunk: bool = False, checkpointing: bool = False):
+                 norm_eps: float = 1e-6, drop_path_rate: float = 0.1, lvl_embed_every_chunk: bool = False,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if depth % block_chunks or embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ConfigError(f"need depth % block_chunks == 0 and head width % 4 == 0, got depth={depth}, "
                               f"block_chunks={block_chunks}, embed_dim={embed_dim}, num_heads={num_heads}")
-        object.__setattr__(self, "vae", vae)  # deliberately unregistered, see the class docstring
+        self.attach_tokenizer(vae)  # not a submodule, moved with the model (arbooth/models/tokenizer_holder.py)
         self.d, self.C, self.depth, self.num_heads = vae.codebook_dim, embed_dim, depth, num_heads
         self.text_channels, self.text_maxlen, self.block_chunks = text_channels, text_maxlen, block_chunks
-        self.cond_drop_rate, self.lvl_embed_every_chunk, self.checkpointing = cond_drop_rate, lvl_embed_every_chunk, checkpointing
+        self.lvl_embed_every_chunk, self.gradient_checkpointing = lvl_embed_every_chunk, gradient_checkpointing
         C, init_std = embed_dim, math.sqrt(1 / embed_dim / 3)
         # 1. text conditioning. cfg_uncond: fixed-seed init, as released (infinity.py __init__)
         uncond = torch.empty(text_maxlen, text_channels, device="cpu")  # CPU generator, any default device
@@ -304,7 +307,7 @@ class Infinity(nn.Module):
             if i % per_chunk == 0 and (i == 0 or self.lvl_embed_every_chunk):
                 x_BLC = x_BLC + lvl_LC
             args = (x_BLC, tc.gss_B16C, tc.kv_BTC, tc.mask_BT, cos_Lc, sin_Lc, mask_LL)
-            if self.checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x_BLC = checkpoint(block, *args, use_reentrant=False)
             else:
                 x_BLC = block(*args, cache=None if caches is None else caches[i])
@@ -316,13 +319,14 @@ class Infinity(nn.Module):
 
     def forward(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, x_BLC: torch.Tensor,
                 schedule: Schedule, cond_drop_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, L, 2d). `x_BLC` (B, L - 1, d) is `BSQVAE.bits_to_var_input`.
-        In train mode prompts are dropped with `cond_drop_rate` unless `cond_drop_B` decides."""
+        """Teacher-forced logits (B, L, 2d), fp32 (a (bit 0, bit 1) pair per bit). `text_BTC` (B, T, Ct) T5
+        features with the bool mask `text_mask_BT` of real tokens; `x_BLC` (B, L - 1, d) is
+        `BSQVAE.bits_to_var_input`; `schedule` the (t, h, w) scales. Rows of `cond_drop_B` (bool, B) use
+        `cfg_uncond` instead of their prompt (guidance training; None = none dropped). Raises ConfigError
+        for inputs of the wrong shape."""
         L = sum(h * w for _, h, w in schedule)
         if x_BLC.shape[1:] != (L - 1, self.d):
             raise ConfigError(f"x_BLC must be (B, {L - 1}, {self.d}) for this schedule, got {tuple(x_BLC.shape)}")
-        if cond_drop_B is None and self.training and self.cond_drop_rate > 0:
-            cond_drop_B = torch.rand(x_BLC.shape[0], device=x_BLC.device) < self.cond_drop_rate
         tc = self.encode_text(text_BTC, text_mask_BT, cond_drop_B)
         sos = tc.cond_BD.unsqueeze(1) + self.pos_start
         x = torch.cat([sos, self.word_embed(x_BLC.float())], 1)
@@ -346,9 +350,15 @@ class Infinity(nn.Module):
         lists. Sampling draws from `generator`, else from a fresh one seeded with `seed`, else from
         the global RNG; a list of seeds (or generators), one per prompt, gives every image its own
         random stream, so an image depends on its seed and not on what else is in the batch (up to
-        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images. `use_cache=False` recomputes the whole prefix every scale (reference path).
+        the last bits of batched arithmetic). `decode=False` returns the bits without decoding images.
+        `use_cache=False` recomputes the whole prefix every scale (reference path).
         `next_scale_mode='area'` reproduces the ARBooth fork's sampler. `dtype` is the autocast
         dtype on the GPU; the CPU runs fp32, or bf16 autocast when the blocks are stored in bf16.
+        Inputs: T5 features `text_BTC` (B, T, Ct) with the bool mask `text_mask_BT`, and the (t, h, w)
+        `schedule` (`infinity_scale_schedule`). Returns InfinityOutput: images (B, 3, H, W) in [0, 1]
+        (H = 16 h of the last scale), per-scale bits (B, h, w, d) in {0, 1}, the summed codes and,
+        with `return_logits`, the logits. Raises ConfigError for text of the wrong shape or an empty
+        prompt, per-scale `cfg`/`tau` lists shorter than the schedule, or a seed list of the wrong length.
         """
         n, B, dev = len(schedule), text_BTC.shape[0], text_BTC.device
         cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
@@ -364,7 +374,7 @@ class Infinity(nn.Module):
             text_BTC, text_mask_BT = torch.cat([text_BTC, text_BTC]), torch.cat([text_mask_BT, text_mask_BT])
         tc = self.encode_text(text_BTC, text_mask_BT, drop if guided else None)
         full, d = tuple(schedule[-1]), self.d
-        caches = [[] for _ in self.blocks] if use_cache else None
+        caches = [KVCache() for _ in self.blocks] if use_cache else None
         cos_all, sin_all = rope_cos_sin(schedule, self.C // self.num_heads, dev)
         ids_all, start = self._scale_ids(schedule, dev), 0
         x_inputs = [tc.cond_BD.unsqueeze(1) + self.pos_start]  # one entry per scale, (2B or B, l, C)
@@ -419,31 +429,18 @@ class Infinity(nn.Module):
         state_dict.update({prefix + k: v for k, v in converted.items()})
 
 
+def draw_prompt_drop(batch: int, rate: float, device: torch.device | str,
+                     generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Prompt dropout for classifier-free-guidance training (infinity.py forward, cond_drop_rate): a bool
+    (batch,) mask, each row True with probability `rate`, for `Infinity.forward(cond_drop_B=...)`; None
+    when `rate` is 0 (no draw). Drawn from `generator`, else the global RNG."""
+    if rate <= 0:
+        return None
+    return torch.rand(batch, device=device, generator=generator) < rate
+
+
 def _per_scale(value, n: int, name: str) -> list[float]:
     values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) < n:
         raise ConfigError(f"{name} has {len(values)} entries for {n} scales")
     return values
-
-
-def sample_bits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
-                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Top-k / top-p filtering and one multinomial draw per row (infinity.py
-    sample_with_top_k_top_p_also_inplace_modifying_logits_, same order of RNG calls). A list of
-    generators, one per batch row, draws each row from its own (per-image seeds in a batch)."""
-    B, l, V = logits_BlV.shape
-    logits = logits_BlV.float().clone()
-    if 0 < top_k < V:
-        logits.masked_fill_(logits < logits.topk(top_k, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum_(-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    probs_BlV = logits.softmax(-1)
-    if isinstance(generator, torch.Generator) or generator is None:
-        return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=generator).view(B, l)
-    if len(generator) != B:
-        raise ValueError(f"{len(generator)} generators for a batch of {B}")
-    return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g).view(l)
-                        for p_lV, g in zip(probs_BlV, generator, strict=True)])

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 
-from arbooth.checkpoint import read_state_dict
-from arbooth.errors import CheckpointError
+from arbooth.checkpoint import file_sha256, read_state_dict
+from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.bsq_vae import BSQVAE
 from arbooth.models.infinity import CrossAttention, Infinity, SelfAttention
 from arbooth.models.infinity_keys import from_official_keys
 
-__all__ = ["from_official_keys", "load_infinity", "official_state_dict"]
+__all__ = ["from_official_keys", "infinity_2b_base", "load_infinity", "official_state_dict"]
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -64,9 +65,17 @@ def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None):
-    """Build BSQVAE + Infinity (the d32 / 2B releases unless kwargs say otherwise) and load both
-    checkpoints strictly. Builds on the meta device, so no memory is spent on random weights."""
+                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None) -> Infinity:
+    """The released Infinity with its BSQ-VAE at `model.vae`, as `load_var` returns VAR with its tokenizer
+    at `var.vae`; both frozen, eval mode, fp32, on `device`.
+
+    Builds BSQVAE + Infinity (the d32 VAE / 2B transformer of FoundationVision/Infinity
+    `infinity_vae_d32_reg.pth`, `infinity_2b_reg.pth` unless the kwargs say otherwise) on the meta
+    device, so no memory is spent on random weights, then loads both checkpoints strictly (the
+    released key layout is converted, arbooth/models/infinity_keys.py). `.pth` (read with
+    `torch.load(weights_only=True)`) or `.safetensors`. Raises CheckpointError naming the file when a
+    checkpoint is missing, unreadable or does not fit the model.
+    """
     vae_sd, sd = _read_vae(vae_ckpt), read_state_dict(model_ckpt)
     with torch.device("meta"):
         vae = BSQVAE(**(vae_kwargs or {}))
@@ -76,9 +85,28 @@ def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *,
             module.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"{name} checkpoint does not match the model: {e}") from e
-    vae.eval().requires_grad_(False)
-    model.eval().requires_grad_(False)
-    return vae.to(device), model.to(device)
+    vae.eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def infinity_2b_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=infinity_2b`: the released Infinity-2B, its BSQ-VAE and flan-t5-xl as (vae, model,
+    tokenizer, t5_encoder, base_id), frozen, eval mode, on the CPU (T5 in bf16). `model_cfg` names the
+    files (`model_ckpt`, `vae_ckpt`, `t5`); `base_id` records the transformer file's SHA-256.
+    Raises ConfigError when a path is not set, CheckpointError when a file is missing or does not fit."""
+    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(model_cfg, k)]
+    if missing:
+        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {model_cfg.preset} "
+                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs)
+    vae = model.vae
+    if not Path(model_cfg.t5).is_dir():
+        raise CheckpointError(f"T5 folder not found: {model_cfg.t5} (download google/flan-t5-xl)")
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.t5, legacy=True)
+    encoder = T5EncoderModel.from_pretrained(model_cfg.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+    return vae, model, tokenizer, encoder, f"{Path(model_cfg.model_ckpt).name} sha256={file_sha256(model_cfg.model_ckpt)}"
 
 
 def _read_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:

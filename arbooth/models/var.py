@@ -7,7 +7,8 @@ adapt it without patches:
   by a small module, so a LoRA on `mat_qkv` gets gradients;
 - every raw parameter of the official code (`pos_start`, `pos_1LC`, `q_bias`, `v_bias`,
   `scale_mul_1H11`, `ada_gss`) lives in a small leaf module with a registered Opacus grad sampler;
-- no buffers, no randomness in `forward` (class dropout is `drop_labels`, called by the recipe).
+- no buffers, no randomness in `forward`: class dropout for guidance training is decided by the caller
+  (`arbooth.models.var_training.drop_labels`).
 The renames this needs are listed once, in `_RENAMES`; `load_state_dict` accepts official state
 dicts as they are, and `arbooth.models.official_state_dict` writes them back.
 
@@ -26,7 +27,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
+from arbooth.models.kv_cache import KVCache
 from arbooth.models.sampling import gumbel_softmax, sample_top_k_top_p, top_k_top_p_filter
+from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
 
@@ -154,20 +157,6 @@ def _ada_gss_grad_sample(layer: AdaGSS, activations, backprops: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------ blocks (basic_var.py)
-class KVCache:
-    """Keys and values of the scales generated so far, for one block. Owned by the sampler."""
-
-    def __init__(self):
-        self.k_BHLc: torch.Tensor | None = None
-        self.v_BHLc: torch.Tensor | None = None
-
-    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_BHLc is not None:
-            k_BHlc, v_BHlc = torch.cat((self.k_BHLc, k_BHlc), dim=2), torch.cat((self.v_BHLc, v_BHlc), dim=2)
-        self.k_BHLc, self.v_BHLc = k_BHlc, v_BHlc
-        return k_BHlc, v_BHlc
-
-
 class SelfAttention(nn.Module):
     def __init__(self, C: int, H: int, attn_l2_norm: bool):
         super().__init__()
@@ -243,7 +232,7 @@ VAR_PRESETS = {  # the released sizes (official models/__init__.py build_vae_var
 VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "patch_nums": PATCH_NUMS}
 
 
-class VAR(nn.Module):
+class VAR(TokenizerHolder):
     """Class-conditional next-scale transformer over the tokenizer `vae` (kept at `self.vae`)."""
 
     def __init__(
@@ -258,7 +247,7 @@ class VAR(nn.Module):
         shared_aln: bool = False,
         attn_l2_norm: bool = True,
         patch_nums: tuple[int, ...] = PATCH_NUMS,
-        cond_drop_rate: float = 0.1,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         # 0. hyperparameters
@@ -268,15 +257,14 @@ class VAR(nn.Module):
             raise ConfigError(f"VAR patch_nums {tuple(patch_nums)} differ from the tokenizer's {vae.patch_nums}")
         self.num_classes, self.depth, self.C, self.num_heads = num_classes, depth, embed_dim, num_heads
         self.Cvae, self.V, self.patch_nums = vae.Cvae, vae.vocab_size, tuple(patch_nums)
-        self.shared_aln, self.cond_drop_rate = shared_aln, cond_drop_rate
+        self.shared_aln = shared_aln
         self.L, self.first_l = sum(pn * pn for pn in self.patch_nums), self.patch_nums[0] ** 2
         ends = [sum(pn * pn for pn in self.patch_nums[: i + 1]) for i in range(len(self.patch_nums))]
         self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, self.patch_nums)]
-        self.grad_checkpointing = False  # recompute blocks in backward (training memory); off by default
-        # The frozen tokenizer generate() decodes with. Deliberately not a submodule: parameters(),
-        # state_dict(), optimizers, peft and Opacus see only the transformer, as in the official
-        # checkpoints. `_apply` below moves it with the model (.to / .cuda / .half).
-        object.__setattr__(self, "vae", vae)
+        self.gradient_checkpointing = gradient_checkpointing  # recompute blocks in backward (less memory)
+        # The frozen tokenizer generate() decodes with: not a submodule, moved with the model
+        # (arbooth/models/tokenizer_holder.py, the same for Infinity).
+        self.attach_tokenizer(vae)
 
         # 1. input embedding of the tokenizer features
         self.word_embed = nn.Linear(self.Cvae, embed_dim)
@@ -298,22 +286,9 @@ class VAR(nn.Module):
         self.head = nn.Linear(embed_dim, self.V)
         self.register_load_state_dict_pre_hook(_accept_official_layout)
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), .to_empty() also reach the tokenizer
-        self.vae._apply(fn, recurse)
-        return super()._apply(fn, recurse)
-
     def levels(self, device: torch.device) -> torch.Tensor:
         """Scale index of every token: (L,) LongTensor."""
         return torch.cat([torch.full((pn * pn,), i, device=device) for i, pn in enumerate(self.patch_nums)])
-
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Classifier-free-guidance training: replace each label by the unconditional class with
-        probability cond_drop_rate (train mode only; the identity in eval mode). Call it in the recipe."""
-        if not self.training or self.cond_drop_rate <= 0:
-            return labels_B
-        device = generator.device if generator is not None else labels_B.device
-        drop_B = torch.rand(labels_B.shape, generator=generator, device=device).to(labels_B.device) < self.cond_drop_rate
-        return labels_B.masked_fill(drop_B, self.num_classes)
 
     def _block_cond(self, cond_BD: torch.Tensor) -> torch.Tensor:
         return cond_BD if self.shared_ada_lin is None else self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.C)
@@ -324,11 +299,13 @@ class VAR(nn.Module):
             return self.head(self.head_nm(x_BLC.to(w), cond_BD.to(w))).float()
 
     def forward(self, labels_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: class labels (B,) and tokenizer input (B, L - first_l, Cv) -> logits (B, L, V).
-        Deterministic: no class dropout here (see `drop_labels`)."""
+        """Teacher forcing: class labels (B,) in [0, num_classes] (num_classes = unconditional) and tokenizer
+        input (B, L - first_l, Cv) (`VQVAE.idxBl_to_var_input`) -> logits (B, L, V), fp32. Deterministic:
+        class dropout is the caller's (`var_training.drop_labels`). Raises ConfigError for an input of
+        the wrong shape."""
         B = labels_B.shape[0]
         if tuple(x_BLCv_wo_first_l.shape) != (B, self.L - self.first_l, self.Cvae):
-            raise ValueError(f"expected teacher-forcing input of shape {(B, self.L - self.first_l, self.Cvae)}, "
+            raise ConfigError(f"expected teacher-forcing input of shape {(B, self.L - self.first_l, self.Cvae)}, "
                              f"got {tuple(x_BLCv_wo_first_l.shape)}")
         lvl_L = self.levels(labels_B.device)
         with torch.autocast(labels_B.device.type, enabled=False):  # embeddings in full precision, as official
@@ -339,7 +316,7 @@ class VAR(nn.Module):
             cond = self._block_cond(cond_BD)
         mask_LL = lvl_L[:, None] >= lvl_L[None, :]  # block-causal: a token sees its own and coarser scales
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x_BLC = checkpoint(block, x_BLC, cond, mask_LL, use_reentrant=False)
             else:
                 x_BLC = block(x_BLC, cond, mask_LL)
@@ -364,7 +341,10 @@ class VAR(nn.Module):
         logits = (1 + t) cond - t uncond, t = cfg * si / (num_scales - 1). `dtype` ("fp32", "bf16",
         "fp16") sets the autocast of the blocks; head, sampling and tokenizer run in full precision.
         `use_kv_cache=False` is the reference path that re-runs every earlier token at each scale.
-        `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images."""
+        `decode=False` returns the tokenizer feature map f_hat (B, Cv, pn, pn) instead of images.
+        `labels_B`: class indices in [0, num_classes] (num_classes = unconditional); `seed` an int or a
+        `torch.Generator` on the model's device (the same seed gives the same images); `top_k`,
+        `top_p` as FoundationVision/VAR models/helpers.py. Raises ConfigError for labels out of range."""
         device = self.head.weight.device
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype)
         labels_B = torch.as_tensor(labels_B, device=device).long().view(-1)

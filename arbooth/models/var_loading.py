@@ -66,9 +66,14 @@ def load_var(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
 ) -> VAR:
-    """Build a released VAR size and load the official `vae_ch160v4096z32.pth` and `var_d{depth}.pth`
-    (or `.safetensors`). `dtype` is the transformer's weight dtype (the tokenizer stays fp32). Returns the
-    VAR in eval mode; its tokenizer is `var.vae`."""
+    """Build a released VAR size (depth 16, 20, 24 or 30: FoundationVision/VAR models/__init__.py
+    build_vae_var) and load the official `vae_ch160v4096z32.pth` and `var_d{depth}.pth` (or
+    `.safetensors`; `.pth` read with `torch.load(weights_only=True)`). `dtype` is the transformer's weight
+    dtype (the tokenizer stays fp32). Returns the VAR in eval mode on `device`, frozen, with its
+    tokenizer at `var.vae` (as `load_infinity` returns Infinity with its VAE at `model.vae`); it
+    generates 256x256 images of the 1000 ImageNet classes. Raises ConfigError for an unreleased depth
+    or a missing path, CheckpointError listing the first missing, unexpected and mis-shaped keys when
+    a file does not fit."""
     if depth not in VAR_PRESETS:
         raise ConfigError(f"no released VAR of depth {depth}; choose one of {sorted(VAR_PRESETS)}")
     if vae_ckpt is None or var_ckpt is None:

@@ -196,12 +196,19 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
                  noise_multiplier: float | None = None, noise_generator: torch.Generator | None = None,
                  sampling_generator: torch.Generator | None = None,
                  collate_fn: Callable | None = None, num_workers: int = 0) -> PrivateTraining:
-    """Wrap `model` (trainable parameters already chosen), `optimizer` and `dataset` for DP-SGD.
+    """Wrap `model` (trainable parameters already chosen), `optimizer` and `dataset` for DP-SGD (Abadi et
+    al. 2016, through Opacus' GradSampleModule, DPOptimizer and Poisson DataLoader).
 
-    `steps` is the number of logical (Poisson) steps the run will take; sigma is calibrated so that
-    exactly those steps spend at most `target_epsilon`. `noise_multiplier` overrides the calibration
-    (tests, audits). Under torch.distributed each process samples its shard at rate q and only rank 0
-    adds noise (Opacus' DistributedDPOptimizer).
+    Each example's gradient, the mean over its `views` augmented views, is clipped to L2 norm
+    `max_grad_norm`, the clipped gradients are summed and Gaussian noise of standard deviation
+    sigma * max_grad_norm is added. `sample_rate` in (0, 1] is the Poisson rate q; `steps` is the number
+    of logical steps the run will take; sigma is calibrated so that exactly those steps spend at most
+    (`target_epsilon`, `delta`) under `accountant` ("rdp" or "prv"). `noise_multiplier` overrides the
+    calibration (tests, audits). `ghost` uses ghost clipping (no per-sample gradients kept). Under
+    torch.distributed each process samples its shard at rate q and only rank 0 adds noise (Opacus'
+    DistributedDPOptimizer). Raises ConfigError for a rate outside (0, 1] or a model Opacus'
+    ModuleValidator rejects; the returned PrivateTraining raises PrivacyBudgetExceeded instead of a
+    step that would exceed the target.
     """
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must lie in (0, 1], got {sample_rate}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from arbooth.config import load_config, parse_overrides
+from arbooth.errors import ConfigError
 from arbooth.privacy.config import PrivacyConfig
 from arbooth.recipes.class_config import ClassTrainConfig
 
@@ -23,6 +24,12 @@ class ClassDPConfig(ClassTrainConfig):
     """The class-conditional config plus its `privacy` section."""
 
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model.gradient_checkpointing:
+            raise ConfigError("model.gradient_checkpointing re-runs forward hooks, which Opacus' per-sample "
+                              "gradients cannot follow; use privacy.max_physical_batch_size to save memory")
 
     def without_privacy(self) -> ClassTrainConfig:
         return ClassTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClassTrainConfig)})

@@ -5,10 +5,17 @@ Defaults are the authors' (jiwoogit/ARBooth arg_util.py, booth_train_final.py; s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from arbooth.adapt.arbooth_losses import default_scale_weights
+from arbooth.errors import ConfigError
+from arbooth.models.infinity_loading import infinity_2b_base
+from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.toy.models import toy_infinity_base, toy_schedule
+from arbooth.toy.report import toy_run_report
+from arbooth.toy.tiny import tiny_infinity_base
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,23 @@ class PromptConfig:
     class_template: str = "a photo of {cls}"              # arg_util.py L523
     validation: tuple[str, ...] = ("a {} in the jungle", "a {} on the beach", "a {} wearing a santa hat")
 
+    def __post_init__(self) -> None:
+        # Placeholder consistency: the one <S*> token is what training splices, what the personalization
+        # file records and what prompts at sampling time must contain (arbooth/adapt/subject_token.py).
+        p = self.placeholder
+        if not p or any(c.isspace() for c in p) or any(c in p for c in "{}"):
+            raise ConfigError(f"prompts.placeholder must be one word without braces, got {p!r}")
+        if "{token}" not in self.instance_template or "{cls}" not in self.instance_template:
+            raise ConfigError("prompts.instance_template must contain {token} (the placeholder) and {cls}, got "
+                              f"{self.instance_template!r}")
+        if "{cls}" not in self.class_template or "{token}" in self.class_template or p in self.class_template:
+            raise ConfigError("prompts.class_template must contain {cls} and no placeholder, got "
+                              f"{self.class_template!r}")
+        bad = [v for v in self.validation if v.count("{}") != 1 or p in v]
+        if bad:
+            raise ConfigError(f"prompts.validation: each prompt needs exactly one {{}} (where '{p} <class>' goes) "
+                              f"and no literal placeholder; bad: {bad}")
+
 
 @dataclass(frozen=True)
 class TuningConfig:
@@ -46,7 +70,7 @@ class TuningConfig:
 
     def __post_init__(self) -> None:
         if self.text_prefix_length < 1:
-            raise ValueError("text_prefix_length must be >= 1")
+            raise ConfigError("tuning.text_prefix_length must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -59,14 +83,20 @@ class LossConfig:
     distill_softmax: Literal["token", "bit"] = "token"  # token = authors (one softmax over 2d logits)
 
     def weights_for(self, num_scales: int) -> tuple[float, ...]:
-        w = self.scale_weights if self.scale_weights is not None else default_scale_weights(num_scales)
-        if len(w) < num_scales:
-            raise ValueError(f"loss.scale_weights has {len(w)} entries for {num_scales} scales")
-        return tuple(w[:num_scales])
+        """One weight per scale of a `num_scales` schedule. Raises ConfigError unless `loss.scale_weights`
+        has exactly that many entries (none are cut off or repeated)."""
+        if self.scale_weights is None:
+            return default_scale_weights(num_scales)
+        if len(self.scale_weights) != num_scales:
+            raise ConfigError(f"loss.scale_weights has {len(self.scale_weights)} entries but the scale schedule "
+                              f"has {num_scales} scales: give one weight per scale")
+        return tuple(self.scale_weights)
 
     def __post_init__(self) -> None:
         if self.reg_lambda < 0 or self.distill_temperature <= 0:
-            raise ValueError("reg_lambda must be >= 0 and distill_temperature > 0")
+            raise ConfigError("loss.reg_lambda must be >= 0 and loss.distill_temperature > 0")
+        if self.scale_weights is not None and (not self.scale_weights or min(self.scale_weights) < 0):
+            raise ConfigError("loss.scale_weights must be non-negative, one per scale (or null for the default)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +109,7 @@ class BSCConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0 or self.apply_layers < 0:
-            raise ValueError("bsc.strength must be in [0, 1] and bsc.apply_layers >= 0")
+            raise ConfigError("bsc.strength must be in [0, 1] and bsc.apply_layers >= 0")
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,36 @@ class OptimConfig:
     # bf16 tuned weights: round updates stochastically (arbooth/optim.py) so the small ones are not lost;
     # false = plain torch AdamW on bf16 weights, as the authors (most lr=2.3e-5 updates round away)
     stochastic_rounding: bool = True
+
+
+# ----------------------------------------------------------------------------- model presets
+def released_schedule(model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """The released scale schedule for `model.h_div_w` and `model.pn` (infinity/utils/dynamic_resolution.py)."""
+    return [tuple(s) for s in infinity_scale_schedule(model_cfg.h_div_w, model_cfg.pn)]
+
+
+@dataclass(frozen=True)
+class SubjectPreset:
+    """What `model.preset` names. `build(model_cfg, model_kwargs)` -> (vae, model, tokenizer,
+    t5_encoder, base_id), frozen, eval mode, on the CPU; `schedule(model_cfg)` -> the scale schedule,
+    known before any weights load; `report(cfg, personalization_path)` -> lines `train-subject`
+    prints after training (None: no report); `num_threads`: torch threads `train-subject` uses (None:
+    torch's default)."""
+
+    build: Callable[[ModelConfig, dict], tuple]
+    schedule: Callable[[ModelConfig], list[tuple[int, int, int]]]
+    report: Callable[[SubjectTrainConfig, str], list[str]] | None = None
+    num_threads: int | None = None
+
+
+# The registry (a plain dict, as DiT's `DiT_models`): the recipe and the command reach every base model,
+# the built-in toy and tiny ones included, only through it.
+SUBJECT_PRESETS: dict[str, SubjectPreset] = {
+    "infinity_2b": SubjectPreset(infinity_2b_base, released_schedule),
+    "tiny": SubjectPreset(tiny_infinity_base, released_schedule),
+    # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one
+    "toy": SubjectPreset(toy_infinity_base, toy_schedule, report=toy_run_report, num_threads=1),
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +190,6 @@ class SubjectTrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("steps must be >= 0 and batch_size >= 1")
+            raise ConfigError("steps must be >= 0 and batch_size >= 1")
         if self.validate_every < 0 or self.save_every < 0:
-            raise ValueError("validate_every and save_every must be >= 0")
+            raise ConfigError("validate_every and save_every must be >= 0")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,13 +35,13 @@ import torch
 from torch import nn
 
 from arbooth.adapt.finetuned import (
-    base_hashes,
-    build_vae_var,
+    build_prepared,
     load_result_weights,
     save_result_weights,
     write_result_meta,
 )
-from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
+from arbooth.adapt.methods import count_parameters, unwrap_peft
+from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
 from arbooth.errors import CheckpointError, ConfigError
@@ -117,21 +116,13 @@ def make_accelerator(cfg: ClassTrainConfig):
 
 def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
     acc = accelerator or make_accelerator(cfg)
-    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
-    if dataset.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"the dataset has {dataset.num_classes} classes but the model's class table has "
-                          f"{cfg.model.num_classes}")
+    dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
+                                            max_classes=cfg.model.num_classes)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
                                 rank=acc.process_index, seed=cfg.train.seed)
     if cfg.model.var_ckpt is None and acc.is_main_process:
         log.warning("no model.vae_ckpt / model.var_ckpt: training from random weights")
-    torch.manual_seed(cfg.train.seed)  # model init (random-weight runs) and LoRA A init are the same on every rank
-    vae, var = build_vae_var(cfg.model, device="cpu")
-    base = base_hashes(vae, var)
-    model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
-    if cfg.model.gradient_checkpointing:
-        unwrap_peft(model).grad_checkpointing = True
+    vae, model, base = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
     # The loader's own generator: creating an iterator draws a base seed from it, which would otherwise
@@ -295,8 +286,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
     acc, folder = run.accelerator, Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
         torch.save(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
@@ -315,9 +305,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                         "run": {**run.identity, "run_id": run.record["run_id"], "record": run.record}},
                        partial / "train_state.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        commit_dir(partial, folder)
         write_run_file(run.cfg.train.out_dir, run.record)
         log.info("saved %s", folder)
     acc.wait_for_everyone()
@@ -338,7 +326,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     state_path = folder / "train_state.pt"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
     saved = state.get("run", {})
     if current is not None and saved.get("run_id") != current["run_id"]:
         raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
@@ -354,7 +342,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     run.record = {**saved["record"], "_changes": changes}
     if acc.is_main_process:
         log.info("resumed from %s at step %d%s", folder, state["step"],

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,20 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from arbooth.adapt.finetuned import base_hashes, build_vae_var, save_result_weights, write_result_meta
-from arbooth.adapt.methods import count_parameters, prepare_for_method, unwrap_peft
+from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_result_meta
+from arbooth.adapt.methods import count_parameters, unwrap_peft
+from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import CheckpointError, ConfigError
-from arbooth.models.var_training import build_optimizer, build_scheduler, drop_labels, encode_batch, var_loss
+from arbooth.models.var_training import (
+    build_optimizer,
+    build_scheduler,
+    drop_labels,
+    encode_batch,
+    step_seed,
+    var_loss,
+)
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
@@ -115,20 +122,11 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
 
     pc = cfg.privacy
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    torch.manual_seed(cfg.train.seed)  # same initial model on every rank (DPDDP also broadcasts rank 0's)
-    vae, var = build_vae_var(cfg.model, device="cpu")
-    base_sha = base_hashes(vae, var)
-    model = prepare_for_method(var, cfg.method.name, lora_rank=cfg.method.lora_rank,
-                               lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout)
-    if cfg.model.gradient_checkpointing:
-        raise ConfigError("gradient checkpointing re-runs forward hooks, which Opacus' per-sample "
-                          "gradients cannot follow; use privacy.max_physical_batch_size to save memory")
+    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
-    base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size)
-    if base.num_classes > cfg.model.num_classes:
-        raise ConfigError(f"the dataset has {base.num_classes} classes but the model's class table has "
-                          f"{cfg.model.num_classes}")
+    base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
+                                         max_classes=cfg.model.num_classes)
     dataset = MultiViewDataset(base, pc.aug_multiplicity, cfg.train.seed)
     steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
@@ -172,7 +170,7 @@ def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, micro_
     b, k = views_BK3HW.shape[:2]
     img_N3HW = views_BK3HW.flatten(0, 1).to(acc.device, non_blocking=True)
     idx_NL, x_NLCv = _encode(run, img_N3HW)
-    g = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + micro_step) * 1_009 + acc.process_index)
+    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
     label_N = drop_labels(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout, g)
     run.pt.optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.train.precision, acc.device):
@@ -299,6 +297,7 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
         folder = Path(resume)
     if not (folder / "train_state.pt").is_file():
         raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
+    # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
     state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
     saved = state.get("run", {})
     if current is not None and saved.get("run_id") != current["run_id"]:
@@ -354,9 +353,7 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.record["sessions"][-1]["end_step"] = run.pt.steps_taken
-        partial = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial = partial_dir(folder)
         save_result_weights(run.model, run.cfg.method.name, partial)
         write_result_meta(partial, run.cfg.without_privacy(), step=run.pt.steps_taken,
                           classes=run.dataset.base.classes, base=run.base,
@@ -365,9 +362,7 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
         (partial / "privacy.yaml").write_text(yaml.safe_dump(privacy_report(run), sort_keys=False))
         if train_state is not None:
             torch.save(train_state, partial / "train_state.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        commit_dir(partial, folder)
         write_run_file(folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent,
                        run.record)
         log.info("saved %s (epsilon %.4f spent of %g)", folder, run.pt.epsilon(), run.epsilon)

@@ -1,8 +1,9 @@
 """ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
 
-setup: subject photos -> raw VAE features (once; the VAE is frozen), prompts -> T5 features (once; T5 is
-then moved off the accelerator), selective tuning + <S*>, AdamW. Each step: bitwise self-correction turns the photos' features into
-teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher (base weights
+The base model comes from `model.preset` through SUBJECT_PRESETS (arbooth/recipes/subject_config.py),
+the built-in toy and tiny ones included. setup: subject photos -> raw VAE features (once; the VAE is
+frozen), prompts -> T5 features (once; T5 is then released), selective tuning + <S*>, AdamW. Each
+step: bitwise self-correction turns the photos' features into teacher-forcing inputs and labels (`bsc.*`, arbooth/models/bitwise_self_correction.py); the teacher (base weights
 swapped in) samples class-prompt token maps; the student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
 sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
@@ -46,10 +47,10 @@ from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
-from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
-from arbooth.recipes.subject_config import SubjectTrainConfig
+from arbooth.recipes.subject_config import SUBJECT_PRESETS, SubjectTrainConfig
 from arbooth.runs import (
     RunFolderError,
     check_resume,
@@ -71,43 +72,25 @@ SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
 def build_models(cfg: SubjectTrainConfig):
-    """(vae, model, tokenizer, t5_encoder, base_id) on the CPU; frozen, eval mode."""
-    from arbooth.models import BSQVAE, Infinity
+    """(vae, model, tokenizer, t5_encoder, base_id) of `model.preset` (SUBJECT_PRESETS), on the CPU;
+    frozen, eval mode."""
     m = cfg.model
-    kw = {"drop_path_rate": m.drop_path_rate, "cond_drop_rate": m.cond_drop_rate,
-          "lvl_embed_every_chunk": m.lvl_embed_every_chunk, "checkpointing": cfg.gradient_checkpointing}
-    if m.preset == "tiny":
-        from arbooth.toy.tiny import TINY, build_tiny_t5
-        torch.manual_seed(m.seed)
-        vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
-        model = Infinity(vae, **TINY["model"], **kw).eval().requires_grad_(False)
-        tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=m.seed)
-        return vae, model, tokenizer, encoder, f"tiny-random seed={m.seed}"
-    if m.preset == "toy":  # the pretrained toy base (docs/toy.md); its own scale schedule, see setup
-        from arbooth.toy.models import TOY_DIR, load_toy_base
-        base = load_toy_base(m.model_ckpt or TOY_DIR, **kw)
-        return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
-    missing = [k for k in ("model_ckpt", "vae_ckpt", "t5") if not getattr(m, k)]
-    if missing:
-        raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {m.preset} "
-                          "(or use model.preset=tiny / --tiny to try the recipe without weights)")
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    from arbooth.models.infinity_loading import load_infinity
-    vae, model = load_infinity(m.model_ckpt, m.vae_ckpt, model_kwargs=kw)
-    if not Path(m.t5).is_dir():
-        raise CheckpointError(f"T5 folder not found: {m.t5} (download google/flan-t5-xl)")
-    tokenizer = AutoTokenizer.from_pretrained(m.t5, legacy=True)
-    encoder = T5EncoderModel.from_pretrained(m.t5, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
-    return vae, model, tokenizer, encoder, f"{Path(m.model_ckpt).name} sha256={_file_sha256(m.model_ckpt)}"
+    kw = {"drop_path_rate": m.drop_path_rate, "lvl_embed_every_chunk": m.lvl_embed_every_chunk,
+          "gradient_checkpointing": cfg.gradient_checkpointing}
+    return SUBJECT_PRESETS[m.preset].build(m, kw)
 
 
 def subject_schedule(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
-    """The scale schedule the model is trained (and sampled) at."""
-    if cfg.model.preset == "toy":  # 32x32 images, 5 scales: not one of the released schedules
-        from arbooth.toy.models import TOY_DIR, read_manifest
-        return [tuple(s) for s in read_manifest(cfg.model.model_ckpt or TOY_DIR, check=False)["schedule"]]
-    return [tuple(s) for s in infinity_scale_schedule(cfg.model.h_div_w, cfg.model.pn)]
+    """The scale schedule the model is trained (and sampled) at, from the preset (no weights read)."""
+    return SUBJECT_PRESETS[cfg.model.preset].schedule(cfg.model)
+
+
+def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
+    """The cross-field checks that need the scale schedule, before any weights load; returns the
+    schedule. Raises ConfigError naming the key (e.g. `loss.scale_weights` of the wrong length)."""
+    schedule = subject_schedule(cfg)
+    cfg.loss.weights_for(len(schedule))
+    return schedule
 
 
 def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
@@ -119,6 +102,7 @@ def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: s
     pers = load_personalization(path)
     try:
         cfg = from_dict(SubjectTrainConfig, pers.config)
+        schedule = check_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
     m = cfg.model
@@ -128,17 +112,7 @@ def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: s
     _, model, tokenizer, encoder, _ = build_models(cfg)
     pers.apply(model)
     device = torch.device(device)
-    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, subject_schedule(cfg),
-                               cfg, device)
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, schedule, cfg, device)
 
 
 @dataclass
@@ -173,8 +147,8 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     dev = accelerator.device
     set_seed(cfg.seed)
+    schedule = check_config(cfg)
     vae, model, tokenizer, encoder, base_id = build_models(cfg)
-    schedule = subject_schedule(cfg)
     subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
@@ -256,7 +230,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     text, mask = run.token(*(x.expand(B, *x.shape[1:]) for x in run.inst))
     x_BLd, gt = instance_batch(run, idx)
     with ctx:
-        logits = run.model(text, mask, x_BLd, run.schedule)
+        logits = run.model(text, mask, x_BLd, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
     out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
     total = loss
@@ -268,7 +242,7 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     if cfg.loss.prior:
         on_phase("distill")
         with ctx:
-            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule)
+            student_logits = run.model(cls_text, cls_mask, x_cls, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
         lo = cfg.loss
         reg = lo.reg_lambda * distill_loss(student_logits, teacher_logits, kind=lo.distill_type,
                                            temperature=lo.distill_temperature, softmax_over=lo.distill_softmax)
@@ -277,6 +251,13 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     on_phase("update")
     _step(run, total, params)
     return out
+
+
+def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor | None:
+    """The student's prompt dropout (`model.cond_drop_rate`, the authors' 10% to cfg_uncond), in train mode
+    only, drawn from the global RNG as the authors' forward does."""
+    rate = run.cfg.model.cond_drop_rate if model.training else 0.0
+    return draw_prompt_drop(batch, rate, run.accelerator.device)
 
 
 def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
@@ -351,6 +332,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
+    check_config(cfg)  # before any weights load
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="resume=true", overwrite_flag="overwrite=true")

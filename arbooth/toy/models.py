@@ -11,7 +11,6 @@ Shape letters: B batch, D feature width.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbooth.checkpoint import read_state_dict
+from arbooth.checkpoint import file_sha256, read_state_dict
 from arbooth.errors import CheckpointError
 from arbooth.toy.world import COLOURS, SHAPES, SIZES, TEXTURES
 
@@ -99,14 +98,6 @@ class AttributeProbe(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: str | Path = TOY_DIR, *, check: bool = True) -> dict:
     """toy.json of `folder`; with `check`, every listed file's sha256 must match."""
     folder = Path(folder)
@@ -147,6 +138,18 @@ def load_toy_base(folder: str | Path = TOY_DIR, **model_kwargs) -> ToyBase:
         m.eval().requires_grad_(False)
     base_id = f"toy infinity.safetensors sha256={man['sha256']['infinity.safetensors']}"
     return ToyBase(vae, model, tokenizer, encoder, [tuple(s) for s in man["schedule"]], man["image_size"], base_id)
+
+
+def toy_infinity_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=toy`: the pretrained toy base in `model_cfg.model_ckpt` (default: the shipped one) as
+    (vae, model, tokenizer, t5_encoder, base_id), frozen, eval mode, on the CPU."""
+    base = load_toy_base(model_cfg.model_ckpt or TOY_DIR, **model_kwargs)
+    return base.vae, base.model, base.tokenizer, base.encoder, base.base_id
+
+
+def toy_schedule(model_cfg) -> list[tuple[int, int, int]]:
+    """The toy base's scale schedule (32x32 images, 5 scales: not a released one), from its toy.json."""
+    return [tuple(s) for s in read_manifest(model_cfg.model_ckpt or TOY_DIR, check=False)["schedule"]]
 
 
 class ToyEvaluator:

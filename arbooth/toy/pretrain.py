@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from arbooth.adapt.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
-from arbooth.checkpoint import save_safetensors
+from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import to_dict
+from arbooth.models.infinity import draw_prompt_drop
 from arbooth.toy import models as tm
 from arbooth.toy.text import build_toy_tokenizer, tokenize_ids
 from arbooth.toy.world import ToyWorld, images_to_array
@@ -103,9 +104,12 @@ def eval_vae(vae, world: ToyWorld) -> dict[str, float]:
     return {"heldout_mse_01": mse, "heldout_psnr_db": -10 * math.log10(max(mse, 1e-12))}
 
 
+PROMPT_DROP = 0.1  # prompt dropout of the toy base's training (the released models': 0.1)
+
+
 def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed + 1)
-    model = tm.build_infinity(vae, drop_path_rate=0.0, cond_drop_rate=0.1).train()
+    model = tm.build_infinity(vae, drop_path_rate=0.0).train()
     t5 = tm.build_t5(tm.T5, len(tokenizer)).train()
     params = [*model.parameters(), *t5.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=0.01, betas=(0.9, 0.97))
@@ -119,7 +123,9 @@ def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tupl
             gt_BLd = torch.cat([b.flatten(1, 2) for b in bits], 1)
         tok = tokenizer([it.caption for it in items], padding="longest", return_tensors="pt")
         text = t5(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-        logits = model(text * tok.attention_mask[..., None], tok.attention_mask.bool(), x_BLd, tm.SCHEDULE)
+        drop_B = draw_prompt_drop(len(items), PROMPT_DROP, x_BLd.device)  # 10% unconditional, for guidance
+        logits = model(text * tok.attention_mask[..., None], tok.attention_mask.bool(), x_BLd, tm.SCHEDULE,
+                       cond_drop_B=drop_B)
         loss = bitwise_ce_per_token(logits, gt_BLd).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,7 +258,7 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
                 "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
-                "sha256": {f: tm.file_sha256(out / f) for f in files if (out / f).is_file()}}
+                "sha256": {f: file_sha256(out / f) for f in files if (out / f).is_file()}}
     (out / "toy.json").write_text(json.dumps(manifest, indent=1, default=_jsonable) + "\n")
     return out
 

@@ -142,3 +142,19 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
                         f"  |  columns: seeds {list(seeds)}")
     log.info("toy report: %s", {k: round(v, 3) for k, v in metrics["personalized"]["mean"].items()})
     return metrics
+
+
+def toy_run_report(cfg, personalization: str | Path) -> list[str]:
+    """After `train-subject` on the toy base: write the base-vs-personalized grid and metrics into
+    `cfg.out_dir` (`toy_report`) and return the lines the command prints (paths, then a table of the
+    mean metrics of the base and the personalized model)."""
+    out = Path(cfg.out_dir)
+    m = toy_report(cfg.subject, personalization, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg,
+                   tau=cfg.val_tau)
+    keys = ("I_ID", "I_CLIP", "T_CLIP", "PRES", "texture_acc")
+    lines = [f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}",
+             "             " + " ".join(f"{k:>10s}" for k in keys)]
+    for name, v in (("base", m["base"]["mean"]), ("personalized", m["personalized"]["mean"])):
+        lines.append(f"{name:12s} " + " ".join(f"{v[k]:10.3f}" for k in keys))
+    return lines
+

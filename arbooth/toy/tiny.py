@@ -14,6 +14,7 @@ import torch
 
 from arbooth.models.var import VAR
 from arbooth.models.vqvae import VQVAE
+from arbooth.toy.text import word_level_tokenizer
 
 if TYPE_CHECKING:  # transformers is imported only when a tiny T5 is built (`sample --tiny` stays light)
     from transformers import PreTrainedTokenizerFast, T5EncoderModel
@@ -33,17 +34,8 @@ _WORDS = ["a", "an", "the", "of", "photo", "picture", "in", "on", "with", "and",
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
+    """The tiny T5's word-level tokenizer over `_WORDS` (punctuation split off)."""
+    return word_level_tokenizer(_WORDS)
 
 
 def build_tiny_t5(channels: int = 32, *, seed: int = 0) -> tuple[PreTrainedTokenizerFast, T5EncoderModel]:
@@ -67,3 +59,18 @@ def build_tiny_var(seed: int = 0, device: str | torch.device = "cpu", **override
         vae = VQVAE(**TINY_VAE)
         var = VAR(vae, **{**TINY_VAR, **overrides})
     return var.to(device).eval()
+
+
+def tiny_infinity_base(model_cfg, model_kwargs: dict) -> tuple:
+    """`model.preset=tiny`: (vae, model, tokenizer, t5_encoder, base_id), random weights drawn from
+    `model_cfg.seed`, frozen, eval mode, on the CPU. `model_kwargs` go to `Infinity` (drop path,
+    level-embedding quirk, gradient checkpointing)."""
+    from arbooth.models.bsq_vae import BSQVAE
+    from arbooth.models.infinity import Infinity
+
+    torch.manual_seed(model_cfg.seed)
+    vae = BSQVAE(**TINY["vae"]).eval().requires_grad_(False)
+    model = Infinity(vae, **TINY["model"], **model_kwargs).eval().requires_grad_(False)
+    tokenizer, encoder = build_tiny_t5(TINY["model"]["text_channels"], seed=model_cfg.seed)
+    return vae, model, tokenizer, encoder, f"tiny-random seed={model_cfg.seed}"
+

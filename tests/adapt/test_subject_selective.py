@@ -21,7 +21,7 @@ def tiny_model(seed: int = 0) -> Infinity:
     torch.manual_seed(seed)
     vae = BSQVAE(codebook_dim=4, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
     return Infinity(vae, depth=2, embed_dim=64, num_heads=4, mlp_ratio=4.0, text_channels=128, text_maxlen=16,
-                    block_chunks=1, drop_path_rate=0.0, cond_drop_rate=0.0)
+                    block_chunks=1, drop_path_rate=0.0)
 
 
 def text(B: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

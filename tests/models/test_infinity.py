@@ -164,7 +164,7 @@ def test_train_mode_condition_drop_and_checkpointing():
     grads = []
     for flag in (False, True):
         model.zero_grad()
-        model.checkpointing = flag
+        model.gradient_checkpointing = flag
         model(text, mask, x, schedule, cond_drop_B=torch.zeros(2, dtype=torch.bool)).square().mean().backward()
         grads.append(model.blocks[1].ffn.fc1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
@@ -213,18 +213,20 @@ def test_kv_cache_is_kept_in_the_attention_dtype():
     """Under bf16 autocast the cached keys are bf16 like the values (RoPE computes in fp32, attention
     takes bf16): half the cache an fp32 copy would cost, same attention output."""
     from arbooth.models.infinity import SelfAttention, rope_cos_sin
+    from arbooth.models.kv_cache import KVCache
 
     torch.manual_seed(0)
     sa = SelfAttention(64, 4).to(torch.bfloat16)
     schedule = [(1, 1, 1), (1, 2, 2)]
     cos, sin = rope_cos_sin(schedule, 16)
     x = torch.randn(2, 5, 64)
-    cache: list = []
+    cache = KVCache()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = sa(x[:, :1], cos[:1], sin[:1], cache=cache)
         second = sa(x[:, 1:], cos[1:], sin[1:], cache=cache)
         full = sa(x, cos, sin, mask_LL=torch.tensor([[1, 0, 0, 0, 0]] + [[1] * 5] * 4, dtype=torch.bool))
-    assert [t.dtype for t in cache] == [torch.bfloat16, torch.bfloat16] and cache[0].shape[2] == 5
+    assert [t.dtype for t in (cache.k_BHLc, cache.v_BHLc)] == [torch.bfloat16, torch.bfloat16]
+    assert cache.k_BHLc.shape[2] == 5
     assert torch.allclose(torch.cat([first, second], 1).float(), full.float(), atol=1e-2)
 
 

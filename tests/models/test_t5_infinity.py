@@ -17,16 +17,13 @@ WORDS = ["a", "photo", "of", "dog", "corgi", "on", "the", "beach", "cat"]
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    from arbooth.toy.text import word_level_tokenizer
+
+    fast = word_level_tokenizer(WORDS)
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(vocab), d_model=128, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+    cfg = T5Config(vocab_size=len(fast), d_model=128, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     path = tmp_path_factory.mktemp("tiny-t5")
     T5EncoderModel(cfg).save_pretrained(path)
