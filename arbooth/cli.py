@@ -26,6 +26,8 @@ COMMANDS = {
     "eval-subject": "arbooth.commands.eval_subject",
     "eval-class": "arbooth.commands.eval_class",
     "pretrain-toy": "arbooth.commands.pretrain_toy",
+    "pretrain-toy-class": "arbooth.commands.pretrain_toy_class",
+    "toy-data": "arbooth.commands.toy_data",
 }
 
 

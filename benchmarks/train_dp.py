@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import statistics
 import subprocess
@@ -129,6 +130,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--fit-budget-gb", type=float, default=None,
                    help="largest batch per mode within this step-peak budget (needs two --batch values)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every configuration in this process (no per-process import cost; peaks are then "
+                        "measured after malloc_trim over the RSS left by the previous ones)")
     p.add_argument("--json", default="benchmarks/results/train_dp.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = p.parse_args()
@@ -150,9 +154,13 @@ def main() -> None:
                 for mode in modes:
                     one = {"size": size, "method": method, "views": k, "batch": batch, "mode": mode,
                            "reps": args.reps, "device": device}
-                    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
-                                         text=True, check=True)
-                    res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                    if args.in_process:
+                        res[mode] = run_one(**one)
+                        gc.collect()
+                    else:
+                        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
+                                             text=True, check=True)
+                        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
                     peaks[mode].append((batch, res[mode]["peak_mem_mb"]))
                 base = res["nonprivate"]
                 row = {"method": method, "views": k, "batch": batch, **{
@@ -177,7 +185,7 @@ def main() -> None:
     wall = time.perf_counter() - t_start
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": size,
             "spec": SIZES[size], "torch": torch.__version__, "reps": args.reps, "wall_s": wall,
-            "threads": torch.get_num_threads(), "clock": "wall" if device == "cuda" else "process CPU time",
+            "threads": torch.get_num_threads(), "in_process": args.in_process, "clock": "wall" if device == "cuda" else "process CPU time",
             "memory": "CUDA allocator peak" if device == "cuda" else "CPU peak RSS growth over the timed steps",
             "target": "book_keeping <= 1.5x time and <= 1.3x memory of nonprivate (issue 16)",
             "batch_fit": "linear fit a + b*B of the measured peaks at the smallest and largest --batch"}

@@ -38,3 +38,12 @@ def tiny_config(data_root: Path, out_dir: Path, method: str = "lora", **sections
     for k, v in sections.items():
         cfg[k] = {**cfg[k], **v}
     return from_dict(ClassTrainConfig, cfg)
+
+
+def global_batch_config(data_root: Path, out_dir: Path, method: str = "lora") -> ClassTrainConfig:
+    """One epoch with a logical batch of 8 = 2 per process x processes x accumulation; no class
+    dropout, so 1 and 2 processes see the same examples per optimizer step and compute the same update."""
+    return tiny_config(data_root, out_dir, method, optim={"lr": 1e-2, "class_dropout": 0.0},
+                       train={"max_steps": None, "epochs": 1, "batch_size": 2, "grad_accum": None,
+                              "global_batch_size": 8},
+                       data={"hflip": False})

@@ -54,6 +54,7 @@ class ModelConfig:
     vae_ch: int = 160
     share_quant_resi: int = 4
     vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
+    vae_num_res_blocks: int = 2           # resnet blocks per tokenizer level (released: 2)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
     with torch.device("meta" if load else device):
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
-                    ch_mult=tuple(m.vae_ch_mult))
+                    ch_mult=tuple(m.vae_ch_mult), num_res_blocks=m.vae_num_res_blocks)
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
                   patch_nums=tuple(m.patch_nums))

@@ -11,7 +11,12 @@ under --cache-dir keyed on the SHA-256 of the reference folder's files and the e
 With --model, the images are sampled first: as many per class as the reference folder holds in that
 class's subfolder (recursively; the folder's name is the class label, e.g. 0207/), written to --generated with a manifest.jsonl
 (file, label, seed) so an interrupted run resumes where it stopped.
---random-weights swaps the Inception for a small random CNN: a smoke test, the numbers mean nothing.
+--extractor toy swaps the Inception for the shipped toy feature extractor (arbooth/toy/class_var.py), a toy
+stand-in for images of the built-in class world (`arbooth toy-data`): its numbers compare only with each
+other. --random-weights (= --extractor random) swaps in a small random CNN: a smoke test, meaningless numbers.
+
+  arbooth toy-data --out data/toy && arbooth eval-class --extractor toy --generated gen/ \
+      --reference data/toy/new_shapes/test
 """
 from __future__ import annotations
 
@@ -60,8 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
     p.add_argument("--inception-weights", default=DEFAULT,
                    help="FID Inception weights file (torch-fidelity format); default: torch hub cache")
-    p.add_argument("--random-weights", action="store_true",
-                   help="smoke test: small random CNN instead of Inception (meaningless numbers)")
+    p.add_argument("--extractor", choices=["inception", "toy", "random"], default="inception",
+                   help="feature network: the FID Inception, the shipped toy stand-in for toy-world images, "
+                        "or a random CNN (smoke tests)")
+    p.add_argument("--random-weights", action="store_true", help="the same as --extractor random")
     g = p.add_argument_group("generation (--model)")
     g.add_argument("--model", choices=["var"], default=None, help="sample the images first with this model")
     g.add_argument("--depth", type=int, default=16)
@@ -195,9 +202,13 @@ def main(args: argparse.Namespace) -> int:
     for what, folder in (("--generated", args.generated), ("--reference", args.reference)):
         if not Path(folder).is_dir():  # before loading the extractor: a typo should not cost a model load
             raise ArboothError(f"{what} folder not found: {folder}")
-    if args.random_weights:
+    kind = "random" if args.random_weights else args.extractor
+    if kind == "random":
         log.warning(RANDOM_WEIGHTS_NOTE)
         extractor = TinyFIDNet()
+    elif kind == "toy":
+        from arbooth.toy.class_var import load_toy_extractor
+        extractor = load_toy_extractor()
     else:
         extractor = InceptionFID(args.inception_weights, spatial=args.sfid)
     extractor = extractor.to(device).eval()
@@ -220,10 +231,10 @@ def main(args: argparse.Namespace) -> int:
         log.warning("sFID requested but the extractor gives no spatial features")
 
     report = {"metrics": result, "extractor": extractor.feature_id, "k": args.k,
-              "random_weights": bool(args.random_weights), "generated": str(args.generated),
+              "random_weights": kind == "random", "toy_extractor": kind == "toy", "generated": str(args.generated),
               "reference": str(args.reference), "reference_cache_key": key, "skipped": skipped}
     columns = [c for c in ("FID", "sFID", "precision", "recall", "n_generated", "n_reference") if c in result]
     publish_report(args.out or args.generated / "eval_class", "eval_class", report,
                    f"eval-class ({extractor.feature_id}, k={args.k})", markdown_table([result], columns),
-                   random_weights=args.random_weights, n_skipped=len(skipped))
+                   random_weights=kind == "random", n_skipped=len(skipped))
     return 0

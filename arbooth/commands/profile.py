@@ -111,9 +111,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("pass --num-images N or --data <folder> (the run's cost scales with the data)")
     micro_per_epoch = n // cfg.train.batch_size
-    micro_steps = cfg.total_steps(micro_per_epoch) * cfg.train.grad_accum
+    accum = cfg.train.accum_steps(1)
+    micro_steps = cfg.total_steps(micro_per_epoch) * accum
     rows = {}
-    print(f"d{cfg.model.depth}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}, {n} images, "
+    print(f"d{cfg.model.depth}, batch {cfg.train.batch_size} x accum {accum} (1 process), {n} images, "
           f"{cfg.train.epochs:g} epochs = {micro_steps} micro-steps; device {args.device}")
     print(f"{'method':<10} {'trainable':>11} {'GFLOP fwd':>10} {'GFLOP step':>11} {'run PFLOP':>10} "
           f"{'step s':>7} {'peak GiB':>8}")

@@ -162,6 +162,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         ctx.on_grad(grad_out.detach())
+        ctx.on_grad = None  # the graph outlives the backward (the caller holds the loss): drop the activations
         return grad_out, torch.zeros((), device=grad_out.device), None
 
 
@@ -239,7 +240,7 @@ class BookKeepingGradSampleModule(ViewsMixin, GradSampleModule):
         self.per_example_norms = norm_sq_B.sqrt()
         coef_B = (self.max_grad_norm / (self.per_example_norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's
         for p in self.trainable_parameters:
-            rec = records.get(p)
+            rec = records.pop(p, None)  # free each record as soon as its clipped sum exists
             grad = rec.clipped_sum(coef_B.to(p.device)).to(p.dtype) if rec is not None else torch.zeros_like(p)
             p.grad = grad.view_as(p) if p.grad is None else p.grad + grad.view_as(p)
 

@@ -203,11 +203,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     `max_grad_norm`, the clipped gradients are summed and Gaussian noise of standard deviation
     sigma * max_grad_norm is added. `sample_rate` in (0, 1] is the Poisson rate q; `steps` is the number
     of logical steps the run will take; sigma is calibrated so that exactly those steps spend at most
-    (`target_epsilon`, `delta`) under `accountant` ("rdp" or "prv"). `noise_multiplier` overrides the
-    calibration (tests, audits). `ghost` uses ghost clipping (no per-sample gradients kept). Under
+    (`target_epsilon`, `delta`) under `accountant` ("pld", "rdp" or "prv"). `noise_multiplier` overrides
+    the calibration (tests, audits). `clipping` is one of CLIPPING ("explicit", "ghost": Opacus' two-pass
+    ghost clipping, "book_keeping": one backward, arbooth.privacy.bookkeeping). Under
     torch.distributed each process samples its shard at rate q and only rank 0 adds noise (Opacus'
-    DistributedDPOptimizer). Raises ConfigError for a rate outside (0, 1] or a model Opacus'
-    ModuleValidator rejects; the returned PrivateTraining raises PrivacyBudgetExceeded instead of a
+    DistributedDPOptimizer). Raises ConfigError for a rate outside (0, 1], an unknown clipping mode or
+    accountant, a budget no sigma meets, or a model Opacus' ModuleValidator rejects; the returned PrivateTraining raises PrivacyBudgetExceeded instead of a
     step that would exceed the target.
     """
     if not 0 < sample_rate <= 1:

@@ -59,8 +59,13 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 50.0                  # passes over the data; fractional allowed
     max_steps: int | None = None          # optimizer steps; overrides epochs when set
-    batch_size: int = 32                  # per process and micro-step
-    grad_accum: int = 8                   # micro-steps per optimizer step
+    batch_size: int = 32                  # per process (device) and micro-step
+    # The logical batch of one optimizer step over all processes (the paper's "batch size"). Gradient
+    # accumulation is derived from it: global_batch_size / (batch_size x processes), so 1 and 8 GPUs
+    # take the same optimizer steps. Leave grad_accum unset when this is set.
+    global_batch_size: int | None = None
+    grad_accum: int | None = None         # explicit micro-steps per optimizer step (None = 1); only
+    #                                       without global_batch_size (the logical batch then grows with GPUs)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
     out_dir: str = "runs/train_class"
@@ -68,10 +73,33 @@ class TrainConfig:
     keep_checkpoints: int = 2             # older step checkpoints are deleted
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs <= 0:
+        if self.batch_size < 1 or (self.grad_accum is not None and self.grad_accum < 1) or self.epochs <= 0:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1, train.epochs > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
+        if self.global_batch_size is not None:
+            if self.grad_accum is not None:
+                raise ConfigError("set train.global_batch_size or train.grad_accum, not both: the "
+                                  "accumulation is derived from the global batch")
+            if self.global_batch_size < 1 or self.global_batch_size % self.batch_size:
+                raise ConfigError(f"train.global_batch_size {self.global_batch_size} must be a positive "
+                                  f"multiple of train.batch_size {self.batch_size}")
+
+    def accum_steps(self, num_processes: int = 1) -> int:
+        """Micro-steps per optimizer step for `num_processes` data-parallel processes.
+        Raises ConfigError when global_batch_size is not batch_size x num_processes x an integer."""
+        if self.global_batch_size is None:
+            return self.grad_accum or 1
+        per_step = self.batch_size * num_processes
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size {self.global_batch_size} is not a multiple of "
+                              f"train.batch_size {self.batch_size} x {num_processes} process(es); "
+                              f"choose a per-device batch that divides {self.global_batch_size // num_processes}")
+        return self.global_batch_size // per_step
+
+    def logical_batch(self, num_processes: int = 1) -> int:
+        """Examples per optimizer step over all processes."""
+        return self.batch_size * num_processes * self.accum_steps(num_processes)
 
 
 @dataclass(frozen=True)
@@ -105,8 +133,9 @@ class ClassTrainConfig:
     def mid_size(self) -> int:
         return round(self.data.mid_reso * self.data.image_size)
 
-    def total_steps(self, micro_batches_per_epoch: int) -> int:
+    def total_steps(self, micro_batches_per_epoch: int, num_processes: int = 1) -> int:
         """Optimizer steps of the whole run, given how many micro-batches one epoch has per process."""
         if self.train.max_steps is not None:
             return self.train.max_steps
-        return max(1, math.floor(self.train.epochs * micro_batches_per_epoch / self.train.grad_accum))
+        accum = self.train.accum_steps(num_processes)
+        return max(1, math.floor(self.train.epochs * micro_batches_per_epoch / accum))

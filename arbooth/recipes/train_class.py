@@ -99,6 +99,7 @@ class Run:
     sampler: EpochBatchSampler
     loader: torch.utils.data.DataLoader
     total_steps: int
+    grad_accum: int             # micro-steps per optimizer step (derived from the global batch)
     num_classes: int
     last_l: int
     identity: dict = field(default_factory=dict)    # runs.run_identity: config, data and base hashes
@@ -131,7 +132,11 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
                                          collate_fn=collate_class_batch,
                                          pin_memory=acc.device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    total_steps = cfg.total_steps(len(sampler))
+    grad_accum = cfg.train.accum_steps(acc.num_processes)
+    total_steps = cfg.total_steps(len(sampler), acc.num_processes)
+    if acc.is_main_process:
+        log.info("logical batch %d = %d per process x %d process(es) x %d accumulation step(s)",
+                 cfg.train.logical_batch(acc.num_processes), cfg.train.batch_size, acc.num_processes, grad_accum)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
@@ -140,9 +145,9 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
     vae.to(acc.device)
     return Run(cfg=cfg, accelerator=acc, vae=vae, model=model, optimizer=optimizer, scheduler=scheduler,
                dataset=dataset, sampler=sampler, loader=loader, total_steps=total_steps,
-               num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2, base=base,
-               identity=run_identity(cfg, data_sha256=dataset.fingerprint(),
-                                     base_sha256=base["vae_sha256"] + base["var_sha256"]))
+               grad_accum=grad_accum, num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2,
+               base=base, identity=run_identity(cfg, data_sha256=dataset.fingerprint(),
+                                                base_sha256=base["vae_sha256"] + base["var_sha256"]))
 
 
 # ------------------------------------------------------------------ the loop
@@ -160,7 +165,7 @@ def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_st
         with acc.autocast():
             logits_BLV = run.model(label_B, x_BLCv)
         loss = var_loss(logits_BLV, idx_BL, label_smoothing=cfg.optim.label_smoothing)
-        acc.backward(loss / cfg.train.grad_accum)
+        acc.backward(loss / run.grad_accum)
     stats = {"loss": loss.item(), **token_metrics(logits_BLV.detach(), idx_BL, run.last_l)}
     if update:
         if cfg.optim.grad_clip > 0:
@@ -201,11 +206,11 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     run.model.train()
-    micro, window, t0 = step * cfg.train.grad_accum, [], time.perf_counter()
+    micro, window, t0 = step * run.grad_accum, [], time.perf_counter()
     while step < end:
         run.sampler.set_position(micro // bpe, micro % bpe)
         for img, label in run.loader:
-            update = (micro + 1) % cfg.train.grad_accum == 0
+            update = (micro + 1) % run.grad_accum == 0
             _, stats = train_step(run, img, label, micro, update)
             micro += 1
             window.append(stats)
@@ -299,7 +304,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
                           run={"run_id": run.record["run_id"], "sessions": run.record["sessions"],
                                "unreadable_files": len(run.dataset.unreadable)})
         if train_state:
-            torch.save({"step": step, "micro_step": step * run.cfg.train.grad_accum,
+            torch.save({"step": step, "micro_step": step * run.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(),
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,

@@ -1,10 +1,9 @@
 """<S*> splice against the authors' tensors in arbooth_tiny.pt, and prompt encoding with a tiny T5."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from _golden import arbooth_golden, golden_arbooth
 
 from arbooth.adapt.subject_token import (
     PLACEHOLDER,
@@ -21,19 +20,18 @@ from arbooth.errors import ArboothError
 from arbooth.toy.tiny import build_tiny_t5
 
 
-def test_splice_matches_the_authors(shared_dir: Path) -> None:
-    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
-    inp, txt = g["inputs"], g["config"]["text"]
-    token_PC = g["infinity_state_dict"]["special_token"]
-    placeholder_BT = inp["input_ids"] == txt["special_token_id"]
+def test_splice_matches_the_authors() -> None:
+    """Against the fork's training splice (booth_train_final.py) in tests/golden/arbooth_tiny.safetensors."""
+    config, g = arbooth_golden()
+    txt = config["text"]
+    _vae, _model, token_PC = golden_arbooth(config)
+    placeholder_BT = g["input_ids"] == txt["special_token_id"]
     assert placeholder_BT.nonzero()[:, 1].tolist() == txt["placeholder_pos"]
-    mask_BT = inp["attention_mask"].bool()
-    out_BTC, out_mask_BT = splice_subject_token(inp["text_features"], mask_BT, placeholder_BT, token_PC)
+    mask_BT = g["attention_mask"].bool()
+    out_BTC, out_mask_BT = splice_subject_token(g["text_features"], mask_BT, placeholder_BT, token_PC)
     packed, lens = pack_text(out_BTC, out_mask_BT)
-    kv_compact, ref_lens, _, max_len = inp["text_cond_infer"]
-    assert lens == list(ref_lens) and out_BTC.shape[1] == max_len
-    torch.testing.assert_close(packed, kv_compact, rtol=0, atol=0)
-    assert torch.equal(g["inputs"]["text_cond_train"][0], kv_compact)  # the training splice is the same
+    assert lens == txt["lens_after_splice"] and out_BTC.shape[1] == max(txt["lens_after_splice"])
+    torch.testing.assert_close(packed, g["kv_compact"], rtol=0, atol=0)
 
 
 def test_splice_is_differentiable_and_leaves_other_prompts_alone() -> None:

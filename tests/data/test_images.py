@@ -1,7 +1,8 @@
-"""Every image reader goes through arbooth.data.images; this checks it against ../shared/bad_inputs."""
+"""Every image reader goes through arbooth.data.images; this checks it against the bad-inputs fixture."""
 import numpy as np
 import pytest
 import torch
+from _bad_inputs import READABLE, UNREADABLE
 from PIL import Image
 
 from arbooth.data.images import (
@@ -12,10 +13,6 @@ from arbooth.data.images import (
     save_grid,
 )
 from arbooth.errors import ImageReadError
-
-READABLE = ["ok_rgb.jpg", "ok_rgb.webp", "grayscale.png", "palette.png", "rgba_with_alpha.png", "cmyk.jpg",
-            "sixteen_bit_gray.png", "exif_rotated.jpg", "extreme_aspect.jpg", "tiny_8x8.png", "animated.gif"]
-UNREADABLE = ["truncated.jpg", "zero_bytes.png", "not_an_image.jpg"]
 
 
 @pytest.mark.parametrize("name", READABLE)

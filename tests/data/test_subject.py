@@ -12,12 +12,18 @@ from arbooth.data.subject import load_subject, read_subject_info
 from arbooth.errors import ArboothError, ConfigError
 
 
-def test_real_vico_subject(shared_dir: Path) -> None:
-    subj = load_subject(shared_dir / "vico" / "brown_dog", 64, class_noun="dog")
+def test_toy_subject(toy_subject_dir: Path) -> None:
+    subj = load_subject(toy_subject_dir, 64, class_noun="dog")
     assert len(subj) == 5 and subj.images_N3HW.shape == (5, 3, 64, 64)
     assert subj.images_N3HW.min() >= -1 and subj.images_N3HW.max() <= 1
-    assert subj.images_N3HW.std() > 0.1  # real content, not a constant
+    assert subj.images_N3HW.std() > 0.1  # content, not a constant
     assert subj.info.class_noun == "dog" and not subj.skipped
+
+
+def test_real_vico_subject(vico_dir: Path) -> None:
+    """Optional (--vico / ARBOOTH_VICO): real photos of a ViCo subject read the same way."""
+    subj = load_subject(vico_dir / "brown_dog", 64, class_noun="dog")
+    assert len(subj) == 5 and subj.images_N3HW.shape == (5, 3, 64, 64) and subj.images_N3HW.std() > 0.1
 
 
 def test_bad_inputs_folder_follows_its_readme(bad_inputs_dir: Path) -> None:

@@ -109,11 +109,11 @@ def test_eval_reading_over_bad_inputs(bad_inputs_dir):
 
 
 @pytest.fixture(scope="module")
-def subject_dirs(tmp_path_factory, shared_dir):
+def subject_dirs(tmp_path_factory, toy_subject_dir):
     root = tmp_path_factory.mktemp("subj")
     subject = root / "subject"
     subject.mkdir()
-    for p in sorted((shared_dir / "vico" / "red_vase").iterdir())[:2]:
+    for p in sorted(toy_subject_dir.glob("*.png"))[:2]:
         Image.open(p).convert("RGB").resize((96, 96)).save(subject / f"{p.stem}.png")
     prompts = root / "prompts.txt"
     prompts.write_text("a {} in the jungle\na {} in the snow\n")
@@ -177,10 +177,11 @@ def test_eval_subject_prompt_file_errors(subject_dirs, tmp_path):
     assert rc == 2
 
 
-def test_live_object_prompt_split(shared_dir):
-    vico = shared_dir / "vico"
-    args = argparse.Namespace(prompts=None, live_prompts=vico / "prompts_live_objects.txt",
-                              object_prompts=vico / "prompts_nonlive_objects.txt", live=True)
+def test_live_object_prompt_split(tmp_path):
+    (tmp_path / "live.txt").write_text("a {} sleeping\na {} running in the park\n")
+    (tmp_path / "objects.txt").write_text("a {} on a table\n\na {} in the snow\n")
+    args = argparse.Namespace(prompts=None, live_prompts=tmp_path / "live.txt",
+                              object_prompts=tmp_path / "objects.txt", live=True)
     live = read_templates(args)
     args.live = False
     objects = read_templates(args)

@@ -17,9 +17,9 @@ from arbooth.metrics.subject import (
 
 
 @pytest.fixture(scope="module")
-def vase(shared_dir) -> list[Image.Image]:
-    # Real ViCo photos, shrunk once so the tests stay fast.
-    ims = read_image_folder(shared_dir / "vico" / "red_vase").images[:3]
+def vase(toy_subject_dir) -> list[Image.Image]:
+    # Toy-world views of one object, enlarged once to the size the tests used for photos.
+    ims = read_image_folder(toy_subject_dir).images[:3]
     return [im.resize((320, 288), Image.Resampling.BICUBIC) for im in ims]
 
 
@@ -119,7 +119,7 @@ def test_protocol_preprocessing_shapes(clip, vase):
         get_protocol("vico")
 
 
-def test_vico_prompt_files_have_placeholders(shared_dir):
+def test_vico_prompt_files_have_placeholders(vico_dir):
     for name in ("prompts_live_objects.txt", "prompts_nonlive_objects.txt"):
-        lines = [ln.strip() for ln in (shared_dir / "vico" / name).read_text().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in (vico_dir / name).read_text().splitlines() if ln.strip()]
         assert len(lines) >= 25 and all("{}" in ln for ln in lines)

@@ -131,9 +131,9 @@ def test_bad_arguments_are_clear_errors(vae: BSQVAE) -> None:
         load_config(SubjectTrainConfig, None, ["bsc.strength=1.5"])
 
 
-def test_recipe_step_with_bsc(shared_dir: Path, tmp_path: Path) -> None:
+def test_recipe_step_with_bsc(toy_subject_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(SubjectTrainConfig, None, [
-        f"subject={shared_dir / 'vico/brown_dog'}", "class_noun=dog", f"out_dir={tmp_path}", "model.preset=tiny",
+        f"subject={toy_subject_dir}", "class_noun=dog", f"out_dir={tmp_path}", "model.preset=tiny",
         "model.pn=0.06M", "model.tuned_dtype=fp32", "dtype=fp32", "device=cpu", "batch_size=2",
         "loss.prior=false"])
     assert (cfg.bsc.strength, cfg.bsc.apply_layers, cfg.bsc.requant) == (0.3, 13, True)  # the authors'

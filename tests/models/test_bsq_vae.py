@@ -1,11 +1,12 @@
-"""BSQ-VAE against the official golden (../shared/golden/infinity/infinity_tiny.pt) and the d32 manifest."""
+"""BSQ-VAE against the official golden (tests/golden/infinity_tiny.safetensors) and the d32 manifest."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from _golden import golden_bsq_vae, infinity_golden
+from _golden import golden_bsq_vae, infinity_golden, split_bits
+from golden.seeded import GOLDEN_DIR, assert_probe_close
 
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models import BSQVAE, infinity_scale_schedule
@@ -13,13 +14,13 @@ from arbooth.models.bsq_vae import official_vae_state_dict
 
 
 @pytest.fixture(scope="module")
-def golden(shared_dir):
-    return infinity_golden(shared_dir)
+def golden():
+    return infinity_golden()
 
 
 @pytest.fixture(scope="module")
 def vae(golden):
-    return golden_bsq_vae(golden)
+    return golden_bsq_vae(golden[0])
 
 
 def _close(a, b, tol):
@@ -29,30 +30,31 @@ def _close(a, b, tol):
 
 @torch.no_grad()
 def test_encode_matches_golden(golden, vae):
-    ref = golden["vae"]
-    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
-    h = vae.encode_features(golden["inputs"]["image"])
-    _close(h, ref["raw_features"], 1e-4)
-    z, bits, var_inputs = vae.quantize(ref["raw_features"], schedule)  # from the golden features: bits exact
-    _close(z, ref["encode_z"], 1e-4)
+    config, ref = golden
+    schedule = [tuple(s) for s in config["scale_schedule"]]
+    d = config["codebook_dim"]
+    h = vae.encode_features(ref["image"])
+    _close(h, ref["vae.raw_features"], 1e-4)
+    z, bits, var_inputs = vae.quantize(ref["vae.raw_features"], schedule)  # from the golden features: bits exact
+    _close(z, ref["vae.encode_z"], 1e-4)
     assert len(bits) == len(schedule)
-    for b, rb in zip(bits, ref["encode_bit_indices"]):
-        assert torch.equal(b, rb[:, 0].to(b.dtype))
-    for v, rv in zip(var_inputs, ref["encode_var_inputs"]):
-        _close(v, rv, 1e-4)
-    _close(vae.bits_to_var_input(bits, schedule), golden["train"]["x_BLC_wo_prefix"], 1e-5)
-    _close(vae.decode(z), ref["recon"], 1e-4)
-    _close(vae.decode_bits(bits, schedule), ref["recon"], 1e-4)
+    for b, rb in zip(bits, split_bits(ref["vae.encode_bits_int"], schedule, d), strict=True):
+        assert torch.equal(b, rb.to(b.dtype))
+    ref_inputs = ref["vae.encode_var_inputs"].split([h * w for _, h, w in schedule[1:]], 2)
+    for v, rv in zip(var_inputs, ref_inputs, strict=True):
+        _close(v.reshape(v.shape[0], d, -1), rv, 1e-4)
+    _close(vae.bits_to_var_input(bits, schedule), ref["train.x_BLC_wo_prefix"], 1e-5)
+    assert_probe_close(vae.decode(z), ref, "vae.recon", 1e-4)
+    assert_probe_close(vae.decode_bits(bits, schedule), ref, "vae.recon", 1e-4)
 
 
 def test_official_layout_round_trip(golden, vae):
     sd = official_vae_state_dict(vae)
-    assert list(sd) == list(golden["vae_state_dict"])
-    for k, v in golden["vae_state_dict"].items():
-        assert torch.equal(sd[k], v), k
     fresh = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2))
-    fresh.load_state_dict(vae.state_dict(), strict=True)  # our own layout loads too
-    bad = dict(golden["vae_state_dict"])
+    fresh.load_state_dict(sd, strict=True)  # the official layout loads ...
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), vae.state_dict().values()))
+    fresh.load_state_dict(vae.state_dict(), strict=True)  # ... and so does our own
+    bad = dict(sd)
     bad["quantize.lfq.mask"] = bad["quantize.lfq.mask"].flip(0)
     with pytest.raises(CheckpointError, match="lfq.mask"):
         fresh.load_state_dict(bad)
@@ -85,8 +87,8 @@ def test_bad_inputs():
         BSQVAE(patch_size=12)
 
 
-def test_d32_meta_matches_manifest(shared_dir):
-    manifest = json.loads((shared_dir / "golden/infinity/infinity_vae_d32.manifest.json").read_text())
+def test_d32_meta_matches_manifest():
+    manifest = json.loads((GOLDEN_DIR / "manifests" / "infinity_vae_d32.manifest.json").read_text())
     with torch.device("meta"):
         vae = BSQVAE()
     got = {k: list(v.shape) for k, v in official_vae_state_dict(vae).items()}

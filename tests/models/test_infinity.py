@@ -1,4 +1,4 @@
-"""Infinity transformer against the official golden (../shared/golden/infinity/infinity_tiny.pt),
+"""Infinity transformer against the official golden (tests/golden/infinity_tiny*.safetensors),
 the 2B manifest, and its own invariants (cached == no-cache sampling, batching, switches)."""
 from __future__ import annotations
 
@@ -6,31 +6,22 @@ import json
 
 import pytest
 import torch
-from _golden import golden_infinity, infinity_golden
+from _golden import arbooth_golden, golden_arbooth, golden_infinity, infinity_golden, split_bits, unpack_text
+from golden.seeded import GOLDEN_DIR, assert_probe_close
 
 from arbooth.errors import ConfigError
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.models.infinity_loading import official_state_dict
 
 
-def unpack_text(text_cond_tuple):
-    """Official packed form (kv_compact, lens, cu_seqlens_k, max_seqlen_k) -> padded features + mask."""
-    kv, lens, cu, _ = text_cond_tuple
-    text = kv.new_zeros(len(lens), max(lens), kv.shape[1])
-    mask = torch.zeros(len(lens), max(lens), dtype=torch.bool)
-    for i, (start, n) in enumerate(zip(cu[:-1].tolist(), lens)):
-        text[i, :n], mask[i, :n] = kv[start:start + n], True
-    return text, mask
-
-
 @pytest.fixture(scope="module")
-def golden(shared_dir):
-    return infinity_golden(shared_dir)
+def golden():
+    return infinity_golden()
 
 
 @pytest.fixture(scope="module")
 def models(golden):
-    return golden_infinity(golden)
+    return golden_infinity(golden[0])
 
 
 def tiny(lvl_every_chunk=False, d=8, text_channels=128, seed=0):
@@ -55,50 +46,73 @@ def test_scale_schedule_table():
 
 @torch.no_grad()
 def test_teacher_forced_logits_match_golden(golden, models):
+    config, ref = golden
     _, model = models
-    text, mask = unpack_text(golden["inputs"]["text_cond_tuple"])
-    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
-    ref = golden["train"]["intermediates"]
-    tc = model.encode_text(text, mask)
-    torch.testing.assert_close(tc.cond_BD, ref["cond_BD"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(tc.gss_B16C, ref["cond_BD_or_gss"], atol=1e-5, rtol=0)
-    logits = model(text, mask, golden["train"]["x_BLC_wo_prefix"], schedule)
-    assert (logits - golden["train"]["logits"]).abs().max().item() <= 1e-5
+    schedule = [tuple(s) for s in config["scale_schedule"]]
+    tc = model.encode_text(ref["text"], ref["text_mask"])
+    torch.testing.assert_close(tc.cond_BD, ref["train.cond_BD"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tc.gss_B16C, ref["train.cond_BD_or_gss"], atol=1e-5, rtol=0)
+    logits = model(ref["text"], ref["text_mask"], ref["train.x_BLC_wo_prefix"], schedule)
+    assert (logits - ref["train.logits"]).abs().max().item() <= 1e-5
     # bitwise cross-entropy, averaged over the bits of a token (official bitloss_type='mean')
     B, L, _ = logits.shape
-    gt = golden["train"]["gt_BL"].long()
+    gt = torch.cat([b.reshape(B, -1, config["codebook_dim"]) for b in
+                    split_bits(ref["train.gt_bits_int"], schedule, config["codebook_dim"])], 1).long()
     loss = torch.nn.functional.cross_entropy(logits.view(B, L, -1, 2).permute(0, 3, 1, 2), gt, reduction="none")
-    torch.testing.assert_close(loss.mean(-1), golden["train"]["loss_per_token"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss.mean(-1), ref["train.loss_per_token"], atol=1e-5, rtol=0)
+
+
+def _check_generation(model, config, ref, prefix, schedule, **kw):
+    gen = config["generation"]
+    out = model.generate(ref["text"], ref["text_mask"], schedule, cfg=gen["cfg_list"], tau=gen["tau_list"],
+                         return_logits=True, **kw)
+    ref_bits = split_bits(ref[f"{prefix}.bits_int"], schedule, config["codebook_dim"])
+    for si, (bits, rb) in enumerate(zip(out.bits, ref_bits, strict=True)):
+        assert torch.equal(bits, rb.to(bits.dtype)), f"scale {si}: bits differ"
+    # the generator keeps every `logits_stride`-th token of each scale (both CFG halves): the bits above
+    # already witness every token
+    stride = config["logits_stride"]
+    ours = torch.cat([lg[:, ::stride] for lg in out.logits], 1)
+    assert ours.shape == ref[f"{prefix}.logits_strided"].shape
+    assert (ours - ref[f"{prefix}.logits_strided"]).abs().max().item() <= 1e-5
+    return out
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])
 def test_generation_matches_golden(golden, models, mode):
+    config, ref = golden
     _, model = models
-    text, mask = unpack_text(golden["inputs"]["text_cond_tuple"])
-    schedule = [tuple(s) for s in golden["config"]["scale_schedule"]]
-    gen, ref = golden["config"]["generation"], golden["generate"][mode]
-    out = model.generate(text, mask, schedule, cfg=gen["cfg_list"], tau=gen["tau_list"], top_k=gen[mode]["top_k"],
-                         top_p=gen[mode]["top_p"], seed=gen[mode]["g_seed"], return_logits=True)
-    for bits, ref_bits in zip(out.bits, ref["bits_per_scale"], strict=True):
-        assert torch.equal(bits, ref_bits.to(bits.dtype))
-    for logits, ref_logits in zip(out.logits, ref["logits_per_scale"], strict=True):
-        assert (logits - ref_logits).abs().max().item() <= 1e-5
-    assert (out.summed_codes - ref["summed_codes"]).abs().max().item() <= 1e-5
-    assert (out.images * 2 - 1 - ref["image_float"]).abs().max().item() <= 1e-4
+    schedule = [tuple(s) for s in config["scale_schedule"]]
+    g = config["generation"][mode]
+    out = _check_generation(model, config, ref, f"generate.{mode}", schedule, top_k=g["top_k"], top_p=g["top_p"],
+                            seed=g["g_seed"])
+    assert (out.summed_codes - ref[f"generate.{mode}.summed_codes"]).abs().max().item() <= 1e-5
+    assert_probe_close(out.images * 2 - 1, ref, f"generate.{mode}.image", 1e-4)
+
+
+def test_generation_on_a_second_aspect_ratio_matches_golden(golden, models):
+    """1:2 template (last map 11 x 22): the 2D RoPE grid, KV cache and upsampling on a non-square schedule."""
+    config, ref = golden
+    _, model = models
+    wide = [tuple(s) for s in config["wide_scale_schedule"]]
+    assert wide == infinity_scale_schedule(0.5, "0.06M")
+    g = config["generation"]["greedy"]
+    _check_generation(model, config, ref, "wide", wide, top_k=g["top_k"], top_p=g["top_p"], seed=g["g_seed"])
 
 
 def test_official_layout_round_trip(golden, models):
     _, model = models
     sd = official_state_dict(model)
-    assert list(sd) == list(golden["infinity_state_dict"])
-    assert all(torch.equal(sd[k], v) for k, v in golden["infinity_state_dict"].items())
+    _vae, again = golden_infinity(golden[0])
+    again.load_state_dict(sd, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     _vae, fresh = tiny(d=8, text_channels=256)  # other bit depth
     with pytest.raises(RuntimeError, match="size mismatch"):  # strict: a different architecture is an error
         fresh.load_state_dict(sd)
 
 
-def test_2b_meta_matches_manifest(shared_dir):
-    manifest = json.loads((shared_dir / "golden/infinity/infinity_2b.manifest.json").read_text())
+def test_2b_meta_matches_manifest():
+    manifest = json.loads((GOLDEN_DIR / "manifests" / "infinity_2b.manifest.json").read_text())
     with torch.device("meta"):
         vae = BSQVAE(codebook_dim=32, base_ch=128, num_res_blocks=2, ch_mult=(1, 2, 4, 4, 4))
         model = Infinity(vae, depth=32, embed_dim=2048, num_heads=16, mlp_ratio=4.0,
@@ -184,29 +198,25 @@ def test_bad_inputs():
         model.generate(text, torch.zeros(1, 3, dtype=torch.bool), schedule)
 
 
-def test_arbooth_fork_switches_match_golden(shared_dir):
-    """`lvl_embed_every_chunk` + `next_scale_mode='area'` reproduce the ARBooth fork (arbooth_tiny.pt)."""
-    g = torch.load(shared_dir / "golden/infinity/arbooth_tiny.pt", weights_only=True)
-    vae = BSQVAE(codebook_dim=16, base_ch=32, num_res_blocks=1, ch_mult=(1, 1, 2, 2, 2)).eval()
-    vae.load_state_dict(dict(g["vae_state_dict"]))
-    kw = g["config"]["infinity"]["constructor_kwargs"]
-    model = Infinity(vae, depth=kw["depth"], embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                     text_channels=kw["text_channels"], text_maxlen=kw["text_maxlen"],
-                     block_chunks=kw["block_chunks"], lvl_embed_every_chunk=True).eval()
-    sd = dict(g["infinity_state_dict"])
-    assert tuple(sd.pop("special_token").shape) == (4, 2048)  # the fork's only extra entry (spliced by the caller)
-    model.load_state_dict(sd, strict=True)
-    schedule = [tuple(s) for s in g["config"]["scale_schedule"]]
-    text, mask = unpack_text(g["inputs"]["text_cond_train"])  # <S*> rows already spliced in
+def test_arbooth_fork_switches_match_golden():
+    """`lvl_embed_every_chunk` + `next_scale_mode='area'` reproduce the ARBooth fork (arbooth_tiny*.safetensors)."""
+    config, g = arbooth_golden()
+    _vae, model, token_PC = golden_arbooth(config)
+    assert tuple(token_PC.shape) == (4, 2048)  # the fork's only extra entry (spliced by the caller)
+    schedule = [tuple(s) for s in config["scale_schedule"]]
+    text, mask = unpack_text(g["kv_compact"], config["text"]["lens_after_splice"])  # <S*> rows spliced in
+    stride = config["strides"]
     with torch.no_grad():
-        logits = model(text, mask, g["train"]["x_BLC_wo_prefix"], schedule)
-    assert (logits - g["train"]["logits"]).abs().max().item() <= 1e-5
-    text, mask = unpack_text(g["inputs"]["text_cond_infer"])
-    gen = g["config"]["generation"]
+        x = model.vae.bits_to_var_input(split_bits(g["train.gt_bits_int"], schedule, config["codebook_dim"]), schedule)
+        assert (x[:, ::stride["x_BLC"]] - g["train.x_BLC_strided"]).abs().max().item() <= 1e-5
+        logits = model(text, mask, x, schedule)
+    assert (logits[:, ::stride["logits"]] - g["train.logits_strided"]).abs().max().item() <= 1e-5
+    gen = config["generation"]
     out = model.generate(text, mask, schedule, cfg=gen["cfg_list"], tau=gen["tau_list"], top_k=1, top_p=0.0,
                          seed=gen["greedy"]["g_seed"], next_scale_mode="area")
-    for bits, ref in zip(out.bits, g["generate"]["greedy"]["bits_per_scale"], strict=True):
-        assert torch.equal(bits, ref.to(bits.dtype))
+    ref = split_bits(g["generate.greedy.bits_int"], schedule, config["codebook_dim"])
+    for bits, rb in zip(out.bits, ref, strict=True):
+        assert torch.equal(bits, rb.to(bits.dtype))
 
 
 def test_kv_cache_is_kept_in_the_attention_dtype():

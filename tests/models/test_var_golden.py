@@ -1,4 +1,4 @@
-"""VAR against the official implementation's outputs (../shared/golden/var): teacher-forced logits and
+"""VAR against the official implementation's outputs (tests/golden/var_tiny*.safetensors): teacher-forced logits and
 greedy classifier-free-guided generation, for per-block and shared AdaLN."""
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import pytest
 import torch
 from _golden import VAR_GOLDEN as GOLDEN
 from _golden import golden_var as _golden_var
+from golden.seeded import assert_probe_close
 
 
 @pytest.fixture(scope="module", params=GOLDEN)
-def golden(request, shared_dir):
-    return _golden_var(shared_dir, request.param)
+def golden(request):
+    var, _config, t = _golden_var(request.param)
+    return var, t
 
 
 def test_teacher_forced_logits(golden):
@@ -31,7 +33,7 @@ def test_teacher_forcing_from_our_tokenizer(golden):
 def test_greedy_cfg_generation(golden):
     var, g = golden
     images = var.generate(g["labels"], cfg=1.5, top_k=1, seed=0)
-    torch.testing.assert_close(images, g["greedy_cfg1.5_images"], atol=1e-4, rtol=0)
+    assert_probe_close(images, g, "greedy_cfg_images", 1e-4)
 
 
 def test_kv_cache_equals_full_recompute(golden):

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from golden.seeded import GOLDEN_DIR
 from safetensors.torch import save_file
 
 from arbooth.errors import CheckpointError, ConfigError
@@ -16,8 +17,8 @@ from arbooth.models.var_loading import load_official_weights
 from arbooth.toy.tiny import TINY_VAE, TINY_VAR, build_tiny_var
 
 
-def _manifest(shared_dir, depth):
-    return json.loads((shared_dir / "golden" / "var" / f"var_d{depth}.manifest.json").read_text())
+def _manifest(depth):
+    return json.loads((GOLDEN_DIR / "manifests" / f"var_d{depth}.manifest.json").read_text())
 
 
 def _meta_var(depth):
@@ -26,8 +27,8 @@ def _meta_var(depth):
 
 
 @pytest.mark.parametrize("depth", [16, 20, 24, 30])
-def test_meta_build_matches_released_layout(shared_dir, depth):
-    manifest = _manifest(shared_dir, depth)
+def test_meta_build_matches_released_layout(depth):
+    manifest = _manifest(depth)
     for key in ("depth", "embed_dim", "num_heads", "shared_aln", "attn_l2_norm", "num_classes"):
         assert VAR_PRESETS[depth][key] == manifest["config"][key]
     var = _meta_var(depth)
@@ -42,8 +43,8 @@ def test_meta_build_matches_released_layout(shared_dir, depth):
         assert round(sum(p.numel() for p in var.parameters()) / 1e6, 2) == 310.28
 
 
-def test_d16_official_state_dict_loads_strictly_on_cpu(shared_dir):
-    entries = _manifest(shared_dir, 16)["state_dict"]
+def test_d16_official_state_dict_loads_strictly_on_cpu():
+    entries = _manifest(16)["state_dict"]
     var = _meta_var(16).to_empty(device="cpu")  # real CPU storage, without spending time on initialisation
     dtypes = {"float32": torch.float32, "int64": torch.int64}
     # zero-stride tensors of the manifest's shapes: the official key set without 1.2 GB of data

@@ -129,7 +129,7 @@ def test_config_errors(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.method.name == "lntuning"
 
 
-def test_shipped_configs_validate():
+def test_shipped_configs_validate():  # values: tests/recipes/test_class_configs.py
     files = sorted((ROOT / "configs" / "class").glob("*.yaml"))
     assert len(files) >= 30  # 5 datasets x 3 methods x 2 depths
     for f in files:

@@ -37,9 +37,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_train_subject_end_to_end_tiny(shared_dir: Path, tmp_path: Path) -> None:
+def test_train_subject_end_to_end_tiny(toy_subject_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_cli("--tiny", "--subject", str(shared_dir / "vico/brown_dog"), "--class-noun", "dog", "--out", str(out),
+    r = run_cli("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out),
                 "steps=2", "validate_every=2", "prompts.validation=['a {} on the beach']", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pers = load_personalization(out / "personalization.safetensors")
@@ -50,7 +50,7 @@ def test_train_subject_end_to_end_tiny(shared_dir: Path, tmp_path: Path) -> None
     assert [m["step"] for m in lines] == [1, 2] and all(m["distill"] >= 0 for m in lines)
     assert len(lines[0]["acc"]) == 7 and (out / "val/step_000002.png").is_file()
     # resume: continues from the saved state to 3 steps
-    r = run_cli("--tiny", "--subject", str(shared_dir / "vico/brown_dog"), "--class-noun", "dog", "--out", str(out),
+    r = run_cli("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out),
                 "steps=3", "validate_every=0", "resume=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,7 +60,7 @@ def test_train_subject_end_to_end_tiny(shared_dir: Path, tmp_path: Path) -> None
     record = json.loads((out / "run.json").read_text())
     assert [(s["start_step"], s["end_step"]) for s in record["sessions"]] == [(0, 2), (2, 3)]
     # issue 18 cases 1 and 2 for train-subject: another run into the folder, or a resume with another lr
-    args = ("--tiny", "--subject", str(shared_dir / "vico/brown_dog"), "--class-noun", "dog", "--out", str(out))
+    args = ("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out))
     r = run_cli(*args, "steps=4", cwd=tmp_path)
     assert r.returncode == 2 and "already holds a run" in r.stderr and "overwrite=true" in r.stderr
     r = run_cli(*args, "steps=4", "resume=true", "optim.lr=0.1", cwd=tmp_path)
