@@ -100,19 +100,22 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
     return var.vae, var
 
 
-def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: int) -> tuple[nn.Module, nn.Module]:
-    """The training start of both class recipes: (tokenizer, transformer prepared for `method_cfg`) on the
-    CPU. Seeds the global RNG with `seed` first, so random-weight runs and LoRA's A matrices start the
-    same on every rank; switches on gradient checkpointing when `model_cfg` asks for it."""
+def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: int
+                   ) -> tuple[nn.Module, nn.Module, dict[str, str]]:
+    """The training start of both class recipes: (tokenizer, transformer prepared for `method_cfg`, the
+    base weights' `base_hashes`) on the CPU. Seeds the global RNG with `seed` first, so random-weight runs
+    and LoRA's A matrices start the same on every rank; switches on gradient checkpointing when
+    `model_cfg` asks for it."""
     from arbooth.adapt.methods import prepare_for_method
 
     torch.manual_seed(seed)
     vae, var = build_vae_var(model_cfg, device="cpu")
+    base = base_hashes(vae, var)
     model = prepare_for_method(var, method_cfg.name, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
                                lora_dropout=method_cfg.lora_dropout)
     if model_cfg.gradient_checkpointing:
         unwrap_peft(model).gradient_checkpointing = True
-    return vae, model
+    return vae, model, base
 
 
 def save_result_weights(model: nn.Module, method: str, folder: Path) -> None:
@@ -147,9 +150,14 @@ def load_result_weights(model: nn.Module, method: str, folder: Path) -> None:
         unwrap_peft(model).load_state_dict(read_state_dict(folder / TRANSFORMER_FILE))
 
 
-def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str]) -> None:
+def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str],
+                      base: dict[str, str] | None = None, run: dict | None = None) -> None:
+    """arbooth.yaml: the config plus `result: {method, step, classes, base, run}`. `base` holds the SHA-256
+    of the base tokenizer's and transformer's tensors (`load_finetuned` checks them); `run` the run id
+    and its sessions (arbooth/runs.py)."""
     meta = to_dict(cfg)
-    meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes)}
+    meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes),
+                      "base": dict(base or {}), "run": dict(run or {})}
     write_text(Path(folder) / META_FILE, yaml.safe_dump(meta, sort_keys=False))
 
 
@@ -187,6 +195,41 @@ def read_result_config(result_dir: str | Path) -> tuple[dict[str, Any], str, int
         raise CheckpointError(f"{path}: unreadable `result:` section: {e}") from None
 
 
+def base_hashes(vae: nn.Module, var: nn.Module) -> dict[str, str]:
+    """SHA-256 of the base tokenizer's and transformer's tensors (before any adapter), recorded with every
+    result so that `load_finetuned` refuses to apply it to another base (README "Results")."""
+    from arbooth.adapt.selective import tensors_sha256
+
+    return {"vae_sha256": tensors_sha256(vae.state_dict()),
+            "var_sha256": tensors_sha256({k: v for k, v in var.state_dict().items() if not k.startswith("vae.")})}
+
+
+def check_base(result_dir: str | Path, vae: nn.Module, var: nn.Module | None, *, vae_ckpt: str | None,
+               var_ckpt: str | None) -> None:
+    """Refuse a base that is not the one the result was trained on: compares the SHA-256 of the base
+    tensors (as `base_hashes` computes them) with `result.base` of arbooth.yaml. `var` None
+    skips the transformer (FFT results carry their whole transformer). A result written before the
+    hashes were recorded is accepted with a warning. Raises CheckpointError naming both hashes."""
+    from arbooth.adapt.selective import tensors_sha256
+
+    meta = yaml.safe_load((Path(result_dir) / META_FILE).read_text())
+    base = (meta.get("result") or {}).get("base") or {}
+    if not base:
+        log.warning("%s records no base checkpoint hash (an older result): the base cannot be checked",
+                    result_dir)
+        return
+    pairs = [("vae", vae_ckpt, tensors_sha256(vae.state_dict()))]
+    if var is not None:
+        pairs.append(("var", var_ckpt, tensors_sha256({k: v for k, v in var.state_dict().items()
+                                                       if not k.startswith("vae.")})))
+    for what, path, got in pairs:
+        want = base.get(f"{what}_sha256")
+        if want is not None and want != got:
+            raise CheckpointError(f"{result_dir} was trained on a base {what} with tensor hash {want[:16]}, but "
+                                  f"{path or 'the random init'} has {got[:16]}: pass the base it was "
+                                  f"trained on (--{what}-ckpt)")
+
+
 def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_ckpt: str | None = None,
                    device: str | torch.device = "cpu", merge: bool = True) -> Finetuned:
     """Rebuild a fine-tuned VAR from a result folder.
@@ -212,6 +255,8 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
         vae, var = build_vae_var(replace(mc, vae_ckpt=None, var_ckpt=None))
         if mc.vae_ckpt is not None:
             vae.load_state_dict(read_state_dict(mc.vae_ckpt))
+    check_base(result_dir, vae, var if method in PEFT_METHODS else None, vae_ckpt=mc.vae_ckpt,
+               var_ckpt=mc.var_ckpt)
     if method in PEFT_METHODS and mc.var_ckpt is None:
         log.warning("%s: no base var_ckpt recorded or given; the adapter is applied to random weights "
                     "re-drawn from the run's seed", result_dir)

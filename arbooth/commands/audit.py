@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nonmembers", required=True, help="held-out folder <class>/*.jpg, same classes")
     parser.add_argument("--result", help="audit this finished result folder instead of training")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train.out_dir holds another run: replace it (otherwise that is refused)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. privacy.epsilon=1)")
 
@@ -64,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_class_config(args.config, args.overrides)
         cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
         check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
-        finals = {r.name: r.final_dir for r in train_class_runs(cfg)}
+        finals = {r.name: r.final_dir for r in train_class_runs(cfg, overwrite=args.overwrite)}
         results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}
     for name, res in results.items():
         print(f"{name}: {res}")

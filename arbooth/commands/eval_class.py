@@ -9,7 +9,7 @@ under --cache-dir keyed on the SHA-256 of the reference folder's files and the e
       --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth --cfg 1.5
 
 With --model, the images are sampled first: as many per class as the reference folder holds in that
-class's subfolder (subfolders sorted = labels 0..C-1), written to --generated with a manifest.jsonl
+class's subfolder (recursively; the folder's name is the class label, e.g. 0207/), written to --generated with a manifest.jsonl
 (file, label, seed) so an interrupted run resumes where it stopped.
 --extractor toy swaps the Inception for the shipped toy feature extractor (arbooth/toy/class_var.py), a toy
 stand-in for images of the built-in class world (`arbooth toy-data`): its numbers compare only with each
@@ -129,13 +129,26 @@ def reference_features(folder: Path, extractor: torch.nn.Module, device: torch.d
 
 # ----------------------------------------------------------------------------- generation
 
-def class_counts(reference: Path) -> dict[int, int]:
-    """Images per class in an ImageFolder-style reference: subfolders in sorted order are labels."""
-    subs = sorted(d for d in reference.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not subs:
-        raise ArboothError(f"{reference} has no class subfolders; pass --per-class and use a class-folder "
-                           "reference to sample with --model")
-    return {label: len(list_image_files(d, recursive=True)) for label, d in enumerate(subs)}
+def class_counts(reference: Path) -> dict[str, int]:
+    """Images per class name in a class-folder reference, read with the one rule of
+    `arbooth.data.class_dataset.scan_image_folder` (recursive; a class without images is an error)."""
+    from arbooth.data.class_dataset import scan_image_folder
+
+    samples, classes = scan_image_folder(reference, split=None)
+    counts = dict.fromkeys(classes, 0)
+    for s in samples:
+        counts[classes[s.label]] += 1
+    return counts
+
+
+def class_labels(counts: dict[str, int]) -> dict[int, int]:
+    """{label: count}: a class folder's label is its NAME read as an integer (e.g. `0207/` is ImageNet
+    class 207), never its position among the folders (a subset of classes would shift every label)."""
+    bad = [name for name in counts if not name.isdigit()]
+    if bad:
+        raise ArboothError(f"cannot tell which class label the reference folder(s) {bad[:4]} are: to sample with "
+                           "--model, name each class folder by its integer label (e.g. 0207/)")
+    return {int(name): n for name, n in counts.items()}
 
 
 def generate_class_samples(generate, counts: dict[int, int], out_dir: Path, *, seed: int,
@@ -197,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     _check_outputs(args)
     if args.model is not None:
-        counts = class_counts(args.reference)
+        counts = class_labels(class_counts(args.reference))
         if args.per_class is not None:
             counts = {label: args.per_class for label in counts}
         n = generate_class_samples(_var_generator(args, device), counts, args.generated, seed=args.seed,

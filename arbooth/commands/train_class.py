@@ -11,6 +11,7 @@ Examples:
       --vae-ckpt vae_ch160v4096z32.pth --var-ckpt var_d16.pth
   accelerate launch --num_processes 4 -m arbooth.cli train-class --config ... train.batch_size=16
   arbooth train-class --config ... --resume auto            # continue the newest checkpoint of out_dir
+  arbooth train-class --config ... --overwrite              # out_dir holds another run: replace it
   arbooth train-class --config configs/class/dp/flowers102_lora.yaml --data ... privacy.epsilon=10   # DP-SGD
 Any config field can be overridden as key=value (e.g. optim.lr=2.0e-4 method.name=lntuning).
 A config with a `privacy` section trains with DP-SGD (arbooth/recipes/train_class_dp.py; docs/privacy.md).
@@ -33,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-ckpt", help="official vae_ch160v4096z32.pth")
     parser.add_argument("--var-ckpt", help="official var_d{depth}.pth")
     parser.add_argument("--out-dir", help="where checkpoints, samples and the final result go")
-    parser.add_argument("--resume", help="a checkpoint folder, or 'auto' for the newest one under out_dir")
+    parser.add_argument("--resume", help="a checkpoint folder, or 'auto' for the newest one of the run in out_dir "
+                        "(a fresh start when out_dir holds no run); the config may differ only in the safe "
+                        "keys listed in README 'Run folders and resume'")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="out_dir holds another run: delete its checkpoints, results and logs and start anew")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -49,17 +54,15 @@ class ClassRunResult:
     run: Any
 
 
-def train_class_runs(cfg, *, resume: str | None = None) -> list[ClassRunResult]:
+def train_class_runs(cfg, *, resume: str | None = None, overwrite: bool = False) -> list[ClassRunResult]:
     """The DP/non-DP dispatch of `train-class` and `audit`: a `ClassDPConfig` (a config with a
     `privacy` section) trains with DP-SGD, once per target epsilon of a sweep; a `ClassTrainConfig`
-    with the non-private recipe. Raises ConfigError for `resume` with a DP config."""
+    with the non-private recipe. `resume` / `overwrite`: see README "Run folders and resume"."""
     from arbooth.recipes import train_class, train_class_dp
 
     if isinstance(cfg, train_class_dp.ClassDPConfig):
-        if resume:
-            raise ConfigError("--resume is not supported for DP runs (the accountant's history is not saved)")
         results = []
-        for run in train_class_dp.train(cfg):
+        for run in train_class_dp.train(cfg, resume=resume, overwrite=overwrite):
             summary = None
             if run.accelerator.is_main_process:
                 r = train_class_dp.privacy_report(run)
@@ -68,7 +71,7 @@ def train_class_runs(cfg, *, resume: str | None = None) -> list[ClassRunResult]:
             results.append(ClassRunResult(f"epsilon={run.epsilon:g}", cfg.run_dir(run.epsilon) / "final",
                                           summary, run))
         return results
-    run = train_class.train(cfg, resume=resume)
+    run = train_class.train(cfg, resume=resume, overwrite=overwrite)
     summary = None
     if run.accelerator.is_main_process and run.history:
         last = run.history[-1]
@@ -92,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     # before any model or data loads: the run folder can be written and is not the data's own folder
     check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
     refuse_nested(cfg.train.out_dir, cfg.data.root, what="data")
-    for result in train_class_runs(cfg, resume=args.resume):
+    for result in train_class_runs(cfg, resume=args.resume, overwrite=args.overwrite):
         if result.summary:
             print(result.summary)
     return 0

@@ -1,8 +1,11 @@
 """Class-labelled image datasets for class-conditional fine-tuning, with VAR's train augmentation.
 
 Two ways to bring a dataset (Food-101, CUB-200-2011, Oxford Flowers, Stanford Cars, Oxford-IIIT Pet...):
-- an image folder `root/<class_name>/*.jpg`, optionally split as `root/train/<class_name>/...`;
-  classes are the sorted sub-folder names, labels their index;
+- an image folder `root/<class_name>/...`, optionally split as `root/train/<class_name>/...`;
+  classes are the sorted sub-folder names, labels their index; a class's images are ALL image files
+  under its folder, recursively (`class_2/sub/x.png` belongs to class_2; hidden files and folders are
+  ignored). Every command that reads class folders (train-class, DP, eval-class, audit, profile) uses
+  this one rule through `scan_image_folder`; a class folder without images is an error naming it;
 - a manifest, CSV (header `path,label`) or JSONL (`{"path": ..., "label": ...}`); paths are relative to
   the manifest's folder; integer labels are used as they are, string labels are mapped to the index of
   their sorted name.
@@ -12,15 +15,19 @@ size (Lanczos), random crop to the final size (VAR's train transform), optional 
 [-1, 1]. The crop and flip are drawn from a seed that comes with the index (see `EpochBatchSampler`),
 so a resumed run sees exactly the same views and the worker count does not change the data.
 
-Images are read only through `arbooth.data.images.read_image`. A file that cannot be read at training
-time is replaced by the next readable sample with a warning naming it; the skipped paths ride along
-in the batch so the trainer can report how many were skipped in total, never crashing mid-epoch.
+Images are read only through `arbooth.data.images.read_image`. `ClassImageDataset.from_config` reads
+and validates every file before training (`drop_unreadable`): unreadable files are dropped, named in a
+warning and counted (`dataset.unreadable`), so they never count in N (DP: delta = 1/N) and no other
+image ever stands in for them (a substitute would enter a batch twice: sensitivity 2C under DP, a
+silent bias otherwise). A file that becomes unreadable after that check is an error.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +58,42 @@ def scan_image_folder(root: str | Path, split: str | None = "train") -> tuple[li
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(f"{root} has no class sub-folders (expected {root}/<class_name>/*.jpg)")
-    samples = [Sample(p, i) for i, c in enumerate(classes) for p in list_image_files(root / c)]
-    if not samples:
-        raise ConfigError(f"no image files under {root}/<class_name>/")
-    return samples, classes
+    files = {c: list_image_files(root / c, recursive=True) for c in classes}
+    empty = [c for c in classes if not files[c]]
+    if empty:
+        raise ConfigError(f"class folder(s) without any image file under {root}: {', '.join(empty[:8])}"
+                          + (f" (+{len(empty) - 8} more)" if len(empty) > 8 else "")
+                          + "; remove them or add images")
+    return [Sample(p, i) for i, c in enumerate(classes) for p in files[c]], classes
+
+
+def _read_error(path: Path) -> str | None:
+    try:
+        read_image(path)
+    except ImageReadError as e:
+        return str(e)
+    return None
+
+
+def drop_unreadable(samples: Sequence[Sample], *, num_workers: int = 0
+                    ) -> tuple[list[Sample], dict[str, str]]:
+    """(readable samples, {path: reason} of the unreadable ones): every file is decoded once, in
+    `num_workers` processes when > 0. Each unreadable file is named in a warning."""
+    paths = [s.path for s in samples]
+    if num_workers > 0:
+        # its own generator: the worker seed must not come from (and shift) the global RNG
+        loader = torch.utils.data.DataLoader(paths, batch_size=None, num_workers=num_workers,
+                                             collate_fn=_read_error, generator=torch.Generator())
+        errors = list(loader)
+    else:
+        errors = [_read_error(p) for p in paths]
+    bad = {str(s.path): e for s, e in zip(samples, errors) if e is not None}
+    for reason in bad.values():
+        log.warning("unreadable, left out of the data set: %s", reason)
+    if bad:
+        log.warning("%d of %d image file(s) are unreadable and left out (N = %d)", len(bad), len(samples),
+                    len(samples) - len(bad))
+    return [s for s, e in zip(samples, errors) if e is None], bad
 
 
 def read_manifest(path: str | Path) -> tuple[list[Sample], list[str]]:
@@ -114,16 +153,19 @@ class ClassImageDataset(Dataset):
     """Map-style dataset; `ds[(index, seed)]` -> (image (3,H,W) in [-1,1], label, skipped paths)."""
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], *, size: int, mid_size: int,
-                 random_crop: bool = True, hflip: bool = False):
+                 random_crop: bool = True, hflip: bool = False, unreadable: dict[str, str] | None = None):
         if not samples:
-            raise ConfigError("the dataset is empty")
+            raise ConfigError("the dataset is empty" + (f" ({len(unreadable)} unreadable file(s) left out)"
+                                                        if unreadable else ""))
         self.samples, self.classes = list(samples), list(classes)
         self.size, self.mid_size, self.random_crop, self.hflip = size, mid_size, random_crop, hflip
+        self.unreadable = dict(unreadable or {})  # path -> reason, of files left out
 
     @classmethod
     def from_config(cls, data, *, size: int, mid_size: int, max_classes: int | None = None) -> ClassImageDataset:
-        """Build from a `DataConfig` (manifest wins over root when both are given). Raises ConfigError
-        when no data is given or when it has more than `max_classes` classes (the model's class table)."""
+        """Build from a `DataConfig` (manifest wins over root when both are given); every file is read
+        once first and the unreadable ones are left out (`unreadable`). Raises ConfigError when no data is
+        given or when it has more than `max_classes` classes (the model's class table)."""
         if data.manifest:
             samples, classes = read_manifest(data.manifest)
         elif data.root:
@@ -133,8 +175,18 @@ class ClassImageDataset(Dataset):
         if max_classes is not None and len(classes) > max_classes:
             raise ConfigError(f"the dataset has {len(classes)} classes but the model's class table has "
                               f"{max_classes}")
-        return cls(samples, classes, size=size, mid_size=mid_size, random_crop=data.random_crop,
-                   hflip=data.hflip)
+        good, bad = drop_unreadable(samples, num_workers=data.num_workers)
+        return cls(good, classes, size=size, mid_size=mid_size, random_crop=data.random_crop,
+                   hflip=data.hflip, unreadable=bad)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the data's identity: class names, and each sample's path (relative to the samples'
+        common folder, so a moved copy matches), label and size in bytes. Recorded by training states."""
+        root = os.path.commonpath([str(s.path.parent) for s in self.samples])
+        h = hashlib.sha256(json.dumps(self.classes).encode())
+        for s in self.samples:
+            h.update(f"{os.path.relpath(s.path, root)}|{s.label}|{s.path.stat().st_size}\n".encode())
+        return h.hexdigest()
 
     @property
     def num_classes(self) -> int:
@@ -143,29 +195,21 @@ class ClassImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """-> (image (3, H, W) in [-1, 1], label). Raises ImageReadError for a file that became
+        unreadable after `drop_unreadable` (never another image in its place)."""
         index, seed = key if isinstance(key, tuple) else (key, key)
-        skipped: list[str] = []
-        for k in range(len(self.samples)):  # on a bad file, fall through to the next sample
-            s = self.samples[(index + k) % len(self.samples)]
-            try:
-                im = read_image(s.path)
-            except ImageReadError as e:
-                log.warning("skipping %s", e)
-                skipped.append(str(s.path))
-                continue
-            g = torch.Generator().manual_seed(seed)
-            img = var_augment(im, size=self.size, mid_size=self.mid_size, random_crop=self.random_crop,
-                              hflip=self.hflip, generator=g)
-            return img, s.label, tuple(skipped)
-        raise ImageReadError(f"no readable image among the {len(self.samples)} files of the dataset")
+        s = self.samples[index]
+        im = read_image(s.path)
+        g = torch.Generator().manual_seed(seed)
+        return var_augment(im, size=self.size, mid_size=self.mid_size, random_crop=self.random_crop,
+                           hflip=self.hflip, generator=g), s.label
 
 
-def collate_class_batch(items: list[tuple[torch.Tensor, int, tuple[str, ...]]]
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """-> (img_B3HW, label_B, skipped paths of this batch)."""
-    imgs, labels, skipped = zip(*items)
-    return torch.stack(imgs), torch.tensor(labels, dtype=torch.long), [p for s in skipped for p in s]
+def collate_class_batch(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (img_B3HW, label_B)."""
+    imgs, labels = zip(*items)
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.long)
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):

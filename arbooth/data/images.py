@@ -75,8 +75,9 @@ def list_image_files(folder: str | Path, *, recursive: bool = False) -> list[Pat
     if not folder.is_dir():
         raise ImageReadError(f"not a folder: {folder}")
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # hidden files, and (recursively) anything inside a hidden folder such as .ipynb_checkpoints/
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 @dataclass

@@ -71,16 +71,18 @@ def var_example_losses(vae: nn.Module, var: nn.Module, folder: str | Path, class
                        size: int, mid_size: int, batch_size: int = 16,
                        device: str | torch.device = "cpu") -> torch.Tensor:
     """Per-image VAR loss (mean token cross-entropy, no augmentation, no class dropout) of the images
-    under folder/<class>/, labelled with the training run's class order."""
-    from arbooth.data.class_dataset import ClassImageDataset, Sample, scan_image_folder
+    under folder/<class>/ (read as training reads class folders; unreadable files left out, never
+    substituted), labelled by class NAME with the training run's class list."""
+    from arbooth.data.class_dataset import ClassImageDataset, Sample, drop_unreadable, scan_image_folder
     from arbooth.models.var_training import encode_batch, var_loss
 
     samples, found = scan_image_folder(folder, split=None)
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ConfigError(f"{folder} has classes the model was not trained on: {unknown[:5]}")
-    samples = [Sample(s.path, classes.index(found[s.label])) for s in samples]
-    ds = ClassImageDataset(samples, classes, size=size, mid_size=mid_size, random_crop=False, hflip=False)
+    samples, unreadable = drop_unreadable([Sample(s.path, classes.index(found[s.label])) for s in samples])
+    ds = ClassImageDataset(samples, classes, size=size, mid_size=mid_size, random_crop=False, hflip=False,
+                           unreadable=unreadable)
     was_training = var.training
     var.eval()
     out = []

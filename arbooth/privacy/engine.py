@@ -140,6 +140,37 @@ class PrivateTraining:
             (loss_B.mean() if loss_B.numel() else loss_N.sum()).backward()
         return loss_B.detach().mean() if loss_B.numel() else loss_B.detach().sum()
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this one exactly (issue 16): the accountant's state (its
+        own `state_dict`: the history of (sigma, q, steps)), the calibrated sigma and the settings it was
+        calibrated for, the noise generator's state and the wrapped optimizer's state. The Poisson
+        sampler's position is the recipe's (it knows the epoch); see train_class_dp."""
+        gen = self.optimizer.generator
+        return {"accountant": self.accountant.state_dict(), "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "delta": self.delta, "target_epsilon": self.target_epsilon,
+                "max_grad_norm": self.max_grad_norm, "views": self.views, "clipping": self.clipping,
+                "noise_generator": gen.get_state() if gen is not None else None,
+                "optimizer": self.optimizer.original_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`. Refuses (CheckpointError) a state written for other privacy settings;
+        the saved sigma is kept (the accountant's history was spent with it)."""
+        from arbooth.errors import CheckpointError
+
+        now = {"sample_rate": self.sample_rate, "delta": self.delta, "target_epsilon": self.target_epsilon,
+               "max_grad_norm": self.max_grad_norm, "views": self.views}
+        diff = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in now.items() if state.get(k) != v]
+        if diff:
+            raise CheckpointError("the saved DP state was written with other privacy settings: " + "; ".join(diff))
+        if state["noise_multiplier"] != self.noise_multiplier:
+            log.warning("the saved run was calibrated to sigma %.6g, this one to %.6g; keeping the saved sigma",
+                        state["noise_multiplier"], self.noise_multiplier)
+        self.noise_multiplier = self.optimizer.noise_multiplier = float(state["noise_multiplier"])
+        self.accountant.load_state_dict(state["accountant"])
+        if state["noise_generator"] is not None and self.optimizer.generator is not None:
+            self.optimizer.generator.set_state(state["noise_generator"])
+        self.optimizer.original_optimizer.load_state_dict(state["optimizer"])
+
     def physical_batches(self, max_physical_batch_size: int) -> BatchMemoryManager:
         """Context manager yielding a loader of physical batches; the optimizer steps once per logical
         (Poisson) batch and skips the other `step()` calls (Opacus' BatchMemoryManager)."""

@@ -237,7 +237,8 @@ class SubjectTrainConfig:
     val_cfg: float = 4.0
     val_tau: float = 0.5
     save_every: int = 100              # resumable training state; 0: only at the end
-    resume: bool = False
+    resume: bool = False               # continue the run in out_dir (same config up to train_subject.SAFE_RESUME_KEYS)
+    overwrite: bool = False            # out_dir holds another run: delete its outputs and start anew
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:

@@ -6,22 +6,25 @@ accumulation, logging, sample grids and resumable checkpoints. The loss pieces (
 `var_loss`, `drop_labels`, `token_metrics`) and the optimizer are small functions in
 arbooth/models/var_training.py, shared with the DP recipe, the audit and `arbooth profile`.
 
-Result layout under `train.out_dir`:
-    config.yaml                         the resolved config of the run
+Result layout under `train.out_dir` (one run per folder: arbooth/runs.py, README "Run folders"):
+    run.json                            run id, command, and one entry per session (steps, applied changes)
+    config.yaml                         the resolved config of the run (of its latest session)
     checkpoints/step_00000100/          one per `train.checkpoint_every` steps (the last few kept)
         arbooth.yaml                    config + method, step, class names
         adapter_model.safetensors       LoRA/LNTuning: only the adapter (peft's format) + adapter_config.json
         transformer.safetensors         FFT: the full transformer
-        train_state.pt, rng_rank*.pt    optimizer, scheduler, step, data position, RNG: for --resume
+        train_state.pt, rng_rank*.pt    optimizer, scheduler, step, data position, RNG, and the run's
+                                        identity (config values + hash, data hash, base hash): for --resume
     final/                              the same, without the training state
+    samples/, tensorboard/              logs
+A fresh run refuses a folder that holds another run unless `overwrite` (which deletes those entries);
+`resume` continues the run only when the config differs in `SAFE_RESUME_KEYS` at most.
 A whole checkpoint folder is written under a temporary name and renamed, so it is complete or absent.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,10 +55,33 @@ from arbooth.models.var_training import (
     var_loss,
 )
 from arbooth.recipes.class_config import ClassTrainConfig
+from arbooth.runs import (
+    ResumeError,
+    RunFolderError,
+    check_resume,
+    get_rng_state,
+    latest_checkpoint,
+    new_run_record,
+    prepare_run_dir,
+    prune_checkpoints,
+    read_run_file,
+    run_identity,
+    set_rng_state,
+    start_session,
+    write_run_file,
+)
 
 log = logging.getLogger(__name__)
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# What this recipe writes into train.out_dir: a folder holding any of these holds a run.
+RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
+# Config keys a resume may change (recorded in run.json): more or fewer steps (a decaying lr schedule is
+# rebuilt over the new total from the resumed step), checkpoint and log cadence, loader workers, and
+# paths, whose content is checked by the data and base hashes instead. Anything else is refused.
+SAFE_RESUME_KEYS = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.out_dir", "log.", "data.num_workers", "data.root", "data.manifest",
+                    "model.vae_ckpt", "model.var_ckpt")
 
 
 # ------------------------------------------------------------------ setup
@@ -76,27 +102,36 @@ class Run:
     grad_accum: int             # micro-steps per optimizer step (derived from the global batch)
     num_classes: int
     last_l: int
+    identity: dict = field(default_factory=dict)    # runs.run_identity: config, data and base hashes
+    base: dict[str, str] = field(default_factory=dict)  # {"vae_sha256", "var_sha256"} of the base weights
+    record: dict = field(default_factory=dict)      # run.json: run id and sessions
     history: list[dict[str, float]] = field(default_factory=list)
-    skipped_files: set[str] = field(default_factory=set)
+
+
+def make_accelerator(cfg: ClassTrainConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
+                       cpu=not torch.cuda.is_available())
 
 
 def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
-    from accelerate import Accelerator
-
-    acc = accelerator or Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
-                                     cpu=not torch.cuda.is_available())
+    acc = accelerator or make_accelerator(cfg)
     dataset = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
                                             max_classes=cfg.model.num_classes)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size=acc.num_processes,
                                 rank=acc.process_index, seed=cfg.train.seed)
     if cfg.model.var_ckpt is None and acc.is_main_process:
         log.warning("no model.vae_ckpt / model.var_ckpt: training from random weights")
-    vae, model = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)
+    vae, model, base = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
+    # The loader's own generator: creating an iterator draws a base seed from it, which would otherwise
+    # come from the global RNG and shift every later dropout mask of a run resumed mid-epoch.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          collate_fn=collate_class_batch,
-                                         pin_memory=acc.device.type == "cuda")
+                                         pin_memory=acc.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.train.seed))
     grad_accum = cfg.train.accum_steps(acc.num_processes)
     total_steps = cfg.total_steps(len(sampler), acc.num_processes)
     if acc.is_main_process:
@@ -110,7 +145,9 @@ def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
     vae.to(acc.device)
     return Run(cfg=cfg, accelerator=acc, vae=vae, model=model, optimizer=optimizer, scheduler=scheduler,
                dataset=dataset, sampler=sampler, loader=loader, total_steps=total_steps,
-               grad_accum=grad_accum, num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2)
+               grad_accum=grad_accum, num_classes=cfg.model.num_classes, last_l=cfg.model.patch_nums[-1] ** 2,
+               base=base, identity=run_identity(cfg, data_sha256=dataset.fingerprint(),
+                                                base_sha256=base["vae_sha256"] + base["var_sha256"]))
 
 
 # ------------------------------------------------------------------ the loop
@@ -139,17 +176,30 @@ def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_st
     return loss.detach(), stats
 
 
-def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: int | None = None,
-          accelerator=None) -> Run:
-    """Run the recipe. `resume`: a checkpoint folder, or "auto" for the newest under out_dir.
-    `stop_at`: leave after that many optimizer steps (checkpointed), as if interrupted."""
+def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          stop_at: int | None = None, accelerator=None) -> Run:
+    """Run the recipe. `resume`: a checkpoint folder, or "auto" for the newest checkpoint of the run in
+    out_dir (a fresh start when out_dir holds no run). `overwrite`: replace the run out_dir holds.
+    Without either, a folder holding a run is refused (RunFolderError). `stop_at`: leave after that
+    many optimizer steps (checkpointed), as if interrupted."""
     from tqdm.auto import tqdm
 
-    run = setup(cfg, accelerator=accelerator)
-    acc, out = run.accelerator, Path(cfg.train.out_dir)
-    if acc.is_main_process:
+    acc = accelerator or make_accelerator(cfg)
+    out = Path(cfg.train.out_dir)
+    holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
+                                delete=acc.is_main_process)
+    acc.wait_for_everyone()
+    run = setup(cfg, accelerator=acc)
+    step = 0
+    if resume is not None and (holds_run or str(resume) != "auto"):
+        step = load_checkpoint(run, resume)
+    else:
+        run.record = new_run_record("train-class")
+    start_session(run.record, start_step=step, changes=run.record.pop("_changes", {}),
+                  config_sha256=run.identity["config_sha256"])
+    if acc.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
-    step = load_checkpoint(run, resume) if resume else 0
+        write_run_file(out, run.record)
     writer = _open_trackers(cfg, out) if acc.is_main_process else None
     bpe = len(run.sampler)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
@@ -159,8 +209,7 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: i
     micro, window, t0 = step * run.grad_accum, [], time.perf_counter()
     while step < end:
         run.sampler.set_position(micro // bpe, micro % bpe)
-        for img, label, skipped in run.loader:
-            run.skipped_files.update(skipped)
+        for img, label in run.loader:
             update = (micro + 1) % run.grad_accum == 0
             _, stats = train_step(run, img, label, micro, update)
             micro += 1
@@ -179,14 +228,15 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, stop_at: i
                 save_samples(run, out / "samples" / f"step_{step:08d}.png", step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
                 save_checkpoint(run, step, out / "checkpoints" / f"step_{step:08d}", train_state=True)
-                _prune_checkpoints(acc, out / "checkpoints", cfg.train.keep_checkpoints)
+                if acc.is_main_process:
+                    prune_checkpoints(out / "checkpoints", cfg.train.keep_checkpoints, run.record["run_id"])
             if step >= end:
                 break
     bar.close()
     if step >= run.total_steps:
         save_checkpoint(run, step, out / "final", train_state=False)
-    if run.skipped_files and acc.is_main_process:
-        log.warning("%d unreadable image file(s) were skipped during training", len(run.skipped_files))
+    if run.dataset.unreadable and acc.is_main_process:
+        log.warning("%d unreadable image file(s) were left out of the data set", len(run.dataset.unreadable))
     if writer is not None:
         writer.close()
     return run
@@ -237,42 +287,56 @@ def save_samples(run: Run, path: Path, step: int) -> None:
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> None:
     """Write `folder` atomically: every rank writes its RNG state into a temporary folder, rank 0 the
-    weights and optimizer state, then rank 0 renames it into place."""
+    weights and optimizer state, then rank 0 renames it into place. Also updates run.json."""
     acc, folder = run.accelerator, Path(folder)
     partial = folder.with_name(f".{folder.name}.partial")
     if acc.is_main_process:
         partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
-        torch.save(_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
+        torch.save(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        run.record["sessions"][-1]["end_step"] = step
         model = acc.unwrap_model(run.model)
         save_result_weights(model, run.cfg.method.name, partial)
-        write_result_meta(partial, run.cfg, step=step, classes=run.dataset.classes)
+        write_result_meta(partial, run.cfg, step=step, classes=run.dataset.classes, base=run.base,
+                          run={"run_id": run.record["run_id"], "sessions": run.record["sessions"],
+                               "unreadable_files": len(run.dataset.unreadable)})
         if train_state:
             torch.save({"step": step, "micro_step": step * run.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(),
-                        "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
+                        "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                        "run": {**run.identity, "run_id": run.record["run_id"], "record": run.record}},
                        partial / "train_state.pt")
         commit_dir(partial, folder)
+        write_run_file(run.cfg.train.out_dir, run.record)
         log.info("saved %s", folder)
     acc.wait_for_everyone()
 
 
 def load_checkpoint(run: Run, resume: str | Path) -> int:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its step."""
-    acc = run.accelerator
-    folder = _latest_checkpoint(Path(run.cfg.train.out_dir) / "checkpoints") if str(resume) == "auto" \
-        else Path(resume)
-    if folder is None:
-        log.info("no checkpoint to resume from under %s; starting fresh", run.cfg.train.out_dir)
-        return 0
+    """Check that a checkpoint continues this run (same config up to SAFE_RESUME_KEYS, same data, same
+    base), then restore weights, optimizer, scheduler and RNG; returns its step. Sets `run.record`."""
+    acc, out = run.accelerator, Path(run.cfg.train.out_dir)
+    current = read_run_file(out)
+    if str(resume) == "auto":
+        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
+        if folder is None:
+            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
+                                 "start a new run there")
+    else:
+        folder = Path(resume)
     state_path = folder / "train_state.pt"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
     state = torch.load(state_path, map_location="cpu", weights_only=True)
+    saved = state.get("run", {})
+    if current is not None and saved.get("run_id") != current["run_id"]:
+        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
+                          f"{current['run_id']}; resume into that run's own folder")
+    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
     if state["world_size"] != acc.num_processes:
         raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
                               f"same number (now {acc.num_processes}) so the data order stays the same")
@@ -283,39 +347,12 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         acc.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+    run.record = {**saved["record"], "_changes": changes}
     if acc.is_main_process:
-        log.info("resumed from %s at step %d", folder, state["step"])
+        log.info("resumed from %s at step %d%s", folder, state["step"],
+                 f" with changes {changes}" if changes else "")
     return int(state["step"])
-
-
-def _latest_checkpoint(root: Path) -> Path | None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-    return steps[-1] if steps else None
-
-
-def _prune_checkpoints(acc, root: Path, keep: int) -> None:
-    if acc.is_main_process and keep > 0:
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old)
-
-
-def _rng_state() -> dict:
-    """Every RNG a step may touch, in types `torch.load(weights_only=True)` reads back (numpy's key array
-    travels as a tensor)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def losses(history: Iterable[dict[str, float]]) -> list[float]:

@@ -15,14 +15,21 @@ Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private 
   and accuracy are computed from raw data and are kept in memory (`DPRun.history`) but not logged.
 A list of epsilons (a sweep) runs once per value into `out_dir/eps_<value>/`.
 
-Result layout: as the non-private recipe's `final/` (the method's weights + arbooth.yaml, loadable by
-`load_finetuned`), plus `privacy.yaml`. Resuming a DP run is not supported (the accountant state would
-have to travel with the checkpoint).
+Result layout: as the non-private recipe (run.json, config.yaml, `checkpoints/step_*` every
+`train.checkpoint_every` steps, `final/` with the method's weights + arbooth.yaml, loadable by
+`load_finetuned`), plus `privacy.yaml` in each result. A checkpoint's `train_state.pt` holds the
+accountant's history, sigma and the settings it was calibrated for, the noise generator's state, the
+Poisson sampler's generator state at the start of the epoch and the number of batches drawn in it, the
+optimizer, scheduler, global RNG and step: `resume` continues the same run bit-identically, with the
+same epsilon, and privacy.yaml states the epsilon spent over all sessions. A resume may change only
+`SAFE_RESUME_KEYS` (no step count, no privacy key: sigma was calibrated for the planned steps).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +43,7 @@ from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset
+from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
@@ -48,10 +56,31 @@ from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
+from arbooth.runs import (
+    ResumeError,
+    RunFolderError,
+    check_resume,
+    get_rng_state,
+    latest_checkpoint,
+    new_run_record,
+    prepare_run_dir,
+    prune_checkpoints,
+    read_run_file,
+    run_identity,
+    set_rng_state,
+    start_session,
+    write_run_file,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
+
+RUN_ENTRIES = ("config.yaml", "checkpoints", "final")
+# A DP resume may change only what does not touch the privacy analysis or the data stream: no step
+# count (sigma was calibrated for the planned steps) and no privacy.* key.
+SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
+                    "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
 
 
 class MultiViewDataset(Dataset):
@@ -67,7 +96,7 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = ((self.seed * 1_000_003 + self.epoch) * 2_147_483 + i) * 1_009
         items = [self.base[(i, s + v)] for v in range(self.views)]
-        return torch.stack([img for img, _, _ in items]), torch.tensor(items[0][1])
+        return torch.stack([img for img, _ in items]), torch.tensor(items[0][1])
 
 
 @dataclass
@@ -82,6 +111,9 @@ class DPRun:
     dataset: MultiViewDataset
     total_steps: int
     num_classes: int
+    identity: dict = field(default_factory=dict)
+    base: dict[str, str] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_by_budget: bool = False
 
@@ -91,7 +123,7 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
 
     pc = cfg.privacy
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    vae, model = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
+    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
     base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
@@ -108,9 +140,18 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
                       views=pc.aug_multiplicity, clipping=pc.clipping, accountant=pc.accountant,
                       noise_generator=gen, sampling_generator=torch.Generator().manual_seed(cfg.train.seed),
                       num_workers=cfg.data.num_workers)
+    # The loader's own generator for the base seed it draws at each iterator creation, so that the
+    # Poisson sampler's generator is consumed only by the masks (one per logical batch): its position
+    # is then "epoch start state + batches drawn", which a resume restores exactly.
+    pt.data_loader.generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     scheduler = build_scheduler(pt.optimizer.original_optimizer, cfg.optim, total)
+    if base.unreadable and acc.is_main_process:
+        log.warning("DP: %d unreadable image file(s) left out before calibrating: N = %d, delta = %.3g",
+                    len(base.unreadable), len(dataset), pt.delta)
     return DPRun(cfg=cfg, epsilon=epsilon, accelerator=acc, vae=vae, model=model, pt=pt, scheduler=scheduler,
-                 dataset=dataset, total_steps=total, num_classes=cfg.model.num_classes)
+                 dataset=dataset, total_steps=total, num_classes=cfg.model.num_classes, base=base_sha,
+                 identity=run_identity(cfg, data_sha256=base.fingerprint(),
+                                       base_sha256=base_sha["vae_sha256"] + base_sha["var_sha256"]))
 
 
 def _encode(run: DPRun, img_N3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,41 +182,143 @@ def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, micro_
     return {"loss": loss.item(), "examples": float(b)}
 
 
-def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, accelerator=None) -> DPRun:
-    """One private run at target `epsilon` into `out`."""
+@contextlib.contextmanager
+def _epoch_from(sampler, start: int) -> Iterator[None]:
+    """Make the Poisson sampler's next iteration draw only the batches after the first `start` of its
+    epoch: the first `start` masks are drawn and dropped (the generator's state then equals the
+    uninterrupted run's), and its public batch count is lowered for this one epoch."""
+    if start == 0:
+        yield
+        return
+    attr = "steps" if hasattr(sampler, "steps") else "num_batches"  # Opacus' local / distributed samplers
+    per_epoch = getattr(sampler, attr)
+    it = iter(sampler)
+    for _ in range(start):
+        next(it)
+    setattr(sampler, attr, per_epoch - start)
+    try:
+        yield
+    finally:
+        setattr(sampler, attr, per_epoch)
+
+
+def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Path | None = None,
+              overwrite: bool = False, stop_at: int | None = None, accelerator=None) -> DPRun:
+    """One private run at target `epsilon` into `out`. `resume`: a checkpoint folder or "auto" (see the
+    non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
+    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    run = setup(cfg, epsilon, accelerator=accelerator)
-    acc, pt = run.accelerator, run.pt
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
+                                delete=acc.is_main_process)
+    acc.wait_for_everyone()
+    run = setup(cfg, epsilon, accelerator=acc)
+    pt = run.pt
+    sampler = pt.data_loader.batch_sampler
+    # where the data stream stands after the last completed step: the epoch, the sampler's generator
+    # state at its start, the logical batches drawn in it, and the physical batches seen (class dropout)
+    pos = {"epoch": 0, "in_epoch": 0, "epoch_state": sampler.generator.get_state(), "micro": 0}
+    if resume is not None and (holds_run or str(resume) != "auto"):
+        pos = load_dp_checkpoint(run, resume, out)
+    else:
+        run.record = new_run_record("train-class (DP)")
+    start_session(run.record, start_step=pt.steps_taken, changes=run.record.pop("_changes", {}),
+                  config_sha256=run.identity["config_sha256"])
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
-    bar = tqdm(total=run.total_steps, desc=f"train-class dp {cfg.method.name} eps={epsilon:g}",
+        write_run_file(out, run.record)
+    end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
+    bar = tqdm(total=run.total_steps, initial=pt.steps_taken, desc=f"train-class dp {cfg.method.name} eps={epsilon:g}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     pt.module.train()
-    micro, epoch, window = 0, 0, []
+    micro, window = pos["micro"], []
     try:
-        while pt.steps_taken < run.total_steps:
-            run.dataset.epoch = epoch
-            with pt.physical_batches(cfg.privacy.max_physical_batch_size) as loader:
+        while pt.steps_taken < end:
+            run.dataset.epoch = pos["epoch"]
+            sampler.generator.set_state(pos["epoch_state"])
+            with _epoch_from(sampler, pos["in_epoch"]), \
+                    pt.physical_batches(cfg.privacy.max_physical_batch_size) as loader:
                 for views, label in loader:
                     before = pt.steps_taken
                     window.append(dp_step(run, views, label, micro))
                     micro += 1
                     if pt.steps_taken == before:
                         continue  # a physical sub-batch: gradients accumulated, no step yet
+                    pos["in_epoch"], pos["micro"] = pos["in_epoch"] + 1, micro
                     run.scheduler.step()
                     _end_of_step(run, window, bar)
                     window = []
-                    if pt.steps_taken >= run.total_steps:
+                    step = pt.steps_taken
+                    if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
+                        save_dp_checkpoint(run, pos, out / "checkpoints" / f"step_{step:08d}")
+                    if step >= end:
                         break
-            epoch += 1
+            if pt.steps_taken < end:  # the epoch's batches are all drawn: the next epoch starts here
+                pos = {"epoch": pos["epoch"] + 1, "in_epoch": 0, "epoch_state": sampler.generator.get_state(),
+                       "micro": micro}
     except PrivacyBudgetExceeded as e:
+        # the refused batch was drawn but not counted in pos["in_epoch"]: a resume draws it again and is
+        # refused again, so a stopped-and-resumed run ends where this one does
         run.stopped_by_budget = True
         if acc.is_main_process:
             log.warning("%s", e)
+        save_dp_checkpoint(run, pos, out / "checkpoints" / f"step_{pt.steps_taken:08d}")
     bar.close()
-    save_result(run, out / "final")
+    if pt.steps_taken >= run.total_steps or run.stopped_by_budget:
+        save_result(run, out / "final")
     return run
+
+
+def save_dp_checkpoint(run: DPRun, pos: dict, folder: Path) -> None:
+    """The result (weights, arbooth.yaml, privacy.yaml) plus train_state.pt (rank 0; DP runs keep one
+    process's RNG: Opacus adds the noise on rank 0 only)."""
+    acc = run.accelerator
+    save_result(run, folder, train_state={
+        "step": run.pt.steps_taken, "world_size": acc.num_processes, "private": run.pt.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "position": pos, "rng": get_rng_state(),
+        "stopped_by_budget": run.stopped_by_budget,
+        "run": {**run.identity, "run_id": run.record["run_id"], "record": run.record}})
+    if acc.is_main_process:
+        prune_checkpoints(folder.parent, run.cfg.train.keep_checkpoints, run.record["run_id"])
+
+
+def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
+    """Check and restore a DP checkpoint (as the non-private `load_checkpoint`, plus the private state);
+    returns the sampler position."""
+    from arbooth.adapt.finetuned import load_result_weights
+
+    current = read_run_file(out)
+    if str(resume) == "auto":
+        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
+        if folder is None:
+            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
+                                 "start a new run there")
+    else:
+        folder = Path(resume)
+    if not (folder / "train_state.pt").is_file():
+        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
+    # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
+    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
+    saved = state.get("run", {})
+    if current is not None and saved.get("run_id") != current["run_id"]:
+        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
+                          f"{current['run_id']}; resume into that run's own folder")
+    if "private" not in state:
+        raise ResumeError(f"{folder} is not a DP checkpoint; it cannot continue a private run")
+    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
+    if state["world_size"] != run.accelerator.num_processes:
+        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
+                              f"same number (now {run.accelerator.num_processes})")
+    load_result_weights(run.model, run.cfg.method.name, folder)
+    run.pt.load_state_dict(state["private"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    run.stopped_by_budget = bool(state.get("stopped_by_budget"))
+    run.record = {**saved["record"], "_changes": changes}
+    if run.accelerator.is_main_process:
+        log.info("resumed %s at step %d, epsilon %.4f spent so far", folder, state["step"], run.pt.epsilon())
+    return dict(state["position"])
 
 
 def _end_of_step(run: DPRun, window: list[dict[str, float]], bar) -> None:
@@ -192,33 +335,50 @@ def _end_of_step(run: DPRun, window: list[dict[str, float]], bar) -> None:
 
 
 def privacy_report(run: DPRun) -> dict:
+    """privacy.yaml: epsilon_spent covers every session of the run (the accountant's whole history);
+    `sessions` lists the steps each one ran; `unreadable_files` were left out of N before calibrating."""
     pt, pc = run.pt, run.cfg.privacy
     return {"target_epsilon": run.epsilon, "epsilon_spent": pt.epsilon(), "delta": pt.delta,
             "accountant": pc.accountant, "noise_multiplier": pt.noise_multiplier, "sample_rate": pt.sample_rate,
             "steps": pt.steps_taken, "planned_steps": run.total_steps, "max_grad_norm": pt.max_grad_norm,
             "aug_multiplicity": pt.views, "clipping": pt.clipping, "dataset_size": len(run.dataset),
-            "stopped_by_budget": run.stopped_by_budget}
+            "unreadable_files": len(run.dataset.base.unreadable), "stopped_by_budget": run.stopped_by_budget,
+            "sessions": [{"start_step": x["start_step"], "end_step": x["end_step"]}
+                         for x in run.record.get("sessions", [])]}
 
 
-def save_result(run: DPRun, folder: Path) -> None:
-    """Atomically write the method's weights, the (non-private) config and privacy.yaml (rank 0)."""
+def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) -> None:
+    """Atomically write the method's weights, the (non-private) config and privacy.yaml (rank 0), and
+    `train_state` into train_state.pt when given (a checkpoint). Updates run.json."""
     acc = run.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
+        run.record["sessions"][-1]["end_step"] = run.pt.steps_taken
         partial = partial_dir(folder)
         save_result_weights(run.model, run.cfg.method.name, partial)
         write_result_meta(partial, run.cfg.without_privacy(), step=run.pt.steps_taken,
-                          classes=run.dataset.base.classes)
+                          classes=run.dataset.base.classes, base=run.base,
+                          run={"run_id": run.record["run_id"], "sessions": run.record["sessions"],
+                               "unreadable_files": len(run.dataset.base.unreadable)})
         write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
+        if train_state is not None:
+            torch.save(train_state, partial / "train_state.pt")
         commit_dir(partial, folder)
+        write_run_file(folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent,
+                       run.record)
         log.info("saved %s (epsilon %.4f spent of %g)", folder, run.pt.epsilon(), run.epsilon)
     acc.wait_for_everyone()
 
 
-def train(cfg: ClassDPConfig, *, accelerator=None) -> list[DPRun]:
-    """Run the recipe once per target epsilon (`privacy.epsilon` may be a sweep)."""
+def train(cfg: ClassDPConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          stop_at: int | None = None, accelerator=None) -> list[DPRun]:
+    """Run the recipe once per target epsilon (`privacy.epsilon` may be a sweep: one run folder per value,
+    `cfg.run_dir(eps)`; `resume="auto"` resumes each, an explicit checkpoint folder needs one value)."""
+    if cfg.privacy.is_sweep and resume is not None and str(resume) != "auto":
+        raise ConfigError("a sweep resumes with --resume auto (one checkpoint folder cannot continue several runs)")
     runs = []
     for eps in cfg.privacy.epsilons:
         one = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=eps))
-        runs.append(train_one(one, eps, cfg.run_dir(eps), accelerator=accelerator))
+        runs.append(train_one(one, eps, cfg.run_dir(eps), resume=resume, overwrite=overwrite, stop_at=stop_at,
+                              accelerator=accelerator))
     return runs

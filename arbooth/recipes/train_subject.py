@@ -10,7 +10,10 @@ disabled) samples class-prompt token maps, or they come from a bank drawn once (
 student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
 sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
-`config.yaml` and a resumable `train_state.pt` in `out_dir`.
+`config.yaml`, `run.json` and a resumable `train_state.pt` in `out_dir`. One run per folder
+(arbooth/runs.py): a folder holding another run is refused unless `resume=true` or `overwrite=true`;
+the state records the config, the subject photos' and the base's identity, and a resume may change only
+`SAFE_RESUME_KEYS`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ from arbooth.adapt.personalization import (
     save_personalization,
 )
 from arbooth.adapt.personalized_sampler import PersonalizedSampler
-from arbooth.adapt.selective import SelectiveTuner, tuned_module_kinds
+from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
 from arbooth.adapt.subject_token import (
@@ -57,8 +60,25 @@ from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
 from arbooth.recipes.subject_config import SUBJECT_PRESETS, SubjectTrainConfig, TuningConfig
+from arbooth.runs import (
+    RunFolderError,
+    check_resume,
+    new_run_record,
+    prepare_run_dir,
+    run_identity,
+    start_session,
+    write_run_file,
+)
 
 log = logging.getLogger(__name__)
+
+# What this recipe (and the toy report after it) writes into out_dir: a folder holding any holds a run.
+RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "metrics.jsonl", "val",
+               "grid.png", "metrics.json")
+# Config keys a resume may change: more steps, save/validation cadence and validation prompts, paths
+# (the photos' and the base's identity are checked by hash instead), the resume/overwrite switches.
+SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
+                    "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
 def build_models(cfg: SubjectTrainConfig):
     """(vae, model, tokenizer, t5_encoder, base_id) of `model.preset` (SUBJECT_PRESETS), on the CPU;
@@ -151,6 +171,8 @@ class Run:
     base_tuned_sha256: str
     class_noun: str = ""               # resolved (from --class-noun or subject.yaml)
     bank: tuple | None = None          # teacher bank (teacher.bank_size > 0): class inputs, teacher logits
+    identity: dict = field(default_factory=dict)  # runs.run_identity: config, photos and base hashes
+    record: dict = field(default_factory=dict)    # run.json: run id and sessions
 
 
 def setup(cfg: SubjectTrainConfig) -> Run:
@@ -196,10 +218,12 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     optimizer = build_optimizer(cfg, token, tuner, dev)
     model, optimizer = accelerator.prepare(model, optimizer)
     to = lambda xs: tuple(x.to(dev) for x in xs)
+    identity = run_identity(cfg, data_sha256=tensors_sha256({"images_N3HW": subject.images_N3HW}),
+                            base_sha256=base_id)
     run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
               vae, features, to(inst), to(cls), to(val) if val else None,
               torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
-              base_id, tuner.base_tuned_sha256, class_noun=cls_noun)
+              base_id, tuner.base_tuned_sha256, class_noun=cls_noun, identity=identity)
     if cfg.teacher.bank_size and cfg.loss.prior:
         run.bank = draw_teacher_bank(run, cfg.teacher.bank_size)
     return run
@@ -349,15 +373,26 @@ def save_outputs(run: Run, step: int) -> Path:
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
                 "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
                 "bsc_generator": run.bsc_generator.get_state(),
-                "rng": torch.get_rng_state()}, out / "train_state.pt")
+                "rng": torch.get_rng_state(),
+                # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
+    run.record["sessions"][-1]["end_step"] = step
+    write_run_file(out, run.record)
     return path
 
 
-def _resume(run: Run) -> int:
+def _resume(run: Run, holds_run: bool) -> int:
+    """Restore the state of the run in out_dir (0 for a fresh run); checks the config first."""
     path = Path(run.cfg.out_dir) / "train_state.pt"
-    if not run.cfg.resume or not path.is_file():
+    if not run.cfg.resume or not holds_run:
+        run.record = new_run_record("train-subject")
         return 0
+    if not path.is_file():
+        raise RunFolderError(f"{run.cfg.out_dir} holds a run but no train_state.pt to resume; pass "
+                             "overwrite=true to start a new run there")
     state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
+    changes = check_resume(state.get("run", {}), run.identity, safe=SAFE_RESUME_KEYS, where=str(path))
+    run.record = {**state["run"]["record"], "_changes": changes}
     with torch.no_grad():
         run.token.embedding_PC.copy_(state["token"])
         for k, v in state["tuned"].items():
@@ -367,6 +402,8 @@ def _resume(run: Run) -> int:
     if "bsc_generator" in state:  # states written before bitwise self-correction lack it
         run.bsc_generator.set_state(state["bsc_generator"].cpu())
     torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
@@ -377,11 +414,16 @@ def train(cfg: SubjectTrainConfig) -> Path:
         raise ConfigError("no subject folder given (--subject or subject=...)")
     check_config(cfg)  # before any weights load
     out = Path(cfg.out_dir)
+    holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
+                                resume_flag="resume=true", overwrite_flag="overwrite=true")
     run = setup(cfg)
     main = run.accelerator.is_main_process
-    if main:
+    start = _resume(run, holds_run)
+    start_session(run.record, start_step=start, changes=run.record.pop("_changes", {}),
+                  config_sha256=run.identity["config_sha256"])
+    if main:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
-    start = _resume(run)
+        write_run_file(out, run.record)
     run.model.train()
     N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)

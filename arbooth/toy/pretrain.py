@@ -308,8 +308,11 @@ def pretrain(cfg: PretrainToyConfig) -> Path:
             probe.load_state_dict(read_state_dict(out / "probe.safetensors"))
         vae, report["decoder"] = train_decoder(cfg, world(4), vae, probe)
         save_safetensors(vae.state_dict(), out / "vae.safetensors")
+    for stage in cfg.stages:  # stages kept from an earlier invocation keep the config they were trained with
+        if isinstance(report.get(stage), dict):
+            report[stage]["config"] = to_dict(cfg)
     for stage, info in report.items():
-        log.info("%s: %s", stage, {k: v for k, v in info.items() if k != "log"})
+        log.info("%s: %s", stage, {k: v for k, v in info.items() if k not in ("log", "config")})
     write_manifest(cfg, out, report, time.perf_counter() - t_all)
     return out
 
@@ -324,6 +327,7 @@ def write_manifest(cfg: PretrainToyConfig, out: Path, report: dict[str, dict], s
     files = ["vae.safetensors", "infinity.safetensors", "clip.safetensors", "probe.safetensors", *t5_files]
     manifest = {"format": "arbooth-toy/2", "image_size": cfg.image_size, "schedule": tm.SCHEDULE,
                 "vae": tm.VAE, "model": tm.MODEL, "t5": tm.T5, "clip": tm.CLIP,
+                # the last invocation's config; each stage's own is training.<stage>.config
                 "exclude": [list(e) for e in cfg.exclude], "pretrain_config": to_dict(cfg),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**training, "last_run_seconds": round(seconds, 1)},

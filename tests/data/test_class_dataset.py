@@ -14,11 +14,12 @@ from arbooth.data.class_dataset import (
     EpochBatchSampler,
     Sample,
     collate_class_batch,
+    drop_unreadable,
     read_manifest,
     scan_image_folder,
     var_augment,
 )
-from arbooth.errors import ConfigError
+from arbooth.errors import ConfigError, ImageReadError
 
 
 def _write(path: Path, color: tuple[int, int, int], size=(40, 30)) -> Path:
@@ -90,38 +91,34 @@ def test_sampler_shards_ranks_and_resumes():
         EpochBatchSampler(3, 2, world_size=2)
 
 
-def test_dataset_reads_bad_inputs_without_crashing(tmp_path, bad_inputs_dir, caplog):
+def test_bad_inputs_are_left_out_before_training_never_substituted(tmp_path, bad_inputs_dir, caplog):
     # The shared folder of awkward files becomes one class of an image-folder dataset.
     (tmp_path / "cls").symlink_to(bad_inputs_dir, target_is_directory=True)
     samples, classes = scan_image_folder(tmp_path)
     names = {s.path.name for s in samples}
     assert "notes.txt" not in names and not any(n.startswith(".") for n in names)
-    ds = ClassImageDataset(samples, classes, size=16, mid_size=18, hflip=True)
     expected_bad = {"truncated.jpg", "zero_bytes.png", "not_an_image.jpg", "bomb_40000x40000.png"}
-    seen_ok, skipped = set(), set()
     with caplog.at_level(logging.WARNING):
-        batch = collate_class_batch([ds[(i, i)] for i in range(len(ds))])
-    for i, s in enumerate(samples):
-        img, label, sk = ds[(i, 0)]
-        assert img.shape == (3, 16, 16) and img.dtype == torch.float32 and label == 0
-        assert img.min() >= -1 and img.max() <= 1
-        if not sk:
-            seen_ok.add(s.path.name)
-        skipped |= {Path(p).name for p in sk}
-    assert skipped == expected_bad
-    assert seen_ok == names - expected_bad
-    # every bad file is named in a warning; the bomb is refused with its reason
-    for name in expected_bad:
+        good, bad = drop_unreadable(samples)
+    assert {Path(p).name for p in bad} == expected_bad
+    assert {s.path.name for s in good} == names - expected_bad
+    for name in expected_bad:  # every bad file is named in a warning; the bomb with its reason
         assert any(name in r.getMessage() for r in caplog.records), name
     assert any("decompression-bomb" in r.getMessage() for r in caplog.records)
-    imgs, labels, batch_skipped = batch
-    assert imgs.shape == (len(ds), 3, 16, 16) and labels.shape == (len(ds),)
-    assert {Path(p).name for p in batch_skipped} == expected_bad
+    assert drop_unreadable(samples, num_workers=1) == (good, bad)  # the same with a worker process
+    ds = ClassImageDataset(good, classes, size=16, mid_size=18, hflip=True, unreadable=bad)
+    imgs, labels = collate_class_batch([ds[(i, i)] for i in range(len(ds))])
+    assert imgs.shape == (len(good), 3, 16, 16) and labels.shape == (len(good),)
+    assert imgs.min() >= -1 and imgs.max() <= 1
+    # a file that breaks after the check is an error naming it, not another image in its place
+    broken = ClassImageDataset([Sample(bad_inputs_dir / "truncated.jpg", 0)], ["x"], size=16, mid_size=18)
+    with pytest.raises(ImageReadError, match="truncated.jpg"):
+        broken[0]
 
 
 def test_tiny_and_extreme_aspect_images_follow_the_resize_policy(bad_inputs_dir):
     for name in ("tiny_8x8.png", "extreme_aspect.jpg", "exif_rotated.jpg", "cmyk.jpg",
                  "sixteen_bit_gray.png", "rgba_with_alpha.png", "animated.gif"):
         ds = ClassImageDataset([Sample(bad_inputs_dir / name, 0)], ["x"], size=16, mid_size=18)
-        img, _, skipped = ds[0]
-        assert img.shape == (3, 16, 16) and not skipped, name
+        img, _ = ds[0]
+        assert img.shape == (3, 16, 16), name

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from arbooth.cli import main as cli_main
-from arbooth.commands.eval_class import class_counts, extract_features, generate_class_samples
+from arbooth.commands.eval_class import class_counts, class_labels, extract_features, generate_class_samples
 from arbooth.commands.eval_subject import (
     generate_subject_samples,
     generated_groups,
@@ -61,10 +61,13 @@ def test_eval_class_end_to_end_with_cache(tmp_path, capsys):
 
 def test_class_sampling_is_resumable(tmp_path):
     ref = tmp_path / "ref"
-    _write_pngs(ref / "a", 3, 0)
-    _write_pngs(ref / "b", 2, 1)
-    counts = class_counts(ref)
+    _write_pngs(ref / "0000", 3, 0)
+    _write_pngs(ref / "0001", 2, 1)
+    assert class_counts(ref) == {"0000": 3, "0001": 2}
+    counts = class_labels(class_counts(ref))
     assert counts == {0: 3, 1: 2}
+    with pytest.raises(ArboothError, match="integer label"):  # by name, never by position
+        class_labels({"daisy": 2})
     calls = []
 
     def generate(labels_B, seeds):  # a deterministic stand-in with the VAR generate() contract (seed per image)
@@ -83,7 +86,7 @@ def test_class_sampling_is_resumable(tmp_path):
 
 def test_eval_class_var_model_needs_checkpoints(tmp_path):
     pytest.importorskip("arbooth.models.var_loading")
-    _write_pngs(tmp_path / "ref" / "a", 2, 0)
+    _write_pngs(tmp_path / "ref" / "0000", 2, 0)
     with pytest.raises(ArboothError, match="vae-ckpt"):
         import argparse
 

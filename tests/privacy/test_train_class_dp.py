@@ -81,5 +81,8 @@ def test_train_class_cli_dispatches_on_privacy_section(tmp_path: Path, capsys) -
               "privacy.sample_rate=0.5", "privacy.max_physical_batch_size=4", "privacy.aug_multiplicity=1"])
     assert rc == 0 and "done: epsilon" in capsys.readouterr().out
     assert (tmp_path / "out" / "final" / "privacy.yaml").is_file()
+    capsys.readouterr()
     rc = cli(["train-class", "--config", str(tmp_path / "plain.yaml"), "--resume", "auto", "privacy.epsilon=8"])
-    assert rc == 2  # a clear one-line refusal, not a traceback
+    assert rc == 2  # another privacy config (default sample rate ...): a one-line refusal, not a traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "privacy.sample_rate: 0.5 -> 0.251" in err[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from _class_tiny import tiny_config, write_dataset
 
 from arbooth.adapt.finetuned import build_vae_var, load_finetuned
@@ -138,13 +139,18 @@ def test_shipped_configs_validate():  # values: tests/recipes/test_class_configs
         assert cfg.method.name == m[2] and cfg.model.depth == int(m[3])
 
 
-def test_unreadable_files_are_skipped_and_counted(tmp_path, bad_inputs_dir, caplog):
+def test_unreadable_files_are_left_out_never_substituted(tmp_path, bad_inputs_dir, caplog):
+    # issue 18 case 4, non-private: the 3 bad files are dropped before training (N = 8), never replaced
+    # by a neighbour (which would enter the data twice)
     data = write_dataset(tmp_path / "data", per_class=4)
     for name in ("truncated.jpg", "zero_bytes.png", "not_an_image.jpg"):
         (data / "class_0" / name).symlink_to(bad_inputs_dir / name)
-    cfg = tiny_config(data, tmp_path / "run", "lora", train={"max_steps": 3, "batch_size": 5})
+    cfg = tiny_config(data, tmp_path / "run", "lora", train={"max_steps": 3, "batch_size": 4})
     with caplog.at_level("WARNING"):
-        run = train(cfg)  # 11 files, 2 batches of 5 per epoch: every file is drawn, none crashes the run
-    assert len(run.history) == 3
-    assert {Path(p).name for p in run.skipped_files} == {"truncated.jpg", "zero_bytes.png", "not_an_image.jpg"}
-    assert any("3 unreadable image file(s) were skipped" in r.getMessage() for r in caplog.records)
+        run = train(cfg)
+    assert len(run.history) == 3 and len(run.dataset) == 8
+    assert {Path(p).name for p in run.dataset.unreadable} == {"truncated.jpg", "zero_bytes.png", "not_an_image.jpg"}
+    assert not {s.path.name for s in run.dataset.samples} & {"truncated.jpg", "zero_bytes.png", "not_an_image.jpg"}
+    assert any("3 unreadable image file(s) were left out" in r.getMessage() for r in caplog.records)
+    meta = yaml.safe_load((tmp_path / "run" / "final" / "arbooth.yaml").read_text())
+    assert meta["result"]["run"]["unreadable_files"] == 3

@@ -57,6 +57,15 @@ def test_train_subject_end_to_end_tiny(toy_subject_dir: Path, tmp_path: Path) ->
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert not torch.equal(load_personalization(out / "personalization.safetensors").subject_token_PC,
                            pers.subject_token_PC)
+    record = json.loads((out / "run.json").read_text())
+    assert [(s["start_step"], s["end_step"]) for s in record["sessions"]] == [(0, 2), (2, 3)]
+    # issue 18 cases 1 and 2 for train-subject: another run into the folder, or a resume with another lr
+    args = ("--tiny", "--subject", str(toy_subject_dir), "--class-noun", "dog", "--out", str(out))
+    r = run_cli(*args, "steps=4", cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "overwrite=true" in r.stderr
+    r = run_cli(*args, "steps=4", "resume=true", "optim.lr=0.1", cwd=tmp_path)
+    assert r.returncode == 2 and "optim.lr: 2.34375e-05 -> 0.1" in r.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_cli_errors_are_one_clear_line(bad_inputs_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,232 @@
+"""Run folders and resume checks shared by every training recipe: runs never mix, resumes never lie.
+
+A run folder (`train.out_dir`, `out_dir`, ...) holds ONE run. Its marker is `run.json` (run id, command,
+creation time, and one entry per session: the steps it ran and the config changes it applied). The rules:
+
+- A fresh run needs a folder that is absent, empty, or holds none of the recipe's own entries
+  (`config.yaml`, `checkpoints/`, `final/`, logs ...). Files that are not the recipe's are left alone.
+- A folder that holds a run is refused with one line, unless the user says `resume` (continue that run
+  from its checkpoint) or `overwrite` (delete the recipe's entries, start a new run with fresh logs).
+- Checkpoints carry the run id: a recipe prunes and resumes only the checkpoints of its own run.
+- The training state records the resolved config (its values and SHA-256) and the data's identity. A
+  resume compares them with the new config: a key outside the recipe's documented safe set that differs
+  is refused, naming the keys; safe changes (more steps, checkpoint/log cadence, moved paths whose
+  content hash is unchanged) are applied and recorded in `run.json` and the checkpoint.
+
+Imports only torch/numpy/yaml and `arbooth.config`/`errors`: this module sits in the bottom layer, with
+`checkpoint`, so that every recipe can share it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from arbooth.config import to_dict
+from arbooth.errors import ArboothError, ConfigError
+
+RUN_FILE = "run.json"
+
+
+class RunFolderError(ArboothError):
+    """The output folder holds another run, and neither resume nor overwrite was asked for."""
+
+
+class ResumeError(ArboothError):
+    """A resume would not continue the same run (config, data or base model changed)."""
+
+
+# ------------------------------------------------------------------ run folders
+def run_entries_present(out: Path, entries: Iterable[str]) -> list[str]:
+    """The recipe's entries (plus run.json) that exist in `out`, folders with a trailing slash."""
+    out = Path(out)
+    found = []
+    for name in (RUN_FILE, *entries):
+        p = out / name
+        if p.exists():
+            found.append(name + "/" if p.is_dir() else name)
+    return found
+
+
+def prepare_run_dir(out: str | Path, *, entries: Sequence[str], resume: bool, overwrite: bool,
+                    resume_flag: str = "--resume auto", overwrite_flag: str = "--overwrite",
+                    delete: bool = True) -> bool:
+    """Check (and with `overwrite`, clear) a run folder before a run starts. Returns True when the
+    folder holds a run (so a resume has something to continue).
+
+    Raises RunFolderError when the folder holds a run and neither flag is set; ConfigError when both
+    are. With `overwrite`, the recipe's `entries` and run.json are deleted (when `delete`: set it on
+    one process only), other files are kept. The flag names go into the message so that it names
+    the command's own options.
+    """
+    if resume and overwrite:
+        raise ConfigError(f"pass either {resume_flag} or {overwrite_flag}, not both")
+    out = Path(out)
+    found = run_entries_present(out, entries)
+    if not found:
+        return False
+    if overwrite:
+        if delete:
+            for name in found:
+                p = out / name.rstrip("/")
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return False
+    if not resume:
+        raise RunFolderError(f"{out} already holds a run ({', '.join(found[:4])}); pass {resume_flag} to "
+                             f"continue it or {overwrite_flag} to replace it (or choose another folder)")
+    return True
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def read_run_file(out: str | Path) -> dict[str, Any] | None:
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path} is not valid JSON ({e}); delete it or use another folder") from e
+
+
+def write_run_file(out: str | Path, record: Mapping[str, Any]) -> None:
+    """Atomically write run.json (a crash leaves the old file or the new one)."""
+    path = Path(out) / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RUN_FILE}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def new_run_record(command: str, run_id: str | None = None) -> dict[str, Any]:
+    return {"run_id": run_id or new_run_id(), "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sessions": []}
+
+
+# ------------------------------------------------------------------ identity of a config, data, files
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """A config as dotted keys -> plain values (`{"optim.lr": 0.01, ...}`)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                walk(f"{prefix}{k}.", x)
+        else:
+            out[prefix.rstrip(".")] = v
+    walk("", to_dict(cfg) if not isinstance(cfg, Mapping) else cfg)
+    return out
+
+
+def values_sha256(values: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_identity(cfg: Any, *, data_sha256: str | None, base_sha256: str | None) -> dict[str, Any]:
+    """What a training state records so that a resume can check it continues the same run."""
+    values = flat_config(cfg)
+    return {"config": values, "config_sha256": values_sha256(values), "data_sha256": data_sha256,
+            "base_sha256": base_sha256}
+
+
+def _is_safe(key: str, safe: Collection[str]) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in safe)
+
+
+def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], *, safe: Collection[str],
+                 where: str) -> dict[str, list[Any]]:
+    """Compare a saved `run_identity` with the current one.
+
+    Returns the safe changes `{key: [old, new]}` (to record). Raises ResumeError naming every unsafe
+    key that differs, or a changed data set or base model. `safe` holds keys, or prefixes ending in '.'.
+    """
+    if "config" not in saved:
+        raise ResumeError(f"{where} records no config (written by an older arbooth): it cannot be checked, "
+                          "so it is not resumed; start a new run")
+    old, new = saved["config"], now["config"]
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    unsafe = {k: v for k, v in changed.items() if not _is_safe(k, safe)}
+    problems = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items()]
+    for what in ("data", "base"):
+        a, b = saved.get(f"{what}_sha256"), now.get(f"{what}_sha256")
+        if a != b:
+            problems.append(f"{what} {str(a)[:12]} -> {str(b)[:12]}")
+    if problems:
+        more = f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise ResumeError(f"cannot resume {where}: it was written with a different setup ("
+                          + "; ".join(problems[:6]) + more + "); resume with the same config, or pass "
+                          "--overwrite / another folder to start a new run")
+    return {k: v for k, v in changed.items()}
+
+
+def start_session(record: dict[str, Any], *, start_step: int, changes: Mapping[str, Any],
+                  config_sha256: str) -> dict[str, Any]:
+    """Append a session (a stretch of training between a start or resume and a stop) to a run record."""
+    session = {"start_step": int(start_step), "end_step": None, "config_sha256": config_sha256,
+               "changes": dict(changes),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record.setdefault("sessions", []).append(session)
+    return session
+
+
+# ------------------------------------------------------------------ checkpoints of a run
+def checkpoint_run_id(folder: Path) -> str | None:
+    """The run id a result/checkpoint folder records in arbooth.yaml (`result.run.run_id`), if any."""
+    meta = Path(folder) / "arbooth.yaml"
+    if not meta.is_file():
+        return None
+    return ((yaml.safe_load(meta.read_text()) or {}).get("result", {}).get("run") or {}).get("run_id")
+
+
+def latest_checkpoint(root: Path, run_id: str | None) -> Path | None:
+    """The newest `step_*` checkpoint under `root` that belongs to `run_id` (any, when None)."""
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    steps = [p for p in steps if run_id is None or checkpoint_run_id(p) == run_id]
+    return steps[-1] if steps else None
+
+
+def prune_checkpoints(root: Path, keep: int, run_id: str) -> None:
+    """Delete all but the newest `keep` step checkpoints OF THIS RUN (others are never touched); 0 keeps all.
+    Call it on one process."""
+    if keep > 0:
+        mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and checkpoint_run_id(p) == run_id]
+        for old in mine[:-keep]:
+            shutil.rmtree(old)
+
+
+def get_rng_state() -> dict:
+    """The global RNGs a training step may draw from (dropout, DropPath): torch CPU and CUDA, numpy, random,
+    in types `torch.load(weights_only=True)` reads back (numpy's key array travels as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
