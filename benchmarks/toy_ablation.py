@@ -2,8 +2,8 @@
 
 Variants: the full recipe (configs/subject/toy.yaml: cross-attention + FFN + <S*>, scale-weighted loss,
 prior distillation) against no scale weighting, no prior distillation, all-layer tuning, and
-self-attention tuning (self-attention + <S*> instead of cross-attention + FFN), and LoRA when the
-recipe has `tuning.method=lora`. Each variant trains with the same training seeds; each run is scored
+self-attention tuning (self-attention + <S*> instead of cross-attention + FFN), LoRA at rank 4 / 16 / 64
+and a teacher bank of 16. Each variant trains with the same training seeds; each run is scored
 by the toy evaluators over 4 sampling seeds. Prints two Markdown tables and writes JSON: mean ± std
 across training seeds per metric, and per variant the paired difference to the full recipe (same
 training seed) with a 95% bootstrap interval of the mean difference and a paired t-test p-value.
@@ -37,10 +37,12 @@ VARIANTS = {
     "no_prior": ["loss.prior=false"],
     "all_layers": ["tuning.all_layers=true"],
     "self_attention": ["tuning.self_attention=true", "tuning.cross_attention=false", "tuning.ffn=false"],
+    # LoRA on the same sub-layers (issue 15); alpha = 2 x rank by default
+    "lora_r4": ["tuning.method=lora", "tuning.lora_rank=4"],
+    "lora_r16": ["tuning.method=lora", "tuning.lora_rank=16"],
+    "lora_r64": ["tuning.method=lora", "tuning.lora_rank=64"],
+    "teacher_bank16": ["teacher.bank_size=16"],
 }
-if "method" in getattr(__import__("arbooth.recipes.subject_config", fromlist=["TuningConfig"]).TuningConfig,
-                       "__dataclass_fields__", {}):  # LoRA exists (branch `lora`)
-    VARIANTS["lora"] = ["tuning.method=lora"]
 COLUMNS = ("subject_acc", "background_acc", "class_subject_leak", "class_shape_acc", "I_ID", "T_CLIP", "PRES", "DIV",
            "class_drift_id")
 TESTED = ("subject_acc", "background_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
