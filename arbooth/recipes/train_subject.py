@@ -370,13 +370,14 @@ def save_outputs(run: Run, step: int) -> Path:
         tuned = {k: v.to(dt) for k, v in tuned.items()}
     path = save_personalization(out / "personalization.safetensors", tuned,
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+    # the session's end goes into the training state too, so a resumed run's run.json keeps it
+    run.record["sessions"][-1]["end_step"] = step
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
                 "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
                 "bsc_generator": run.bsc_generator.get_state(),
                 "rng": torch.get_rng_state(),
                 # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
-    run.record["sessions"][-1]["end_step"] = step
     write_run_file(out, run.record)
     return path
 
