@@ -36,6 +36,7 @@ from arbooth.errors import ConfigError
 from arbooth.models.var_training import build_optimizer, drop_labels, var_loss
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_world import SOURCE, TEXTURES, random_item
+from arbooth.toy.pretrain import set_lr, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,6 @@ def _images(items) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) float in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.uint8) for im in items])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
-def _lr(step: int, total: int, base: float, warmup: int = 30) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
 
 
 def build_models(seed: int):
@@ -126,7 +116,7 @@ def train_vae(cfg: PretrainToyClassConfig, vae) -> dict:
     usage = torch.zeros(vae.quantize.vocab_size, dtype=torch.long)
     t0, logs, restarts = time.perf_counter(), [], 0
     for step in range(cfg.vae_steps):
-        _set_lr(opt, _lr(step, cfg.vae_steps, cfg.vae_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr, warmup=30))
         x = _tokenizer_batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch)
         rec, vq_loss, used, f_ng = vq_train_forward(vae, x)
         rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
@@ -196,7 +186,7 @@ def train_var(cfg: PretrainToyClassConfig, var) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     t0, logs = time.perf_counter(), []
     for step in range(cfg.var_steps):
-        _set_lr(opt, _lr(step, cfg.var_steps, cfg.var_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.var_steps, cfg.var_lr, warmup=30))
         pick = torch.randint(0, len(label_N), (cfg.var_batch,), generator=g)
         label_B = drop_labels(label_N[pick], var.num_classes, 0.1, g)
         logits_BLV = var(label_B, xin_NLC[pick])
@@ -227,7 +217,7 @@ def train_extractor(cfg: PretrainToyClassConfig) -> tuple[cv.ToyFeatureNet, dict
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.extractor_lr, weight_decay=0.01)
     t0, logs = time.perf_counter(), []
     for step in range(cfg.extractor_steps):
-        _set_lr(opt, _lr(step, cfg.extractor_steps, cfg.extractor_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.extractor_steps, cfg.extractor_lr, warmup=30))
         x, y = _extractor_batch(cfg.seed + 2, step * cfg.extractor_batch, cfg.extractor_batch)
         out = net.logits(x)
         loss = sum(F.cross_entropy(out[h], y[h]) for h in cv.HEADS)

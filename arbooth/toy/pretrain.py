@@ -72,13 +72,14 @@ def to_tensor(items) -> torch.Tensor:
     return torch.from_numpy(images_to_array(items)).permute(0, 3, 1, 2).float().div(255)
 
 
-def _lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    """Learning rate at `step` of `total`: linear warm-up over `warmup` steps, then cosine decay to 0."""
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
 
@@ -89,7 +90,7 @@ def train_vae(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Module,
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     t0, loss = time.perf_counter(), torch.tensor(0.0)
     for step in range(cfg.vae_steps):
-        _set_lr(opt, _lr(step, cfg.vae_steps, cfg.vae_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr))
         x = to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)) * 2 - 1
         z, _, _ = vae.quantize(vae.encode_features(x), tm.SCHEDULE)
         rec = vae.decoder(z)
@@ -118,7 +119,7 @@ def train_decoder(cfg: PretrainToyConfig, world: ToyWorld, vae, probe) -> tuple[
     before = eval_vae(vae, world, probe)
     t0, loss = time.perf_counter(), torch.tensor(0.0)
     for step in range(cfg.decoder_steps):
-        _set_lr(opt, _lr(step, cfg.decoder_steps, cfg.decoder_lr, warmup=20))
+        set_lr(opt, warmup_cosine_lr(step, cfg.decoder_steps, cfg.decoder_lr, warmup=20))
         x = to_tensor(world.batch(step * cfg.decoder_batch, cfg.decoder_batch)) * 2 - 1
         with torch.no_grad():
             z, _, _ = vae.quantize(vae.encode_features(x), tm.SCHEDULE)
@@ -162,7 +163,7 @@ def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tupl
     opt = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=0.01, betas=(0.9, 0.97))
     t0, log_every, hist = time.perf_counter(), 100, []
     for step in range(cfg.model_steps):
-        _set_lr(opt, _lr(step, cfg.model_steps, cfg.model_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.model_steps, cfg.model_lr))
         items = world.batch(step * cfg.model_batch, cfg.model_batch)
         with torch.no_grad():
             bits = vae.encode_bits(to_tensor(items) * 2 - 1, tm.SCHEDULE)
@@ -194,7 +195,7 @@ def train_clip(cfg: PretrainToyConfig, world: ToyWorld, tokenizer) -> tuple[torc
     ctx = tm.CLIP["text"]["context_length"]
     t0, loss = time.perf_counter(), torch.tensor(0.0)
     for step in range(cfg.clip_steps):
-        _set_lr(opt, _lr(step, cfg.clip_steps, cfg.clip_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.clip_steps, cfg.clip_lr))
         items = world.batch(step * cfg.clip_batch, cfg.clip_batch)
         img = clip.encode_image(tm.clip_normalize(to_tensor(items)), normalize=True)
         txt = clip.encode_text(tokenize_ids(tokenizer, [it.caption for it in items], ctx), normalize=True)
@@ -221,7 +222,7 @@ def train_probe(cfg: PretrainToyConfig, world: ToyWorld) -> tuple[torch.nn.Modul
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.probe_lr, weight_decay=0.01)
     t0 = time.perf_counter()
     for step in range(cfg.probe_steps):
-        _set_lr(opt, _lr(step, cfg.probe_steps, cfg.probe_lr))
+        set_lr(opt, warmup_cosine_lr(step, cfg.probe_steps, cfg.probe_lr))
         items = world.batch(step * cfg.probe_batch, cfg.probe_batch)
         out = probe(to_tensor(items))
         loss = sum(F.cross_entropy(out[k], _labels(items, k), ignore_index=-1) for k in tm.PROBE_HEADS)
