@@ -1,6 +1,7 @@
 """The CLI: every registered command imports, explains itself, and user errors print one line."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,15 @@ def test_top_level_help_lists_commands():
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "usage: arbooth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["sample", "--tiny", "--out", "/dev/full"],
+                                  ["generate", "--prompt", "a dog", "--out", "/dev/full"]])
+def test_unwritable_output_fails_before_torch_is_imported(argv: list[str]) -> None:
+    """Issue 19: a bad output fails at once (one line, exit 2), before the command imports torch."""
+    code = (f"import sys; from arbooth.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1], check=False)
+    assert r.stdout.split() == ["2", "False"], r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "/dev/full" in r.stderr

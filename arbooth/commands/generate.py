@@ -20,12 +20,13 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from arbooth.data.images import save_grid, tensor_to_pil
 from arbooth.errors import ConfigError
 from arbooth.outputs import check_output, distinct_outputs, refuse_inputs, save_image
+
+if TYPE_CHECKING:  # torch is imported inside main, after the output checks
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k, whatever the batch size")
     p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio (nearest template is used)")
     p.add_argument("--pn", default="1M", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on the GPU")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every scale (slow reference)")
     p.add_argument("--lvl-embed-every-chunk", action="store_true", help="ARBooth fork behaviour")
@@ -78,17 +80,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbooth.models.sampling import check_sampling_args
-
     if args.n < 1 or args.batch_size < 1:
         raise ConfigError("--n and --batch-size must be at least 1")
     check_output(args.out)  # before any model loads
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must end in .png, got {args.out}")
-    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg, tau=args.tau)
     refuse_inputs(_outputs(args.out, len(args.prompt) * args.n),
                   [args.personalization, args.model_ckpt, args.vae_ckpt, args.t5])
-    device = torch.device(args.device)
+    # heavy imports only now: a bad output path fails before torch loads
+    import torch
+
+    from arbooth.models.sampling import check_sampling_args
+
+    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg, tau=args.tau)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.personalization is not None:
         return _generate_personalized(args, device)
     from tqdm import tqdm
@@ -119,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _generate_personalized(args: argparse.Namespace, device: torch.device) -> int:
+    import torch
     from tqdm import tqdm
 
     from arbooth.recipes.train_subject import load_sampler
@@ -148,6 +154,8 @@ def _outputs(out: Path, n_images: int) -> list[Path]:
 
 
 def _write(images: torch.Tensor, out: Path) -> None:
+    from arbooth.data.images import save_grid, tensor_to_pil
+
     files = _outputs(out, len(images))
     if len(images) == 1:
         save_image(tensor_to_pil(images[0]), out)

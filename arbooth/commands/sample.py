@@ -12,10 +12,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from arbooth.data.images import save_grid, tensor_to_pil
 from arbooth.errors import ConfigError
 from arbooth.outputs import (
     check_output,
@@ -48,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image k (in the order of the grid) uses seed + k, whatever the batch size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of the blocks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--out", default="outputs/samples.png", help="PNG grid to write")
     parser.add_argument("--out-dir", help="also write each image here as class<label>_<i>.png (i counts the "
                         "images of that label over the whole run, so repeated classes never overwrite)")
@@ -65,11 +62,8 @@ def single_names(labels: list[int]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbooth.models.sampling import check_sampling_args
-
     if args.per_class < 1 or args.batch_size < 1:
         raise ConfigError("--per-class and --batch-size must be at least 1")
-    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
     # outputs before any model loads: a bad path costs nothing
     check_output(args.out, what="grid")
     image_format(args.out)
@@ -79,8 +73,18 @@ def main(args: argparse.Namespace) -> int:
         check_output(args.out_dir, folder=True, what="--out-dir")
         if args.result:
             refuse_nested(args.out_dir, args.result, what="--result")
+    # heavy imports only now: a bad output path fails before torch loads
+    from arbooth.models.sampling import check_sampling_args
+
+    check_sampling_args(top_k=args.top_k, top_p=args.top_p, cfg=args.cfg)
+    import torch
+    from tqdm import tqdm
+
+    from arbooth.data.images import save_grid, tensor_to_pil
     from arbooth.models.var_loading import load_var
     from arbooth.toy.tiny import build_tiny_var
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.result:
         from arbooth.adapt import load_finetuned
 
