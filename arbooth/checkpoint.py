@@ -91,6 +91,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_file_hashes(folder: str | os.PathLike, sha256: dict[str, str], manifest_name: str) -> None:
+    """Every file named in `sha256` (relative to `folder`) exists and has that hex SHA-256; raises
+    CheckpointError naming the first that does not (shipped toy assets, manifests written by pretraining)."""
+    for name, digest in sha256.items():
+        path = Path(folder) / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise CheckpointError(f"{path} is missing or does not match the sha256 in {manifest_name}")
+
+
 def partial_dir(folder: str | os.PathLike) -> Path:
     """A fresh, empty `.<name>.partial` folder beside `folder` to write a whole result or checkpoint into;
     `commit_dir` then moves it into place, so `folder` is always complete or absent."""

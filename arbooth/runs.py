@@ -134,14 +134,6 @@ def values_sha256(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_identity(cfg: Any, *, data_sha256: str | None, base_sha256: str | None) -> dict[str, Any]:
     """What a training state records so that a resume can check it continues the same run."""
     values = flat_config(cfg)

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from arbooth.checkpoint import read_state_dict, save_safetensors, save_torch, state_dict_mismatch
+from arbooth.checkpoint import (
+    check_file_hashes,
+    file_sha256,
+    read_state_dict,
+    save_safetensors,
+    save_torch,
+    state_dict_mismatch,
+)
 from arbooth.errors import CheckpointError
 
 
@@ -42,3 +49,14 @@ def test_failed_write_leaves_old_file(tmp_path):
         save_safetensors({"a": shared, "b": shared}, path)
     assert torch.equal(read_state_dict(path)["a"], torch.ones(1))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_check_file_hashes_refuses_a_changed_or_missing_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"weights")
+    hashes = {"a.bin": file_sha256(tmp_path / "a.bin")}
+    check_file_hashes(tmp_path, hashes, "toy.json")  # matches: no error
+    (tmp_path / "a.bin").write_bytes(b"weightz")
+    with pytest.raises(CheckpointError, match="a.bin is missing or does not match the sha256 in toy.json"):
+        check_file_hashes(tmp_path, hashes, "toy.json")
+    with pytest.raises(CheckpointError, match="b.bin"):
+        check_file_hashes(tmp_path, {"b.bin": hashes["a.bin"]}, "toy.json")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from arbooth.adapt.finetuned import ModelConfig
-from arbooth.checkpoint import save_safetensors
+from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import ConfigError
 from arbooth.models.var_training import build_optimizer, drop_labels, var_loss
@@ -266,7 +266,7 @@ def pretrain(cfg: PretrainToyClassConfig) -> Path:
                 "source_classes": SOURCE.class_names, "pretrain_config": to_dict(cfg),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
-                "sha256": {f: cv.file_sha256(out / f) for f in files if (out / f).is_file()}}
+                "sha256": {f: file_sha256(out / f) for f in files if (out / f).is_file()}}
     tmp = out / (cv.MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(out / cv.MANIFEST)

@@ -16,7 +16,6 @@ refuse files that do not match it. Shape letters: B batch, D feature width.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbooth.checkpoint import read_state_dict
+from arbooth.checkpoint import check_file_hashes, read_state_dict
 from arbooth.errors import CheckpointError
 from arbooth.toy.class_world import COLOURS, SHAPES, TEXTURES
 
@@ -79,14 +78,6 @@ class ToyFeatureNet(nn.Module):
 
 # ----------------------------------------------------------------------------- files
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(folder: str | Path = TOY_CLASS_DIR, *, check: bool = True) -> dict:
     """toy_class.json of `folder`; with `check`, every listed file must exist and match its sha256.
     Raises CheckpointError otherwise."""
@@ -97,9 +88,7 @@ def read_manifest(folder: str | Path = TOY_CLASS_DIR, *, check: bool = True) -> 
                               f"`arbooth pretrain-toy-class out={folder}`")
     manifest = json.loads(path.read_text())
     if check:
-        for name, digest in manifest["sha256"].items():
-            if not (folder / name).is_file() or file_sha256(folder / name) != digest:
-                raise CheckpointError(f"{folder / name} is missing or does not match the sha256 in {MANIFEST}")
+        check_file_hashes(folder, manifest["sha256"], MANIFEST)
     return manifest
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbooth.checkpoint import file_sha256, read_state_dict
+from arbooth.checkpoint import check_file_hashes, read_state_dict
 from arbooth.errors import CheckpointError
 from arbooth.toy.world import COLOURS, SHAPES, SIZES, TEXTURES
 
@@ -106,9 +106,7 @@ def read_manifest(folder: str | Path = TOY_DIR, *, check: bool = True) -> dict:
         raise CheckpointError(f"no toy base in {folder} (toy.json missing): run `arbooth pretrain-toy out={folder}`")
     manifest = json.loads(path.read_text())
     if check:
-        for name, digest in manifest["sha256"].items():
-            if not (folder / name).is_file() or file_sha256(folder / name) != digest:
-                raise CheckpointError(f"{folder / name} is missing or does not match the sha256 in toy.json")
+        check_file_hashes(folder, manifest["sha256"], "toy.json")
     return manifest
 
 
