@@ -38,6 +38,7 @@ from arbooth.adapt.subject_token import (
 )
 from arbooth.checkpoint import save_safetensors
 from arbooth.errors import CheckpointError
+from arbooth.models.infinity_keys import from_official_name
 
 FORMAT = "arbooth-personalization/1"
 _MODEL_PREFIX = "model."
@@ -77,10 +78,14 @@ class Personalization:
             return
         if self.kind != "full":
             raise CheckpointError(f"unknown personalization kind {self.kind!r} (this arbooth knows full and lora)")
-        params = dict(model.named_parameters())
-        missing = [k for k in self.tensors if k not in params]
+        # files written before Infinity's raw tensors moved into leaf modules name them the released way
+        # (`blocks.0.sa.scale_mul_1H11`); the hash below stays over the file's own names
+        model_name = {k: from_official_name(k) for k in self.tensors}
+        all_params = dict(model.named_parameters())
+        missing = [k for k in self.tensors if model_name[k] not in all_params]
         if missing:
             raise CheckpointError(f"personalization tensors not in the model: {missing[:5]}")
+        params = {k: all_params[model_name[k]] for k in self.tensors}
         shapes = [f"{k}: {tuple(v.shape)} vs model {tuple(params[k].shape)}"
                   for k, v in self.tensors.items() if v.shape != params[k].shape]
         if shapes:

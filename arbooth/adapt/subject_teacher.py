@@ -53,7 +53,7 @@ def _arbooth_compat(model, text_BTC, mask_BT, schedule, tau, top_k, top_p, gener
     tc = model.encode_text(text_BTC, mask_BT)
     cos, sin = rope_cos_sin(schedule, model.C // model.num_heads, dev)
     full = tuple(schedule[-1])
-    x = tc.cond_BD.unsqueeze(1) + model.pos_start
+    x = model.start(tc.cond_BD)
     inputs, logits_all, summed = [], [], 0.0
     for si, (_, h, w) in enumerate(schedule):
         lvl = torch.full((h * w,), si, device=dev)

@@ -7,9 +7,13 @@ train mode, without flash-attn: every attention is `F.scaled_dot_product_attenti
 different lengths is a padded batch with a bool mask (the release packs it for a varlen kernel).
 
 Internal names differ from the release where Opacus/peft need plain layers: q/k/v are separate
-nn.Linear (the release fuses them with loose bias tensors) and blocks are `blocks.{i}` (the release:
-`block_chunks.{c}.module.{j}`). `load_state_dict` accepts the released layout;
-`arbooth.models.infinity_loading.official_state_dict` gives it back.
+nn.Linear (the release fuses them with loose bias tensors), blocks are `blocks.{i}` (the release:
+`block_chunks.{c}.module.{j}`), and every raw tensor of the release (`cfg_uncond`, `pos_start`, the
+pool query, `scale_mul_1H11`, `ada_gss`) lives in a leaf module with a registered Opacus grad sampler,
+as in VAR, so every trainable tensor has a per-sample gradient (DP text-to-image tuning needs no
+patches; tests/privacy/test_infinity_grad_sample.py). `load_state_dict` accepts the released layout
+(arbooth/models/infinity_keys.py lists the renames); `arbooth.models.infinity_loading.official_state_dict`
+gives it back.
 
 Shape letters: B batch (2B with classifier-free guidance), L tokens of a schedule, l tokens of one
 scale, C model width, D condition width (= C), T text tokens, Ct text width, H heads, c head width,
@@ -23,13 +27,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
-from arbooth.models.infinity_keys import from_official_keys
+from arbooth.models.infinity_keys import UNCOND_KEY, from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
 from arbooth.models.kv_cache import KVCache
+from arbooth.models.leaf_params import AdaGSS, HeadScale
 from arbooth.models.sampling import check_sampling_args, sample_bits, seed_generators
 from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.precision import autocast
@@ -68,42 +75,98 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
-class RMSNorm(nn.Module):
-    """basic.py FastRMSNorm (pure-torch fallback), computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
-
-
 def _ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     # fused_op.py fused_ada_layer_norm: non-affine LayerNorm in fp32, then (1 + scale), + shift.
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
+
+
+# ----------------------------------------------------------------------------- leaf modules owning raw parameters
+# The release keeps these as loose nn.Parameters on the model or the attention pool; each lives in a leaf
+# module here, with an Opacus grad sampler below, so per-sample gradients (DP) need no patches. The
+# shared ones (HeadScale, AdaGSS) are in arbooth/models/leaf_params.py; renames: infinity_keys.py.
+class UncondText(nn.Module):
+    """The unconditional prompt of classifier-free guidance, `cfg_uncond` (text_maxlen, Ct): rows of the
+    text (B, T, Ct) where the bool `drop_B` (B,) is True are replaced by its first T rows."""
+
+    def __init__(self, init_TC: torch.Tensor):
+        super().__init__()
+        self.cfg_uncond = nn.Parameter(init_TC)
+
+    def forward(self, text_BTC: torch.Tensor, drop_B: torch.Tensor) -> torch.Tensor:
+        T = text_BTC.shape[1]
+        if T > self.cfg_uncond.shape[0]:
+            if bool(drop_B.any()):
+                raise ConfigError(f"prompt of {T} tokens is longer than text_maxlen={self.cfg_uncond.shape[0]}")
+            return text_BTC
+        return torch.where(drop_B.view(-1, 1, 1).bool(), self.cfg_uncond[:T].to(text_BTC), text_BTC)
+
+
+class StartToken(nn.Module):
+    """The first scale's input: pooled text condition (B, C) + `pos_start` (1, 1, C) -> (B, 1, C)."""
+
+    def __init__(self, C: int, std: float):
+        super().__init__()
+        self.pos_start = nn.Parameter(torch.empty(1, 1, C))
+        nn.init.trunc_normal_(self.pos_start, std=std)
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return cond_BD.unsqueeze(1) + self.pos_start
+
+
+class PoolQuery(nn.Module):
+    """The attention pool's learnt query `mat_q` (1, H, c), expanded to the batch of the text mask
+    `mask_BT` (B, T) as (B, H, 1, c). The input gives only the batch size; it is the mask because a
+    tensor that needs no gradient makes Opacus' backward hook fire on the output's gradient (an input
+    that needs one but does not reach the output, like the text features, would never fire it)."""
+
+    def __init__(self, H: int, c: int, std: float):
+        super().__init__()
+        self.mat_q = nn.Parameter(torch.empty(1, H, c))
+        nn.init.trunc_normal_(self.mat_q, std=std)
+
+    def forward(self, mask_BT: torch.Tensor) -> torch.Tensor:
+        return self.mat_q.expand(mask_BT.shape[0], -1, -1).unsqueeze(2)
+
+
+@register_grad_sampler(UncondText)
+def _uncond_grad_sample(layer: UncondText, activations, backprops: torch.Tensor) -> dict:
+    w = layer.cfg_uncond
+    if not w.requires_grad:
+        return {}
+    drop_B = activations[1].view(-1, 1, 1).to(backprops.dtype)
+    g_BTC = backprops * drop_B  # rows that kept their prompt do not touch cfg_uncond
+    return {w: F.pad(g_BTC, (0, 0, 0, w.shape[0] - g_BTC.shape[1])).to(w.dtype)}
+
+
+@register_grad_sampler(StartToken)
+def _start_grad_sample(layer: StartToken, activations, backprops: torch.Tensor) -> dict:
+    p = layer.pos_start
+    return {p: backprops.reshape(-1, *p.shape).to(p.dtype)} if p.requires_grad else {}
+
+
+@register_grad_sampler(PoolQuery)
+def _pool_query_grad_sample(layer: PoolQuery, activations, backprops: torch.Tensor) -> dict:
+    p = layer.mat_q
+    return {p: backprops.reshape(-1, *p.shape).to(p.dtype)} if p.requires_grad else {}
 
 
 # ----------------------------------------------------------------------------- attention, blocks
 
 
 class SelfAttention(nn.Module):
-    """Cosine attention: q, k l2-normalised, q scaled by a learnt per-head exp(scale_mul) <= 100."""
+    """Cosine attention: q, k l2-normalised, q scaled by a learnt per-head exp(scale_mul) <= 100 (`head_scale`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
-        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-        self.max_scale_mul = math.log(100)
+        self.head_scale = HeadScale(num_heads, cast_to_input=False)  # bf16 q * fp32 scale -> fp32, as released
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x_BLC, cos_Lc, sin_Lc, mask_LL=None, cache: KVCache | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         q, k, v = (f(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+        q = self.head_scale(F.normalize(q, dim=-1, eps=1e-12))
         k = F.normalize(k, dim=-1, eps=1e-12)
         # RoPE runs in fp32 (fp32 tables); attention takes q, k in v's dtype, so the cache keeps k in
         # that dtype too (half the cache under bf16 autocast, no re-cast of the whole cache each scale)
@@ -147,20 +210,27 @@ class TextAttentivePool(CrossAttention):
                               f"embed_dim, got text_channels={text_dim}, embed_dim={dim}")
         super().__init__(dim, text_dim, text_dim // head_width)
         del self.q
-        self.query = nn.Parameter(torch.empty(1, self.num_heads, self.head_dim))
-        nn.init.trunc_normal_(self.query, std=math.sqrt(1 / dim / 3))
+        self.query = PoolQuery(self.num_heads, self.head_dim, std=math.sqrt(1 / dim / 3))
 
     def forward(self, kv_BTC, mask_BT) -> torch.Tensor:
-        q = self.query.expand(kv_BTC.shape[0], -1, -1).unsqueeze(2)  # B H 1 c
-        return self.attend(q, kv_BTC, mask_BT).squeeze(1)
+        return self.attend(self.query(mask_BT), kv_BTC, mask_BT).squeeze(1)
 
 
-def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    # What CUDA autocast does to layer_norm (all inputs to fp32), spelled out so that bf16 blocks
-    # also run under CPU autocast, which leaves a bf16 weight next to an fp32 input and fails.
-    w = None if norm.weight is None else norm.weight.float()
-    b = None if norm.bias is None else norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input and weight dtypes: what CUDA autocast does to
+    layer_norm, spelled out so that bf16 blocks also run under CPU autocast (which leaves a bf16 weight
+    next to an fp32 input and fails). Returns fp32. Opacus' LayerNorm sampler applies (registered below)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+@register_grad_sampler(FP32LayerNorm)
+def _fp32_layer_norm_grad_sample(layer: FP32LayerNorm, activations, backprops: torch.Tensor) -> dict:
+    grads = compute_layer_norm_grad_sample(layer, [activations[0].float()], backprops.float())
+    return {p: g.to(p.dtype) for p, g in grads.items()}
 
 
 class FFN(nn.Module):
@@ -179,17 +249,17 @@ class CrossAttnBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, eps: float):
         super().__init__()
         self.eps, self.drop_path = eps, drop_path
-        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+        self.ada_gss = AdaGSS(dim)
         self.sa = SelfAttention(dim, num_heads)
         self.ca = CrossAttention(dim, dim, num_heads)
         self.ffn = FFN(dim, round(dim * mlp_ratio / 256) * 256)
-        self.ca_norm = nn.LayerNorm(dim, eps=eps)
+        self.ca_norm = FP32LayerNorm(dim, eps=eps)
 
     def forward(self, x_BLC, gss_B16C, kv_BTC, kv_mask_BT, cos_Lc, sin_Lc, mask_LL=None, cache=None):
-        g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).unbind(2)  # B1C each
+        g1, g2, s1, s2, b1, b2 = self.ada_gss(gss_B16C).unbind(2)  # B1C each
         h = self.sa(_ada_layer_norm(x_BLC, s1, b1, self.eps), cos_Lc, sin_Lc, mask_LL, cache)
         x_BLC = x_BLC + drop_path(h.mul(g1), self.drop_path, self.training)
-        x_BLC = x_BLC + self.ca(_layer_norm_fp32(self.ca_norm, x_BLC), kv_BTC, kv_mask_BT).float()
+        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), kv_BTC, kv_mask_BT).float()
         h = self.ffn(_ada_layer_norm(x_BLC, s2, b2, self.eps))
         return x_BLC + drop_path(h.mul(g2), self.drop_path, self.training)
 
@@ -255,10 +325,11 @@ class Infinity(TokenizerHolder):
         # 1. text conditioning. cfg_uncond: fixed-seed init, as released (infinity.py __init__)
         uncond = torch.empty(text_maxlen, text_channels, device="cpu")  # CPU generator, any default device
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
-        self.cfg_uncond = nn.Parameter((uncond / text_channels**0.5).to(torch.empty(0).device))
-        self.pos_start = nn.Parameter(torch.empty(1, 1, C))  # start token = pooled text + pos_start
-        nn.init.trunc_normal_(self.pos_start, std=init_std)
-        self.text_norm = RMSNorm(text_channels, eps=norm_eps)
+        self.uncond = UncondText((uncond / text_channels**0.5).to(torch.empty(0).device))
+        self.start = StartToken(C, std=init_std)  # start token = pooled text + pos_start
+        # basic.py FastRMSNorm (fp32 here: the text path runs with autocast off); torch's module, which
+        # Opacus has a grad sampler for, gives the same bits as the release's pure-torch fallback
+        self.text_norm = nn.RMSNorm(text_channels, eps=norm_eps)
         self.text_proj_for_sos = TextAttentivePool(text_channels, C)
         self.text_proj_for_ca = nn.Sequential(nn.Linear(text_channels, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
         # 2. input: level embedding, bit-code embedding, shared AdaLN
@@ -286,10 +357,8 @@ class Infinity(TokenizerHolder):
         if T == 0 or not mask[:, 0].all():
             raise ConfigError("every prompt needs at least one token, starting at position 0")
         text, mask = text_BTC[:, :T].float(), mask[:, :T]
-        if drop_B is not None and bool(drop_B.any()):
-            if T > self.text_maxlen:
-                raise ConfigError(f"prompt of {T} tokens is longer than text_maxlen={self.text_maxlen}")
-            text = torch.where(drop_B.view(-1, 1, 1).bool(), self.cfg_uncond[:T].to(text), text)
+        if drop_B is not None:  # called even when no row drops: DP needs a (zero) per-sample gradient
+            text = self.uncond(text, drop_B)
         with torch.autocast(text.device.type, enabled=False):  # the release runs this part in fp32
             kv = self.text_norm(text)
             cond = self.text_proj_for_sos(kv, mask).float()
@@ -302,6 +371,8 @@ class Infinity(TokenizerHolder):
 
     def run_blocks(self, x_BLC, tc: TextCond, lvl_L: torch.Tensor, cos_Lc, sin_Lc, mask_LL=None, caches=None):
         """Blocks with the level embedding (ids `lvl_L`) added before the first (or every) chunk."""
+        if self.lvl_embed.weight.requires_grad:  # per-sample gradients (Opacus) need the batch dim
+            lvl_L = lvl_L.expand(x_BLC.shape[0], -1)
         lvl_LC, per_chunk = self.lvl_embed(lvl_L), self.depth // self.block_chunks
         for i, block in enumerate(self.blocks):
             if i % per_chunk == 0 and (i == 0 or self.lvl_embed_every_chunk):
@@ -328,7 +399,7 @@ class Infinity(TokenizerHolder):
         if x_BLC.shape[1:] != (L - 1, self.d):
             raise ConfigError(f"x_BLC must be (B, {L - 1}, {self.d}) for this schedule, got {tuple(x_BLC.shape)}")
         tc = self.encode_text(text_BTC, text_mask_BT, cond_drop_B)
-        sos = tc.cond_BD.unsqueeze(1) + self.pos_start
+        sos = self.start(tc.cond_BD)
         x = torch.cat([sos, self.word_embed(x_BLC.float())], 1)
         ids = self._scale_ids(schedule, x.device)
         cos, sin = rope_cos_sin(schedule, self.C // self.num_heads, x.device)
@@ -374,7 +445,7 @@ class Infinity(TokenizerHolder):
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         cos_all, sin_all = rope_cos_sin(schedule, self.C // self.num_heads, dev)
         ids_all, start = self._scale_ids(schedule, dev), 0
-        x_inputs = [tc.cond_BD.unsqueeze(1) + self.pos_start]  # one entry per scale, (2B or B, l, C)
+        x_inputs = [self.start(tc.cond_BD)]  # one entry per scale, (2B or B, l, C)
         bits, all_logits, summed = [], [], 0.0
         if dev.type != "cuda":
             dtype = "bf16" if next(self.blocks.parameters()).dtype == torch.bfloat16 else "fp32"
@@ -418,10 +489,10 @@ class Infinity(TokenizerHolder):
         keys = [k for k in state_dict if k.startswith(prefix)]
         converted = from_official_keys({k[len(prefix):]: state_dict.pop(k) for k in keys},
                                        self.depth // self.block_chunks)
-        old = converted.get("cfg_uncond")
+        old = converted.get(UNCOND_KEY)
         if old is not None and old.shape[0] != self.text_maxlen:  # released load_state_dict: fit text_maxlen
-            new = self.cfg_uncond.detach()
-            converted["cfg_uncond"] = old[: self.text_maxlen] if old.shape[0] > self.text_maxlen else \
+            new = self.uncond.cfg_uncond.detach()
+            converted[UNCOND_KEY] = old[: self.text_maxlen] if old.shape[0] > self.text_maxlen else \
                 torch.cat([old.to(new), new[old.shape[0]:]])
         state_dict.update({prefix + k: v for k, v in converted.items()})
 

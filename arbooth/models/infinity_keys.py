@@ -3,7 +3,10 @@
 The release (infinity/models/infinity.py, basic.py) fuses q/k/v into `mat_qkv` (cross-attention:
 `mat_kv`) with loose `q_bias`/`v_bias` tensors and an all-zero `zero_k_bias` buffer, names the
 attention-pool query `text_proj_for_sos.ca.mat_q`, and registers blocks as
-`block_chunks.{c}.module.{j}`. We use plain nn.Linear q/k/v (peft/Opacus friendly) and `blocks.{i}`.
+`block_chunks.{c}.module.{j}`. We use plain nn.Linear q/k/v (peft/Opacus friendly) and `blocks.{i}`,
+and keep every raw parameter in a leaf module (arbooth/models/leaf_params.py): the renames are listed
+once, in `_RENAMES`. Files written before those leaf modules existed (the raw names, e.g. a full
+personalization with self-attention tuned) load through the same renames.
 The way back is `official_state_dict` in arbooth/models/infinity_loading.py.
 """
 from __future__ import annotations
@@ -15,6 +18,35 @@ import torch
 from arbooth.errors import CheckpointError
 
 _CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
+
+UNCOND_KEY = "uncond.cfg_uncond"
+# (our name, released name once blocks are `blocks.{i}`); {i} is a block index
+_RENAMES = (
+    (UNCOND_KEY, "cfg_uncond"),
+    ("start.pos_start", "pos_start"),
+    ("text_proj_for_sos.query.mat_q", "text_proj_for_sos.query"),
+    ("blocks.{i}.sa.head_scale.scale_mul_1H11", "blocks.{i}.sa.scale_mul_1H11"),
+    ("blocks.{i}.ada_gss.gss", "blocks.{i}.ada_gss"),
+)
+_PATTERNS = tuple(tuple(re.compile(re.escape(n).replace(r"\{i\}", r"(?P<i>\d+)")) for n in pair) for pair in _RENAMES)
+
+
+def _rename(key: str, src: int) -> str:
+    for pair, pats in zip(_RENAMES, _PATTERNS):
+        m = pats[src].fullmatch(key)
+        if m:
+            return pair[1 - src].format(**m.groupdict())
+    return key
+
+
+def to_official_name(key: str) -> str:
+    """Our name of a raw parameter -> the released one (blocks still `blocks.{i}`); others unchanged."""
+    return _rename(key, 0)
+
+
+def from_official_name(key: str) -> str:
+    """The released (or pre-leaf-module arbooth) name of a raw parameter -> ours; others unchanged."""
+    return _rename(key, 1)
 
 
 def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> dict[str, torch.Tensor]:
@@ -42,5 +74,5 @@ def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> di
         elif key.endswith((".mat_q.weight", ".mat_q.bias")):
             out[key.replace(".mat_q.", ".q.")] = value
         else:
-            out[key] = value
+            out[from_official_name(key)] = value
     return out

@@ -20,7 +20,7 @@ from arbooth.checkpoint import file_sha256, read_state_dict
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.bsq_vae import BSQVAE
 from arbooth.models.infinity import CrossAttention, Infinity, SelfAttention
-from arbooth.models.infinity_keys import from_official_keys
+from arbooth.models.infinity_keys import from_official_keys, to_official_name
 
 __all__ = ["from_official_keys", "infinity_2b_base", "load_infinity", "official_state_dict"]
 
@@ -31,13 +31,13 @@ def _official_attention(name: str, m: torch.nn.Module) -> dict[str, torch.Tensor
     """One attention module's entries in the released names and order (basic.py)."""
     zeros = torch.zeros_like(m.v.bias)
     proj = {f"{name}.proj.weight": m.proj.weight, f"{name}.proj.bias": m.proj.bias}
-    if hasattr(m, "scale_mul_1H11"):  # self-attention
+    if hasattr(m, "head_scale"):  # self-attention
         qkv = torch.cat([m.q.weight, m.k.weight, m.v.weight])
-        return {f"{name}.scale_mul_1H11": m.scale_mul_1H11, f"{name}.q_bias": m.q.bias, f"{name}.v_bias": m.v.bias,
+        return {f"{name}.scale_mul_1H11": m.head_scale.scale_mul_1H11, f"{name}.q_bias": m.q.bias, f"{name}.v_bias": m.v.bias,
                 f"{name}.zero_k_bias": zeros, f"{name}.mat_qkv.weight": qkv, **proj}
     kv = {f"{name}.mat_kv.weight": torch.cat([m.k.weight, m.v.weight])}
     if hasattr(m, "query"):  # text attention pool
-        return {f"{name}.mat_q": m.query, f"{name}.v_bias": m.v.bias, f"{name}.zero_k_bias": zeros, **kv, **proj}
+        return {f"{name}.mat_q": m.query.mat_q, f"{name}.v_bias": m.v.bias, f"{name}.zero_k_bias": zeros, **kv, **proj}
     return {f"{name}.v_bias": m.v.bias, f"{name}.zero_k_bias": zeros, f"{name}.mat_q.weight": m.q.weight,
             f"{name}.mat_q.bias": m.q.bias, **kv, **proj}
 
@@ -48,6 +48,7 @@ def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     attn = {n: m for n, m in model.named_modules() if isinstance(m, (SelfAttention, CrossAttention))}
 
     def rename(key: str) -> str:
+        key = to_official_name(key)
         m = _BLOCK.match(key)
         if m:
             i = int(m[1])

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
 from arbooth.models.kv_cache import KVCache
+from arbooth.models.leaf_params import AdaGSS, HeadScale
 from arbooth.models.sampling import (
     check_sampling_args,
     gumbel_softmax,
@@ -41,7 +42,6 @@ from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-MAX_SCALE_MUL = math.log(100)  # official clamp of the per-head attention temperature (basic_var.py)
 
 # (our name, official name); {i} is a block index. The only renames: raw parameters moved into leaf modules.
 _RENAMES = (
@@ -107,28 +107,6 @@ class QVBias(nn.Module):
         return qkv_BL3C + bias_3C.to(qkv_BL3C.dtype)
 
 
-class HeadScale(nn.Module):
-    """Learnable per-head temperature of l2-normalised attention: q * exp(min(s_h, log 100))."""
-
-    def __init__(self, H: int):
-        super().__init__()
-        self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
-
-    def forward(self, q_BHLc: torch.Tensor) -> torch.Tensor:
-        return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().to(q_BHLc.dtype)
-
-
-class AdaGSS(nn.Module):
-    """Per-block offset added to the shared AdaLN modulation (official `ada_gss`, shared_aln=True)."""
-
-    def __init__(self, C: int):
-        super().__init__()
-        self.gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
-
-    def forward(self, cond_B16C: torch.Tensor) -> torch.Tensor:
-        return self.gss + cond_B16C
-
-
 # Per-sample gradients (Opacus extension point): each output is `input + parameter`-like, so the
 # per-sample gradient is the backprop summed over the broadcast dimensions.
 @register_grad_sampler(TokenPositions)
@@ -147,20 +125,6 @@ def _qv_bias_grad_sample(layer: QVBias, activations, backprops: torch.Tensor) ->
     C = layer.q_bias.shape[0]
     g_B3C = backprops.reshape(backprops.shape[0], -1, 3 * C).sum(1)
     return {p: g for p, g in ((layer.q_bias, g_B3C[:, :C]), (layer.v_bias, g_B3C[:, 2 * C:])) if p.requires_grad}
-
-
-@register_grad_sampler(HeadScale)
-def _head_scale_grad_sample(layer: HeadScale, activations, backprops: torch.Tensor) -> dict:
-    s = layer.scale_mul_1H11
-    if not s.requires_grad:
-        return {}
-    g_BH = (backprops * activations[0]).sum(dim=(2, 3))  # d out / d s = q * exp(s) where not clamped
-    return {s: (g_BH.view(-1, *s.shape) * s.exp() * (s <= MAX_SCALE_MUL))}
-
-
-@register_grad_sampler(AdaGSS)
-def _ada_gss_grad_sample(layer: AdaGSS, activations, backprops: torch.Tensor) -> dict:
-    return {layer.gss: backprops.reshape(-1, *layer.gss.shape)} if layer.gss.requires_grad else {}
 
 
 # ------------------------------------------------------------------ blocks (basic_var.py)

@@ -4,7 +4,8 @@ Five stages, each seeded from `seed` and fed by `ToyWorld(seed + stage)` item by
 1. BSQ-VAE: reconstruction (MSE + L1) through the multi-scale BSQ quantizer (straight-through, as
    the release trains it), over the toy scale schedule.
 2. Infinity + T5, jointly: bitwise cross-entropy on the VAE's bit maps of toy images, conditioned on
-   their captions through the (trained) toy T5; 10% of captions dropped to `cfg_uncond`.
+   their captions through the (trained) toy T5; 10% of captions dropped to `cfg_uncond`; with bitwise
+   self-correction (flipped coarser bits in, re-quantised labels out), as Infinity is pretrained.
 3. CLIP: open_clip's contrastive loss on full captions ("a small red split star on a blue background").
 4. Attribute probe: cross-entropy per attribute; its held-out accuracy (also on split stars) goes into toy.json.
 5. Decoder: the VAE decoder alone, with a probe-feature loss (the bits, hence stage 2, are unchanged).
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from arbooth.adapt.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
 from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import to_dict
+from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.outputs import write_text
 from arbooth.toy import models as tm
@@ -50,6 +52,7 @@ class PretrainToyConfig:
     model_steps: int = 700
     model_batch: int = 20
     model_lr: float = 1.5e-3
+    model_bsc_strength: float = 0.3  # bitwise self-correction, as Infinity is pretrained (0: clean teacher forcing)
     clip_steps: int = 400
     clip_batch: int = 48
     clip_lr: float = 1e-3
@@ -162,13 +165,15 @@ def train_model(cfg: PretrainToyConfig, world: ToyWorld, vae, tokenizer) -> tupl
     params = [*model.parameters(), *t5.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=0.01, betas=(0.9, 0.97))
     t0, log_every, hist = time.perf_counter(), 100, []
+    bsc_gen = torch.Generator().manual_seed(cfg.seed + 11)
     for step in range(cfg.model_steps):
         set_lr(opt, warmup_cosine_lr(step, cfg.model_steps, cfg.model_lr))
         items = world.batch(step * cfg.model_batch, cfg.model_batch)
-        with torch.no_grad():
-            bits = vae.encode_bits(to_tensor(items) * 2 - 1, tm.SCHEDULE)
-            x_BLd = vae.bits_to_var_input(bits, tm.SCHEDULE)
-            gt_BLd = torch.cat([b.flatten(1, 2) for b in bits], 1)
+        with torch.no_grad():  # flipped coarser bits in, the bits that correct them as labels (Infinity's BSC)
+            bsc = flip_requant(vae, vae.encode_features(to_tensor(items) * 2 - 1), tm.SCHEDULE,
+                               strength=cfg.model_bsc_strength, apply_layers=len(tm.SCHEDULE), generator=bsc_gen)
+            x_BLd = bsc.x_BLd
+            gt_BLd = torch.cat([b.flatten(1, 2) for b in bsc.label_bits], 1)
         tok = tokenizer([it.caption for it in items], padding="longest", return_tensors="pt")
         text = t5(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         drop_B = draw_prompt_drop(len(items), PROMPT_DROP, x_BLd.device)  # 10% unconditional, for guidance

@@ -135,3 +135,24 @@ def test_personalization_round_trip(tmp_path: Path) -> None:
         pers.apply(tiny_model(seed=3))
     with pytest.raises(CheckpointError, match="not found"):
         load_personalization(tmp_path / "missing.safetensors")
+
+
+def test_personalization_with_released_raw_names_still_applies(tmp_path: Path) -> None:
+    """A full file written before the raw tensors moved into leaf modules (self-attention tuned: the
+    temperature is `blocks.{i}.sa.scale_mul_1H11`) applies to today's model, base check included."""
+    model = tiny_model()
+    tuner = SelectiveTuner(model, ("sa",))
+    token = SubjectToken(4, 128)
+    old = {k.replace("sa.head_scale.scale_mul_1H11", "sa.scale_mul_1H11"): v for k, v in tuner.originals.items()}
+    assert "blocks.0.sa.scale_mul_1H11" in old and "blocks.0.sa.head_scale.scale_mul_1H11" in tuner.params
+    one_step(model.train(), tuner, token)
+    tuned = {k.replace("sa.head_scale.scale_mul_1H11", "sa.scale_mul_1H11"): v
+             for k, v in tuner.tuned_state_dict().items()}
+    path = save_personalization(tmp_path / "old.safetensors", tuned, token.embedding_PC,
+                                base_tuned_sha256=tensors_sha256(old), metadata={"config": "{}"})
+    fresh = tiny_model()
+    load_personalization(path).apply(fresh)
+    for k, p in tuner.params.items():
+        torch.testing.assert_close(dict(fresh.named_parameters())[k], p, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="different base model"):
+        load_personalization(path).apply(tiny_model(seed=3))
