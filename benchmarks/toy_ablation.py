@@ -10,6 +10,9 @@ training seed) with a 95% bootstrap interval of the mean difference and a paired
 
     python benchmarks/toy_ablation.py                      # 5 seeds, the config's steps
     python benchmarks/toy_ablation.py --seeds 0 1 --steps 100 --out benchmarks/results/toy_ablation.json
+    # on 2 cores: two processes on different seeds, then one table from both
+    python benchmarks/toy_ablation.py --seeds 0 1 2 --out a.json & python benchmarks/toy_ablation.py --seeds 3 4 --out b.json
+    python benchmarks/toy_ablation.py --merge a.json b.json --out benchmarks/results/toy_ablation.json
 """
 from __future__ import annotations
 
@@ -121,11 +124,24 @@ def main() -> None:
     ap.add_argument("--work", default="runs/toy_ablation")
     ap.add_argument("--out", default="benchmarks/results/toy_ablation.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="train nothing: one table from the runs of these JSON files (e.g. seeds run in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs, t0 = [], time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+        diffs, diff_table = differences(runs)
+        seeds = sorted({r["seed"] for r in runs})
+        out.write_text(json.dumps({"seeds": seeds, "steps": parts[0]["steps"], "threads": parts[0]["threads"],
+                                   "wall_seconds": max(p["wall_seconds"] for p in parts), "merged_from": [str(p) for p in args.merge],
+                                   "runs": runs, "table": table(runs), "differences": diffs,
+                                   "difference_table": diff_table}, indent=1) + "\n")
+        print(table(runs), "\n", diff_table, f"\nwrote {out}", sep="\n")
+        return
     for seed in args.seeds:  # seed-major: a run stopped early still has paired seeds for every variant
         for name in args.variants:
             runs.append(run_one(name, seed, args.steps, Path(args.work)))

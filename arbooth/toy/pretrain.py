@@ -49,8 +49,8 @@ class PretrainToyConfig:
     vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    model_steps: int = 700
-    model_batch: int = 20
+    model_steps: int = 2500
+    model_batch: int = 32
     model_lr: float = 1.5e-3
     model_bsc_strength: float = 0.3  # bitwise self-correction, as Infinity is pretrained (0: clean teacher forcing)
     clip_steps: int = 400

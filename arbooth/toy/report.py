@@ -126,7 +126,7 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
 
 def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | Path, *, toy_dir: str | Path = TOY_DIR,
                seeds: tuple[int, ...] = (0, 1, 2, 3), cfg: float = 3.0, tau: float = 1.0, top_p: float = 0.0,
-               grid: bool = True, class_samples: int = 16) -> dict:
+               grid: bool = True, class_samples: int = 64) -> dict:
     """Write `grid.png` and `metrics.json` into `out_dir`; returns the metrics. The class prompt's rates
     (class_shape_acc, class_subject_leak, PRES) are scored on `class_samples` images (seeds 1000, 1001, ...)."""
     out_dir, subject = Path(out_dir), Path(subject)

@@ -1,9 +1,9 @@
 """The built-in default: a CI-sized personalization of the shipped toy base on the demo subject.
 
-Asserts that the recipe works, not only that it runs: the base never draws the subject; after
-personalization the oracle sees the subject's identity attributes in most <S*> samples and the whole
-subject more often than in the base's, on the asked backgrounds, while the plain class prompt does not
-turn into the subject. Thresholds sit well below the shipped default's measured rates (docs/toy.md).
+Asserts that the recipe works, not only that it runs (issue 13's targets): the base draws the class
+it is asked for and not the subject; after personalization the oracle sees the whole subject in most
+<S*> samples, on the asked backgrounds, while the plain class prompt does not turn into the subject.
+The margins over the targets exceed the spread across training seeds (docs/toy.md).
 """
 import statistics
 from pathlib import Path
@@ -42,15 +42,13 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     path = train(cfg)
     m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), cfg=cfg.val_cfg, tau=cfg.val_tau, grid=False)
     base, pers = m["base"]["mean"], m["personalized"]["mean"]
-    # the base never draws the subject (its appearance was held out) and follows the asked background
-    assert base["subject_acc"] <= 0.1 and base["background_acc"] >= 0.7, base
-    # after personalization the subject's identity (green with a yellow top half) is in most <S*> samples,
-    # the whole subject (also its star shape) in more than the base's, and the plain class prompt does
-    # not turn into the subject. NOT asserted, because the shipped base does not reach it yet (docs/toy.md):
-    # base class_shape_acc >= 0.8 and personalized subject_acc >= 0.7.
-    assert pers["colour_acc"] >= 0.7 and pers["texture_acc"] >= 0.7, pers
-    assert pers["subject_acc"] >= base["subject_acc"] + 0.15, pers
-    assert pers["class_subject_leak"] <= 0.25 and pers["background_acc"] >= 0.5, pers
+    # issue 13's targets, each with a margin over the spread across training seeds (docs/toy.md ablation)
+    # the base draws the asked class and does not already draw the subject (its appearance was held out)
+    assert base["class_shape_acc"] >= 0.8 and base["subject_acc"] <= 0.25 and base["background_acc"] >= 0.8, base
+    # after personalization: the whole subject (star, green, split, yellow top) on the asked backgrounds,
+    # and the plain class prompt does not turn into the subject
+    assert pers["subject_acc"] >= 0.7 and pers["subject_acc"] >= base["subject_acc"] + 0.5, pers
+    assert pers["background_acc"] >= 0.8 and pers["class_subject_leak"] <= 0.1, pers
     gain = pers["I_ID"] - base["I_ID"]
     spread = max(statistics.stdev(m["base"]["I_ID_per_seed"]), statistics.stdev(m["personalized"]["I_ID_per_seed"]))
     assert gain > spread and gain > 0.1, (gain, spread)
