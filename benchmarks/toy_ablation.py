@@ -51,8 +51,8 @@ COLUMNS = ("subject_acc", "background_acc", "class_subject_leak", "class_shape_a
 TESTED = ("subject_acc", "background_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
 
 
-def run_one(name: str, seed: int, steps: int | None, work: Path) -> dict:
-    overrides = [*VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}",
+def run_one(name: str, seed: int, steps: int | None, work: Path, extra: tuple[str, ...] = ()) -> dict:
+    overrides = [*extra, *VARIANTS[name], f"seed={seed}", f"out_dir={work / f'{name}_s{seed}'}", "overwrite=true",
                  f"subject={ROOT / 'subjects' / 'toy_star'}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/toy_ablation")
     ap.add_argument("--out", default="benchmarks/results/toy_ablation.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every variant (before the variant's own)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="train nothing: one table from the runs of these JSON files (e.g. seeds run in parallel)")
     args = ap.parse_args()
@@ -133,7 +135,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+        unique = {}  # (variant, seed) -> run; a pair run twice keeps its first run
+        for r in (r for part in parts for r in part["runs"]):
+            unique.setdefault((r["variant"], r["seed"]), r)
+        runs = sorted(unique.values(), key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
         diffs, diff_table = differences(runs)
         seeds = sorted({r["seed"] for r in runs})
         out.write_text(json.dumps({"seeds": seeds, "steps": parts[0]["steps"], "threads": parts[0]["threads"],
@@ -144,7 +149,8 @@ def main() -> None:
         return
     for seed in args.seeds:  # seed-major: a run stopped early still has paired seeds for every variant
         for name in args.variants:
-            runs.append(run_one(name, seed, args.steps, Path(args.work)))
+            runs.append(run_one(name, seed, args.steps, Path(args.work), tuple(args.set)))
+            runs[-1]["set"] = list(args.set)
             r = runs[-1]["personalized"]
             print(f"{name} seed {seed}: subject_acc {r['subject_acc']:.2f} background_acc {r['background_acc']:.2f} "
                   f"leak {r['class_subject_leak']:.2f} ({runs[-1]['train_seconds']:.0f} s)", flush=True)
