@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arbooth.toy.models import TOY_DIR, ToyEvaluator, load_toy_base  # noqa: E402
+from arbooth.toy.models import TOY_DIR, ToyEvaluator, load_toy_base
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross")
 EXTRA = ("a star on a red background", "a star on a black background")

@@ -16,6 +16,7 @@ import re
 import torch
 
 from arbooth.errors import CheckpointError
+from arbooth.models.key_renames import KeyRenames
 
 _CHUNK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.")
 
@@ -28,25 +29,17 @@ _RENAMES = (
     ("blocks.{i}.sa.head_scale.scale_mul_1H11", "blocks.{i}.sa.scale_mul_1H11"),
     ("blocks.{i}.ada_gss.gss", "blocks.{i}.ada_gss"),
 )
-_PATTERNS = tuple(tuple(re.compile(re.escape(n).replace(r"\{i\}", r"(?P<i>\d+)")) for n in pair) for pair in _RENAMES)
-
-
-def _rename(key: str, src: int) -> str:
-    for pair, pats in zip(_RENAMES, _PATTERNS):
-        m = pats[src].fullmatch(key)
-        if m:
-            return pair[1 - src].format(**m.groupdict())
-    return key
+_KEYS = KeyRenames(_RENAMES)
 
 
 def to_official_name(key: str) -> str:
     """Our name of a raw parameter -> the released one (blocks still `blocks.{i}`); others unchanged."""
-    return _rename(key, 0)
+    return _KEYS.to_official(key)
 
 
 def from_official_name(key: str) -> str:
     """The released (or pre-leaf-module arbooth) name of a raw parameter -> ours; others unchanged."""
-    return _rename(key, 1)
+    return _KEYS.from_official(key)
 
 
 def from_official_keys(sd: dict[str, torch.Tensor], blocks_per_chunk: int) -> dict[str, torch.Tensor]:

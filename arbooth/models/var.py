@@ -18,7 +18,6 @@ Shapes: B batch, L all tokens (sum of pn*pn), l tokens of one scale, C width, D 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from arbooth.errors import ConfigError
+from arbooth.models.key_renames import KeyRenames, name_pattern
 from arbooth.models.kv_cache import KVCache
 from arbooth.models.leaf_params import AdaGSS, HeadScale
 from arbooth.models.sampling import (
@@ -56,28 +56,20 @@ _RENAMES = (
 OFFICIAL_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "blocks.{i}.attn.zero_k_bias")
 
 
-def _pattern(name: str) -> str:
-    return re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)")
-
-
-def _rename(key: str, src: int) -> str:
-    for pair in _RENAMES:
-        m = re.fullmatch(_pattern(pair[src]), key)
-        if m:
-            return pair[1 - src].format(**m.groupdict())
-    return key
+_KEYS = KeyRenames(_RENAMES)
+_BUFFERS = tuple(name_pattern(b) for b in OFFICIAL_BUFFERS)
 
 
 def to_official_name(key: str) -> str:
-    return _rename(key, 0)
+    return _KEYS.to_official(key)
 
 
 def from_official_name(key: str) -> str:
-    return _rename(key, 1)
+    return _KEYS.from_official(key)
 
 
 def is_official_buffer(key: str) -> bool:
-    return any(re.fullmatch(_pattern(b), key) for b in OFFICIAL_BUFFERS)
+    return any(p.fullmatch(key) for p in _BUFFERS)
 
 
 # ------------------------------------------------------------------ leaf modules owning raw parameters

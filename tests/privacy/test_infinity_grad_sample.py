@@ -54,7 +54,6 @@ def test_every_parameter_is_in_a_supported_leaf_module() -> None:
 def test_per_sample_gradients_equal_a_per_example_loop() -> None:
     text, mask, x, bits, drop = _inputs()
     ref_model = _model()
-    names = [n for n, _ in ref_model.named_parameters()]
     ref = []
     for i in range(B):
         sl = slice(i, i + 1)
