@@ -72,3 +72,15 @@ def test_placeholder_consistency(field: str, value, key: str) -> None:
 def test_every_preset_name_has_a_registry_entry() -> None:
     names = typing.get_args(typing.get_type_hints(ModelConfig)["preset"])
     assert set(names) == set(SUBJECT_PRESETS)
+
+
+@pytest.mark.parametrize("override", ["stages=[bogus]", "stages=[]", "vae_steps=-1", "model_batch=0",
+                                      "model_bsc_strength=1.5"])
+def test_pretrain_toy_refuses_bad_config_before_writing(override, tmp_path, capsys):
+    """A bad pretrain-toy config is one error line (exit 2) and writes nothing: before this check an unknown
+    stage rewrote the package's toy.json and exited 0."""
+    out = tmp_path / "toy"
+    assert main(["pretrain-toy", f"out={out}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0].lower(), err
+    assert not out.exists()

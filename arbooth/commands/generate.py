@@ -6,7 +6,7 @@ Example:
 
 With a personalization file from train_subject.py, prompts may name the subject as <S*>; the base
 checkpoints default to those recorded in the file:
-  arbooth generate --personalization runs/my_dog/personalization.safetensors \
+  arbooth generate --personalization runs/my_dog/personalization.safetensors \\
       --prompt "a <S*> dog wearing a santa hat" --n 4 --out santa.png
 
 Defaults are the released inference settings (scripts/infer.sh): 1024x1024, cfg 4, tau 0.5,

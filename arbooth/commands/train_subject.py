@@ -5,7 +5,10 @@ Examples:
       --model-ckpt weights/infinity_2b_reg.pth --vae-ckpt weights/infinity_vae_d32_reg.pth --t5 weights/flan-t5-xl
   arbooth train-subject --tiny --subject ../shared/vico/brown_dog --class-noun dog steps=5 out_dir=runs/try
 
-The defaults are configs/subject/infinity_2b.yaml (the authors' settings: 500 steps at batch 2,
+With no arguments at all it runs the built-in toy default (configs/subject/toy.yaml on the shipped toy
+base, docs/toy.md); another subject on the toy base: `--config configs/subject/toy.yaml --subject DIR`.
+As soon as a subject or checkpoint is given, the defaults are configs/subject/infinity_2b.yaml
+(the authors' settings: 500 steps at batch 2,
 lr 2.34375e-5, AdamW with weight decay 0.005, 1024x1024, cross-attention + FFN + <S*> trained,
 prior distillation with reg_lambda 0.5). Any config key can be overridden as key=value, e.g.
 `steps=150 batch_size=1 tuning.self_attention=true loss.distill_type=hard teacher.mode=arbooth_compat`;

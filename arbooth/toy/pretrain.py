@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from arbooth.adapt.arbooth_losses import bitwise_ce_per_token, per_scale_bit_accuracy
 from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import to_dict
+from arbooth.errors import ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.outputs import write_text
@@ -38,6 +39,9 @@ from arbooth.toy.text import build_toy_tokenizer, tokenize_ids
 from arbooth.toy.world import ToyWorld, images_to_array
 
 log = logging.getLogger(__name__)
+
+
+STAGES = ("vae", "model", "clip", "probe", "decoder")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,17 @@ class PretrainToyConfig:
     eval_max_angle: float = 10.0
     threads: int = 1        # 0: torch's default. One thread: on a busy 2-core machine OpenMP's spinning makes
                             # two threads ~5x slower than one for these tiny matmuls (measured here)
-    stages: tuple[str, ...] = field(default=("vae", "model", "clip", "probe", "decoder"))
+    stages: tuple[str, ...] = field(default=STAGES)
+
+    def __post_init__(self) -> None:
+        unknown = [st for st in self.stages if st not in STAGES]
+        if unknown or not self.stages:
+            raise ConfigError(f"stages must be a non-empty list of {', '.join(STAGES)}; got {list(self.stages)}")
+        for stage in ("vae", "model", "clip", "probe", "decoder"):
+            if getattr(self, f"{stage}_steps") < 1 or getattr(self, f"{stage}_batch") < 1 or getattr(self, f"{stage}_lr") <= 0:
+                raise ConfigError(f"{stage}_steps and {stage}_batch must be >= 1 and {stage}_lr > 0")
+        if not 0.0 <= self.model_bsc_strength <= 1.0:
+            raise ConfigError(f"model_bsc_strength must be in [0, 1], got {self.model_bsc_strength}")
 
 
 def to_tensor(items) -> torch.Tensor:
