@@ -84,3 +84,13 @@ def test_pretrain_toy_refuses_bad_config_before_writing(override, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0].lower(), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain-toy", "pretrain-toy-class"])
+def test_pretrain_commands_refuse_a_file_as_output_folder(command, tmp_path, capsys):
+    """Both toy pretrainings check `out` before training: a file where the folder should be is one line."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    assert main([command, f"out={blocker}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0].lower(), err

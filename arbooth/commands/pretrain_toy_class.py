@@ -22,7 +22,9 @@ def main(args: argparse.Namespace) -> int:
     from arbooth.config import load_config
     from arbooth.toy.class_pretrain import PretrainToyClassConfig, pretrain
     logging.getLogger("arbooth").setLevel(logging.INFO)
+    from arbooth.outputs import check_output
     cfg = load_config(PretrainToyClassConfig, args.config, list(args.overrides))
+    check_output(cfg.out, folder=True, what="out")  # as pretrain-toy: a bad folder fails before any training
     out = pretrain(cfg)
     print(f"tiny class VAR and toy extractor written to {out}")
     return 0
