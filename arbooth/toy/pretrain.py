@@ -77,7 +77,7 @@ class PretrainToyConfig:
         unknown = [st for st in self.stages if st not in STAGES]
         if unknown or not self.stages:
             raise ConfigError(f"stages must be a non-empty list of {', '.join(STAGES)}; got {list(self.stages)}")
-        for stage in ("vae", "model", "clip", "probe", "decoder"):
+        for stage in STAGES:
             if getattr(self, f"{stage}_steps") < 1 or getattr(self, f"{stage}_batch") < 1 or getattr(self, f"{stage}_lr") <= 0:
                 raise ConfigError(f"{stage}_steps and {stage}_batch must be >= 1 and {stage}_lr > 0")
         if not 0.0 <= self.model_bsc_strength <= 1.0:
