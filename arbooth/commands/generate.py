@@ -127,7 +127,7 @@ def _generate_personalized(args: argparse.Namespace, device: torch.device) -> in
     import torch
     from tqdm import tqdm
 
-    from arbooth.recipes.train_subject import load_sampler
+    from arbooth.subject_bases import load_sampler
 
     sampler = load_sampler(args.personalization, model_ckpt=args.model_ckpt, vae_ckpt=args.vae_ckpt, t5=args.t5,
                            device=device)
