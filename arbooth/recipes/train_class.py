@@ -54,7 +54,7 @@ from arbooth.models.var_training import (
     token_metrics,
     var_loss,
 )
-from arbooth.recipes.class_config import ClassTrainConfig
+from arbooth.recipes.class_config import SAFE_RESUME_KEYS, ClassTrainConfig
 from arbooth.runs import (
     get_rng_state,
     new_run_record,
@@ -72,12 +72,6 @@ log = logging.getLogger(__name__)
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # What this recipe writes into train.out_dir: a folder holding any of these holds a run.
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
-# Config keys a resume may change (recorded in run.json): more or fewer steps (a decaying lr schedule is
-# rebuilt over the new total from the resumed step), checkpoint and log cadence, loader workers, and
-# paths, whose content is checked by the data and base hashes instead. Anything else is refused.
-SAFE_RESUME_KEYS = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.out_dir", "log.", "data.num_workers", "data.root", "data.manifest",
-                    "model.vae_ckpt", "model.var_ckpt")
 
 
 # ------------------------------------------------------------------ setup

@@ -42,7 +42,7 @@ from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_r
 from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
-from arbooth.data.class_dataset import ClassImageDataset
+from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed
 from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
@@ -55,6 +55,7 @@ from arbooth.models.var_training import (
 from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
+from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_KEYS
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     get_rng_state,
@@ -73,10 +74,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
 
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final")
-# A DP resume may change only what does not touch the privacy analysis or the data stream: no step
-# count (sigma was calibrated for the planned steps) and no privacy.* key.
-SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
-                    "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
 
 
 class MultiViewDataset(Dataset):
@@ -90,8 +87,7 @@ class MultiViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = ((self.seed * 1_000_003 + self.epoch) * 2_147_483 + i) * 1_009
-        items = [self.base[(i, s + v)] for v in range(self.views)]
+        items = [self.base[(i, augmentation_seed(self.seed, self.epoch, i, v))] for v in range(self.views)]
         return torch.stack([img for img, _ in items]), torch.tensor(items[0][1])
 
 
