@@ -13,7 +13,7 @@ creation time, and one entry per session: the steps it ran and the config change
   is refused, naming the keys; safe changes (more steps, checkpoint/log cadence, moved paths whose
   content hash is unchanged) are applied and recorded in `run.json` and the checkpoint.
 
-Imports only torch/numpy/yaml and `arbooth.config`/`errors`: this module sits in the bottom layer, with
+Imports only torch/numpy/yaml and `arbooth.config`/`outputs`/`errors`: this module sits in the bottom layer, with
 `checkpoint`, so that every recipe can share it.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import yaml
 
 from arbooth.config import to_dict
 from arbooth.errors import ArboothError, CheckpointError, ConfigError
+from arbooth.outputs import write_text
 
 RUN_FILE = "run.json"
 
@@ -104,11 +105,7 @@ def read_run_file(out: str | Path) -> dict[str, Any] | None:
 
 def write_run_file(out: str | Path, record: Mapping[str, Any]) -> None:
     """Atomically write run.json (a crash leaves the old file or the new one)."""
-    path = Path(out) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_FILE}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    write_text(Path(out) / RUN_FILE, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def new_run_record(command: str, run_id: str | None = None) -> dict[str, Any]:
