@@ -24,6 +24,7 @@ from arbooth.adapt.methods import PEFT_METHODS, MethodConfig, merge_adapters, un
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.models.var_presets import VAE_PRESET, var_arch
 from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
@@ -32,30 +33,32 @@ META_FILE = "arbooth.yaml"
 ADAPTER_FILE = "adapter_model.safetensors"
 TRANSFORMER_FILE = "transformer.safetensors"
 
-# The released VAR family (FoundationVision/VAR models/__init__.py build_vae_var): width 64 per layer.
-VAR_WIDTH_PER_DEPTH = 64
+# The released VAR and its tokenizer (FoundationVision/VAR models/__init__.py build_vae_var), the defaults of
+# the `model` section: one table in arbooth/models/var_presets.py, read here, never retyped.
+_VAR_D16, _VAE = var_arch(16), VAE_PRESET
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The `model` section of the class-conditional config (arbooth/recipes/class_config.py): which VAR,
-    from which checkpoints. `build_vae_var` builds it; result folders record it."""
+    from which checkpoints. `build_vae_var` builds it; result folders record it. Defaults are the
+    release (`models.var_presets.var_arch`, `VAE_PRESET`)."""
 
     depth: int = 16                       # transformer depth (16, 20, 24, 30 are released)
     vae_ckpt: str | None = None           # vae_ch160v4096z32.pth; None = random weights (tests only)
     var_ckpt: str | None = None           # var_d{depth}.pth; None = random weights (tests only)
-    num_classes: int = 1000               # size of the pretrained class table; dataset labels index it
-    embed_dim: int | None = None          # None = 64 * depth, as released
-    num_heads: int | None = None          # None = depth, as released
-    mlp_ratio: float = 4.0
-    shared_aln: bool = False
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
-    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # released tokenizer: 16x down-sampling
-    vae_num_res_blocks: int = 2           # resnet blocks per tokenizer level (released: 2)
+    num_classes: int = _VAR_D16["num_classes"]  # size of the pretrained class table; dataset labels index it
+    embed_dim: int | None = None          # None = as released at this depth (64 * depth)
+    num_heads: int | None = None          # None = as released at this depth (depth heads)
+    mlp_ratio: float = _VAR_D16["mlp_ratio"]
+    shared_aln: bool = _VAR_D16["shared_aln"]
+    patch_nums: tuple[int, ...] = _VAR_D16["patch_nums"]
+    vocab_size: int = _VAE["vocab_size"]
+    z_channels: int = _VAE["z_channels"]
+    vae_ch: int = _VAE["ch"]
+    share_quant_resi: int = _VAE["share_quant_resi"]
+    vae_ch_mult: tuple[int, ...] = _VAE["ch_mult"]    # released tokenizer: 16x down-sampling
+    vae_num_res_blocks: int = _VAE["num_res_blocks"]  # resnet blocks per tokenizer level
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
@@ -66,11 +69,11 @@ class ModelConfig:
 
     @property
     def width(self) -> int:
-        return self.embed_dim or VAR_WIDTH_PER_DEPTH * self.depth
+        return self.embed_dim or var_arch(self.depth)["embed_dim"]
 
     @property
     def heads(self) -> int:
-        return self.num_heads or self.depth
+        return self.num_heads or var_arch(self.depth)["num_heads"]
 
     @property
     def image_size(self) -> int:
@@ -92,9 +95,9 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
         vae = VQVAE(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.vae_ch,
                     share_quant_resi=m.share_quant_resi, patch_nums=tuple(m.patch_nums),
                     ch_mult=tuple(m.vae_ch_mult), num_res_blocks=m.vae_num_res_blocks)
-        var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
-                  mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
-                  patch_nums=tuple(m.patch_nums), gradient_checkpointing=m.gradient_checkpointing)
+        arch = {**var_arch(m.depth), "num_classes": m.num_classes, "embed_dim": m.width, "num_heads": m.heads,
+                "mlp_ratio": m.mlp_ratio, "shared_aln": m.shared_aln, "patch_nums": tuple(m.patch_nums)}
+        var = VAR(vae, **arch, gradient_checkpointing=m.gradient_checkpointing)
     if load:
         var = load_official_weights(var, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt, device=device)
     return var.vae, var

@@ -14,7 +14,7 @@ _EXPORTS = {
     "load_var": "arbooth.models.var_loading",
     "load_official_weights": "arbooth.models.var_loading",
     "official_state_dict": "arbooth.models.var_loading",
-    "VAR_PRESETS": "arbooth.models.var",
+    "VAR_PRESETS": "arbooth.models.var_presets",
     "BSQVAE": "arbooth.models.bsq_vae",
     "Infinity": "arbooth.models.infinity",
     "infinity_scale_schedule": "arbooth.models.infinity_schedule",

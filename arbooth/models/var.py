@@ -38,10 +38,9 @@ from arbooth.models.sampling import (
     top_k_top_p_filter,
 )
 from arbooth.models.tokenizer_holder import TokenizerHolder
+from arbooth.models.var_presets import PATCH_NUMS, VAE_PRESET, VAR_PRESETS, var_arch  # noqa: F401 (re-exported)
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
-
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # (our name, official name); {i} is a block index. The only renames: raw parameters moved into leaf modules.
 _RENAMES = (
@@ -187,12 +186,8 @@ class AdaLNBeforeHead(nn.Module):
 
 
 # ------------------------------------------------------------------ model
-VAR_PRESETS = {  # the released sizes (official models/__init__.py build_vae_var): width 64*depth, depth heads
-    d: {"depth": d, "embed_dim": 64 * d, "num_heads": d, "mlp_ratio": 4.0, "norm_eps": 1e-6, "shared_aln": False,
-        "attn_l2_norm": True, "num_classes": 1000, "patch_nums": PATCH_NUMS}
-    for d in (16, 20, 24, 30)
-}
-VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "patch_nums": PATCH_NUMS}
+# The release table (VAR_PRESETS, VAE_PRESET, var_arch, PATCH_NUMS) lives in var_presets.py, a module
+# without torch, so that configs read it without importing the model (and Opacus' grad samplers).
 
 
 class VAR(TokenizerHolder):

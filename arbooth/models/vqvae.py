@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbooth.errors import ArboothError
+from arbooth.models.var_presets import VAE_PRESET
 
 VAE_DROPPED_KEYS = ("quantize.ema_vocab_hit_SV",)  # official buffer: usage statistics of VQ training
 
@@ -267,15 +268,15 @@ class VQVAE(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int = 4096,
-        z_channels: int = 32,
-        ch: int = 160,
-        share_quant_resi: int = 4,
-        patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        vocab_size: int = VAE_PRESET["vocab_size"],  # defaults: the released tokenizer (var_presets.py)
+        z_channels: int = VAE_PRESET["z_channels"],
+        ch: int = VAE_PRESET["ch"],
+        share_quant_resi: int = VAE_PRESET["share_quant_resi"],
+        patch_nums: tuple[int, ...] = VAE_PRESET["patch_nums"],
         quant_resi: float = 0.5,
         using_znorm: bool = False,
-        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),  # vq-f16 layout of the released tokenizer
-        num_res_blocks: int = 2,
+        ch_mult: tuple[int, ...] = VAE_PRESET["ch_mult"],  # vq-f16 layout of the released tokenizer
+        num_res_blocks: int = VAE_PRESET["num_res_blocks"],
     ):
         super().__init__()
         self.vocab_size, self.Cvae, self.patch_nums = vocab_size, z_channels, tuple(patch_nums)

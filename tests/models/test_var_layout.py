@@ -26,6 +26,22 @@ def _meta_var(depth):
         return VAR(VQVAE(**VAE_PRESET), **VAR_PRESETS[depth])
 
 
+@pytest.mark.parametrize("depth", [16, 30])
+def test_class_model_config_builds_the_same_release_as_load_var(depth):
+    """One release table (models/var_presets.py): the class recipe's `model` section at its defaults builds
+    exactly the architecture load_var builds (every official key and shape, every hyperparameter)."""
+    from arbooth.adapt.finetuned import ModelConfig, build_vae_var
+
+    vae, var = build_vae_var(ModelConfig(depth=depth), device="meta")
+    ref = _meta_var(depth)
+    shapes = {k: v.shape for k, v in official_state_dict(var, include_buffers=True).items()}
+    assert shapes == {k: v.shape for k, v in official_state_dict(ref, include_buffers=True).items()}
+    assert {k: v.shape for k, v in vae.state_dict().items()} == {k: v.shape for k, v in ref.vae.state_dict().items()}
+    for attr in ("depth", "C", "num_heads", "num_classes", "patch_nums", "V", "Cvae", "shared_aln"):
+        assert getattr(var, attr) == getattr(ref, attr), attr
+    assert ModelConfig(depth=depth).image_size == 256
+
+
 @pytest.mark.parametrize("depth", [16, 20, 24, 30])
 def test_meta_build_matches_released_layout(depth):
     manifest = _manifest(depth)
