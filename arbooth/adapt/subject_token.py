@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbooth.errors import ArboothError, ConfigError
-from arbooth.models.t5 import warn_truncation
+from arbooth.models.t5 import t5_features, warn_truncation
 
 PLACEHOLDER = "<S*>"
 
@@ -120,10 +120,7 @@ def encode_prompts(tokenizer, encoder: nn.Module, prompts: Sequence[str], *, max
         raise ArboothError(f"{placeholder} is not a token of this tokenizer; call add_placeholder_token first")
     limit = max_length - (prefix_length - 1)
     warn_truncation(tokenizer, prompts, limit, placeholder_id=token_id, placeholder=placeholder)
-    tok = tokenizer(list(prompts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
-    ids_BT = tok.input_ids.to(device)
-    mask_BT = tok.attention_mask.to(device).bool()
-    feats_BTC = encoder(input_ids=ids_BT, attention_mask=mask_BT.long()).last_hidden_state.float()
+    ids_BT, mask_BT, feats_BTC = t5_features(tokenizer, encoder, prompts, max_length=limit, device=device)
     placeholder_BT = (ids_BT == token_id) & mask_BT if token_id is not None else torch.zeros_like(mask_BT)
     return feats_BTC * mask_BT[..., None], mask_BT, placeholder_BT
 

@@ -64,14 +64,11 @@ class T5TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    @torch.no_grad()
     def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
         warn_truncation(self.tokenizer, prompts, self.max_length)
-        tokens = self.tokenizer(prompts, max_length=self.max_length, padding="longest", truncation=True,
-                                return_tensors="pt")
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        feats = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        return [f[: int(m.sum())] for f, m in zip(feats, mask)]
+        _, mask_BT, feats_BTC = t5_features(self.tokenizer, self.encoder, prompts, max_length=self.max_length,
+                                            device=self.device)
+        return [f[: int(m.sum())] for f, m in zip(feats_BTC, mask_BT)]
 
     def forward(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> (features (B, T, dim) fp32, zero-padded; mask (B, T) bool of real tokens)."""
@@ -94,6 +91,19 @@ class T5TextEncoder(nn.Module):
         return feats, mask
 
     encode = forward
+
+
+@torch.no_grad()
+def t5_features(tokenizer, encoder: nn.Module, prompts: Sequence[str], *, max_length: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one T5 encode step (T5TextEncoder and ARBooth's `encode_prompts`, arbooth/adapt/subject_token.py):
+    tokenize padded to the longest prompt and cut at `max_length` tokens, run the encoder, and return
+    (token ids (B, T), mask (B, T) bool of real tokens, last hidden state (B, T, C) fp32, as the release's
+    encode_prompt). Padded rows hold the encoder's output for padding: mask them where it matters."""
+    tok = tokenizer(list(prompts), max_length=max_length, padding="longest", truncation=True, return_tensors="pt")
+    ids_BT, mask_BT = tok.input_ids.to(device), tok.attention_mask.to(device)
+    feats_BTC = encoder(input_ids=ids_BT, attention_mask=mask_BT).last_hidden_state.float()
+    return ids_BT, mask_BT.bool(), feats_BTC
 
 
 def warn_truncation(tokenizer, prompts: Sequence[str], limit: int, *, placeholder_id: int | None = None,

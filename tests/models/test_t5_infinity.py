@@ -78,3 +78,17 @@ def test_text_to_image_end_to_end(t5_dir, tmp_path):
     assert Image.open(tmp_path / "img_000.png").size == (256, 256)
     assert (tmp_path / "img_001.png").exists() and (tmp_path / "img.png").exists()
     assert cli_main(args[:-4] + ["--model-kwargs", '{"depth": 4}']) == 2  # mismatching checkpoint: clean error
+
+
+def test_one_encode_path_for_generation_and_arbooth(t5_dir):
+    """T5TextEncoder (generate) and ARBooth's encode_prompts (training, personalized sampling) share
+    models.t5.t5_features: the same prompt gives the same features either way."""
+    from arbooth.adapt.subject_token import encode_prompts
+
+    t5 = T5TextEncoder(t5_dir)
+    prompts = ["a corgi on the beach", "a cat"]
+    feats, mask = t5(prompts)
+    ours, ours_mask, placeholder = encode_prompts(t5.tokenizer, t5.encoder, prompts, max_length=t5.max_length,
+                                                  prefix_length=1)
+    assert torch.equal(ours_mask, mask) and not placeholder.any()
+    torch.testing.assert_close(ours, feats, atol=0, rtol=0)
