@@ -29,14 +29,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} matches none of {tp}")
     if origin is typing.Literal:
         if value not in args:
@@ -138,20 +137,42 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load `cls` from a YAML file (optional) and apply `key=value` overrides; validate everything."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds. ConfigError (one line) for a missing file, malformed YAML or a
+    top level that is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def flag_values(args: Any, keys: Mapping[str, str]) -> dict[str, Any]:
+    """`{config key: value}` of the command-line flags in `keys` (`{"data": "data.root", ...}`: attribute
+    of `args` -> dotted config key) that were given, for `load_config(values=...)`."""
+    return {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                values: Mapping[str, Any] | None = None) -> T:
+    """Load `cls` from a YAML file (optional), apply `key=value` overrides (parsed as YAML scalars), then
+    `values` (dotted key -> value, e.g. `flag_values`: paths and words from command-line flags, set as
+    given, never read as YAML, so a path named `yes` or `1e5` stays a string; they win over an override
+    of the same key); validate everything once."""
+    data = read_config_file(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides))
+    for key, value in (values or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node[p] = dict(node[p]) if isinstance(node.get(p), Mapping) else {}
+            node = node[p]
+        node[leaf] = value
     try:
         return from_dict(cls, data)
     except ConfigError as e:

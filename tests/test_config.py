@@ -64,3 +64,37 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1,2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_flag_values_are_set_as_given_and_win_over_overrides(tmp_path):
+    """One way (config.load_config(values=...)) for every command to put its path flags into a config:
+    a path that YAML would read as a number or a bool stays a string; validation runs once, on the result."""
+    import argparse
+
+    from arbooth.commands import train_class, train_subject
+    from arbooth.config import flag_values
+    from arbooth.recipes.class_dp_config import load_class_config
+
+    args = argparse.Namespace(data="1e5", manifest=None, vae_ckpt="yes", var_ckpt="null", out_dir=None)
+    cfg = load_class_config(None, ["train.out_dir=runs/x", "data.root=elsewhere"],
+                            values=flag_values(args, train_class.PATH_FLAGS))
+    assert (cfg.data.root, cfg.data.manifest, cfg.model.vae_ckpt, cfg.model.var_ckpt, cfg.train.out_dir) == \
+        ("1e5", None, "yes", "null", "runs/x")
+    parser = argparse.ArgumentParser()
+    train_subject.add_arguments(parser)
+    sub = train_subject.build_config(parser.parse_args(["--tiny", "--subject", "on", "--out", "12", "--class-noun",
+                                                        "no", "steps=2"]))
+    assert (sub.subject, sub.out_dir, sub.class_noun, sub.steps) == ("on", "12", "no", 2)
+
+
+def test_malformed_class_config_is_one_config_error_line(tmp_path):
+    """Issue 23.6: load_class_config parsed the YAML outside the guard, so a malformed file escaped as a
+    yaml traceback instead of one ConfigError line."""
+    from arbooth.recipes.class_dp_config import load_class_config
+
+    (tmp_path / "bad.yaml").write_text("train:\n  out_dir: [runs\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML") as e:
+        load_class_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_class_config(tmp_path / "missing.yaml")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,8 @@ def main(args: argparse.Namespace) -> int:
         from arbooth.commands.train_class import train_class_runs
         from arbooth.recipes.class_dp_config import load_class_config
 
-        cfg = load_class_config(args.config, args.overrides)
-        cfg = replace(cfg, data=replace(cfg.data, root=str(args.members), manifest=None, split=""))
+        cfg = load_class_config(args.config, args.overrides,
+                                values={"data.root": str(args.members), "data.manifest": None, "data.split": ""})
         check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
         finals = {r.name: r.final_dir for r in train_class_runs(cfg, overwrite=args.overwrite)}
         results = {k: _audit_result(f, args.members, args.nonmembers, args.device) for k, f in finals.items()}

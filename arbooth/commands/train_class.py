@@ -19,12 +19,17 @@ A config with a `privacy` section trains with DP-SGD (arbooth/recipes/train_clas
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arbooth.config import flag_values
 from arbooth.errors import ConfigError
 from arbooth.outputs import check_output, refuse_nested
+
+# Path flags -> the config keys they set (as given: never parsed as YAML; they win over a key=value override)
+PATH_FLAGS = {"data": "data.root", "manifest": "data.manifest", "vae_ckpt": "model.vae_ckpt",
+              "var_ckpt": "model.var_ckpt", "out_dir": "train.out_dir"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +90,7 @@ def main(args: argparse.Namespace) -> int:
         return _toy_main(args)
     from arbooth.recipes.class_dp_config import load_class_config
 
-    cfg = load_class_config(args.config, args.overrides)
-    # paths replace the config's after parsing, so no path is ever read as a YAML scalar
-    cfg = replace(cfg, data=replace(cfg.data, root=args.data or cfg.data.root,
-                                    manifest=args.manifest or cfg.data.manifest),
-                  model=replace(cfg.model, vae_ckpt=args.vae_ckpt or cfg.model.vae_ckpt,
-                                var_ckpt=args.var_ckpt or cfg.model.var_ckpt),
-                  train=replace(cfg.train, out_dir=args.out_dir or cfg.train.out_dir))
+    cfg = load_class_config(args.config, args.overrides, values=flag_values(args, PATH_FLAGS))
     # before any model or data loads: the run folder can be written and is not the data's own folder
     check_output(cfg.train.out_dir, folder=True, what="train.out_dir")
     refuse_nested(cfg.train.out_dir, cfg.data.root, what="data")

@@ -40,28 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=150")
 
 
+# Flags -> the config keys they set (as given: never parsed as YAML; they win over a key=value override)
+PATH_FLAGS = {"subject": "subject", "class_noun": "class_noun", "model_ckpt": "model.model_ckpt",
+              "vae_ckpt": "model.vae_ckpt", "t5": "model.t5", "out": "out_dir"}
+
+
 def build_config(args: argparse.Namespace):
-    from arbooth.config import load_config
+    from arbooth.config import flag_values, load_config
     from arbooth.recipes.subject_config import SubjectTrainConfig
     overrides = []
     if args.tiny:  # small, fast and fp32: the CPU has no fast bf16
         overrides += ["model.preset=tiny", "model.pn=0.06M", "model.tuned_dtype=fp32", "dtype=fp32", "device=cpu",
                       "steps=4", "batch_size=1", "validate_every=2", "save_every=0"]
-    for flag, key in (("subject", "subject"), ("class_noun", "class_noun"), ("model_ckpt", "model.model_ckpt"),
-                      ("vae_ckpt", "model.vae_ckpt"), ("t5", "model.t5"), ("out", "out_dir")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    values = flag_values(args, PATH_FLAGS)
     config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     if _toy_default(args):
         config = TOY_CONFIG
         if not Path("subjects/toy_star").is_dir():  # run from elsewhere than the repo root
-            overrides.append(f"subject={TOY_CONFIG.parents[2] / 'subjects' / 'toy_star'}")
-    # values from the command line are strings: quote them so YAML keeps them strings
-    quoted = [o if o.split("=", 1)[0] not in ("subject", "class_noun", "model.model_ckpt", "model.vae_ckpt",
-                                              "model.t5", "out_dir") else f"{o.split('=', 1)[0]}={_yaml_str(o)}"
-              for o in overrides + list(args.overrides)]
-    return load_config(SubjectTrainConfig, config, quoted)
+            values["subject"] = str(TOY_CONFIG.parents[2] / "subjects" / "toy_star")
+    return load_config(SubjectTrainConfig, config, overrides + list(args.overrides), values=values)
 
 
 def _toy_default(args: argparse.Namespace) -> bool:
@@ -69,11 +66,6 @@ def _toy_default(args: argparse.Namespace) -> bool:
     given = [args.subject, args.config, args.model_ckpt, args.vae_ckpt, args.t5]
     return all(v is None for v in given) and not args.tiny and \
         not any(o.startswith(("subject=", "model.preset=")) for o in args.overrides)
-
-
-def _yaml_str(override: str) -> str:
-    import json
-    return json.dumps(override.split("=", 1)[1])
 
 
 def main(args: argparse.Namespace) -> int:

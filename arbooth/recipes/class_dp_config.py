@@ -7,13 +7,12 @@ non-private recipe's (arbooth/recipes/class_config.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from arbooth.config import load_config, parse_overrides
+from arbooth.config import load_config, parse_overrides, read_config_file
 from arbooth.errors import ConfigError
 from arbooth.privacy.config import PrivacyConfig
 from arbooth.recipes.class_config import SAFE_RESUME_KEYS, STEP_BUDGET_KEYS, ClassTrainConfig
@@ -45,9 +44,11 @@ class ClassDPConfig(ClassTrainConfig):
         return out / f"eps_{epsilon:g}" if self.privacy.is_sweep else out
 
 
-def load_class_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ClassTrainConfig:
+def load_class_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                      values: Mapping[str, Any] | None = None) -> ClassTrainConfig:
     """A ClassDPConfig when the YAML or an override has a `privacy` section, else a ClassTrainConfig:
-    `arbooth train-class` can dispatch on `isinstance(cfg, ClassDPConfig)`."""
-    raw = yaml.safe_load(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
-    private = "privacy" in (raw or {}) or "privacy" in parse_overrides(overrides)
-    return load_config(ClassDPConfig if private else ClassTrainConfig, path, overrides)
+    `arbooth train-class` can dispatch on `isinstance(cfg, ClassDPConfig)`. `values`: as `load_config`'s
+    (the command's path flags). A missing or malformed file is one ConfigError line."""
+    raw = read_config_file(path) if path is not None else {}
+    private = "privacy" in raw or "privacy" in parse_overrides(overrides)
+    return load_config(ClassDPConfig if private else ClassTrainConfig, path, overrides, values=values)
