@@ -33,8 +33,7 @@ TINY = {"depth": 4, "embed_dim": 128, "num_heads": 4, "num_classes": 10, "patch_
 def one_method(method: str, depth: int | None, batch_size: int, steps: int, device: str) -> dict:
     from arbooth.adapt.finetuned import build_vae_var
     from arbooth.adapt.methods import count_parameters, prepare_for_method
-    from arbooth.models.var_training import build_optimizer, var_loss
-    from arbooth.precision import autocast
+    from arbooth.models.var_training import build_optimizer, forward_backward, random_batch
     from arbooth.recipes.class_config import ModelConfig, OptimConfig
 
     dev = torch.device(device)
@@ -46,15 +45,11 @@ def one_method(method: str, depth: int | None, batch_size: int, steps: int, devi
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     precision = "bf16" if dev.type == "cuda" else "fp32"
     B = batch_size
-    labels_B = torch.randint(0, var.num_classes, (B,), device=dev)
-    x_BLCv = torch.randn(B, var.L - var.first_l, var.Cvae, device=dev)
-    idx_BL = torch.randint(0, var.V, (B, var.L), device=dev)
+    batch = random_batch(var, B, dev)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
-        with autocast(precision, dev):
-            logits_BLV = model(labels_B, x_BLCv)
-        var_loss(logits_BLV, idx_BL).backward()
+        forward_backward(model, batch, precision=precision, device=dev)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

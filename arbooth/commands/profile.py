@@ -59,23 +59,19 @@ def profile_step(cfg, method: str, *, device: str = "fake", timed_steps: int = 3
 
 def _profile_step(cfg, model, var, device: str, timed_steps: int) -> dict[str, float | None]:
     from arbooth.adapt.methods import count_parameters
-    from arbooth.models.var_training import build_optimizer, var_loss
+    from arbooth.models.var_training import build_optimizer, forward_backward, random_batch
     from arbooth.precision import autocast
 
     model.train()
-    B, dev = cfg.train.batch_size, torch.device(device)
-    labels_B = torch.randint(0, var.num_classes, (B,), device=dev)
-    x_BLCv = torch.randn(B, var.L - var.first_l, var.Cvae, device=dev)
-    idx_BL = torch.randint(0, var.V, (B, var.L), device=dev)
+    dev = torch.device(device)
+    batch = random_batch(var, cfg.train.batch_size, dev)
     precision = cfg.train.precision if dev.type == "cuda" else "fp32"
 
     def step() -> None:
-        with autocast(precision, dev):
-            logits_BLV = model(labels_B, x_BLCv)
-        var_loss(logits_BLV, idx_BL).backward()
+        forward_backward(model, batch, precision=precision, device=dev)
 
     with FlopCounterMode(display=False) as fwd, torch.no_grad(), autocast(precision, dev):
-        model(labels_B, x_BLCv)
+        model(*batch[:2])
     with FlopCounterMode(display=False) as both:
         step()
     out: dict[str, float | None] = {"trainable_params": count_parameters(model).trainable,

@@ -59,6 +59,31 @@ def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -
     }
 
 
+def random_batch(var: nn.Module, batch_size: int, device: torch.device | str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random class labels (B,), teacher-forcing input (B, L - first_l, Cv) and target tokens (B, L) for
+    `var` (a VAR, not wrapped): what cost measurements train on (`arbooth profile`,
+    benchmarks/train_class.py); the tokenizer's encoding, the same for every method, is left out."""
+    labels_B = torch.randint(0, var.num_classes, (batch_size,), device=device)
+    x_BLCv = torch.randn(batch_size, var.L - var.first_l, var.Cvae, device=device)
+    idx_BL = torch.randint(0, var.V, (batch_size, var.L), device=device)
+    return labels_B, x_BLCv, idx_BL
+
+
+def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *,
+                     precision: str, device: torch.device | str) -> torch.Tensor:
+    """One training micro-step without the optimizer: forward under `precision`'s autocast, VAR's loss,
+    backward. `batch` as `random_batch` gives it. Returns the loss."""
+    from arbooth.precision import autocast
+
+    labels_B, x_BLCv, idx_BL = batch
+    with autocast(precision, torch.device(device)):
+        logits_BLV = model(labels_B, x_BLCv)
+    loss = var_loss(logits_BLV, idx_BL)
+    loss.backward()
+    return loss
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """Seed of the per-micro-step randomness (class dropout): a function of the position, so resuming
     needs no generator state."""

@@ -106,3 +106,24 @@ def test_init_weights_follows_the_official_scheme():
     ada = var.blocks[0].ada_lin[-1].weight
     assert ada[: 2 * var.C].abs().max() < 1e-3 < ada[2 * var.C:].abs().max()  # gates start near zero
     assert var.head.bias.abs().max() == 0
+
+
+def test_random_batch_step_is_one_training_micro_step():
+    """var_training.random_batch + forward_backward: the step `arbooth profile` counts and
+    benchmarks/train_class.py times, equal to the recipe's forward + var_loss + backward."""
+    from arbooth.models.var_training import forward_backward, random_batch, var_loss
+
+    var = build_tiny_var(seed=6).train()
+    torch.manual_seed(0)
+    batch = random_batch(var, 3, "cpu")
+    labels_B, x_BLCv, idx_BL = batch
+    assert labels_B.shape == (3,) and x_BLCv.shape == (3, var.L - var.first_l, var.Cvae) and idx_BL.shape == (3, var.L)
+    assert int(labels_B.max()) < var.num_classes and int(idx_BL.max()) < var.V
+    loss = forward_backward(var, batch, precision="fp32", device="cpu")
+    grads = [p.grad.clone() for p in var.parameters()]
+    var.zero_grad()
+    ref = var_loss(var(labels_B, x_BLCv), idx_BL)
+    ref.backward()
+    assert torch.equal(loss, ref)
+    for g, p in zip(grads, var.parameters()):
+        assert torch.equal(g, p.grad)
