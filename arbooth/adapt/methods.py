@@ -28,6 +28,13 @@ from arbooth.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+def resolve_lora_alpha(rank: int, alpha: float | None = None) -> float:
+    """The LoRA alpha in use: `alpha` when set, else 2 * `rank`, so the scale alpha / rank is 2 at every rank
+    (the class paper's r=16 alpha=32; the subject recipe follows it, docs/arbooth.md "LoRA"). The one
+    owner of the rule: both LoRA configs' `alpha` properties, `prepare_for_method` and `LoRATuner` call it."""
+    return alpha if alpha is not None else 2 * rank
+
+
 METHODS = ("fft", "lora", "lora_attn", "lora_mlp", "lntuning")
 PEFT_METHODS = ("lora", "lora_attn", "lora_mlp", "lntuning")
 
@@ -52,9 +59,9 @@ class MethodConfig:
             raise ConfigError(f"method.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
     @property
-    def alpha(self) -> int:
-        """The LoRA alpha in use: `lora_alpha` when set, else 2 * `lora_rank` (LoRA scale alpha / rank = 2)."""
-        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+    def alpha(self) -> float:
+        """The LoRA alpha in use: `lora_alpha` when set, else 2 * `lora_rank` (`resolve_lora_alpha`)."""
+        return resolve_lora_alpha(self.lora_rank, self.lora_alpha)
 
 
 _ATTN = (r"blocks\.\d+\.attn\.mat_qkv", r"blocks\.\d+\.attn\.proj")
@@ -89,10 +96,6 @@ def count_parameters(model: nn.Module) -> ParamCount:
     params = list(model.parameters())
     return ParamCount(trainable=sum(p.numel() for p in params if p.requires_grad),
                       total=sum(p.numel() for p in params))
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def resolve_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -134,8 +137,7 @@ def prepare_for_method(var: nn.Module, name: str, *, lora_rank: int = 16, lora_a
     if name == "lntuning":
         cfg = LNTuningConfig(target_modules=target_regex)
     else:
-        alpha = 2 * lora_rank if lora_alpha is None else lora_alpha
-        cfg = LoraConfig(r=lora_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+        cfg = LoraConfig(r=lora_rank, lora_alpha=resolve_lora_alpha(lora_rank, lora_alpha), lora_dropout=lora_dropout,
                          target_modules=target_regex, bias="none")
     model = get_peft_model(var, cfg)
     log.debug("%s: %s", name, count_parameters(model))

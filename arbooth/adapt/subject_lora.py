@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from arbooth.adapt.methods import resolve_lora_alpha
 from arbooth.adapt.selective import CROSS_ATTENTION, FFN, tensors_sha256
 from arbooth.errors import CheckpointError, ConfigError
 
@@ -101,7 +102,7 @@ class LoRATuner:
         if rank < 1 or dropout < 0 or dropout >= 1 or init not in LORA_INITS:
             raise ConfigError(f"LoRA needs rank >= 1, 0 <= dropout < 1 and init in {LORA_INITS}")
         self.model, self.kinds = model, tuple(kinds)
-        self.spec = LoRASpec(rank, float(2 * rank if alpha is None else alpha), lora_targets(model, kinds),
+        self.spec = LoRASpec(rank, float(resolve_lora_alpha(rank, alpha)), lora_targets(model, kinds),
                              dropout, init)
         self.base_dtype = model.blocks[0].ffn.fc1.weight.dtype
         self.base_tuned_sha256 = base_weights_sha256(model, self.spec.targets, self.base_dtype)

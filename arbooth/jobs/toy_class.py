@@ -59,7 +59,7 @@ def toy_class_config(data_root: str | Path, out_dir: str | Path, method: str = "
     cfg = {
         "model": cv.model_fields(),
         "data": {"root": str(data_root), "split": "train", "image_size": 16, "num_workers": 0},
-        "method": {"name": method, "lora_rank": LORA_RANK, "lora_alpha": 2 * LORA_RANK},
+        "method": {"name": method, "lora_rank": LORA_RANK},  # alpha: 2 * rank (MethodConfig.alpha)
         "optim": {"lr": LR[method], "grad_clip": 1.0},
         "train": {"max_steps": steps, "batch_size": batch_size, "precision": "fp32", "seed": seed,
                   "out_dir": str(out_dir)},

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from arbooth.adapt.arbooth_losses import default_scale_weights
+from arbooth.adapt.methods import resolve_lora_alpha
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
 from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig  # noqa: F401 (the model section; re-exported)
@@ -93,6 +94,12 @@ class TuningConfig:
             raise ConfigError("tuning.lora_rank must be >= 1, lora_dropout in [0, 1), lora_lr_scale > 0")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError("tuning.lora_alpha must be > 0 (or null for 2 * lora_rank)")
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha in use: `lora_alpha` when set, else 2 * `lora_rank` (adapt.methods.resolve_lora_alpha,
+        the class recipe's rule)."""
+        return resolve_lora_alpha(self.lora_rank, self.lora_alpha)
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def build_tuner(model: torch.nn.Module, t: TuningConfig) -> SelectiveTuner | LoR
     """What trains besides <S*>: the chosen sub-layers' weights (full) or LoRA adapters on them (lora)."""
     kinds = tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers)
     if t.method == "lora":
-        return LoRATuner(model, kinds, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, init=t.lora_init)
+        return LoRATuner(model, kinds, rank=t.lora_rank, alpha=t.alpha, dropout=t.lora_dropout, init=t.lora_init)
     return SelectiveTuner(model, kinds)
 
 

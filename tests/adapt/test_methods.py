@@ -84,3 +84,15 @@ def test_lora_starts_as_identity_and_gets_gradients():
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "mat_qkv.lora_B" in n)
+
+
+def test_alpha_rule_has_one_owner_for_both_lora_configs():
+    """alpha = 2 x rank unless set: adapt.methods.resolve_lora_alpha, read by the class MethodConfig and the
+    subject TuningConfig alike."""
+    from arbooth.adapt.methods import MethodConfig, resolve_lora_alpha
+    from arbooth.recipes.subject_config import TuningConfig
+
+    for rank in (1, 4, 16):
+        assert MethodConfig(name="lora", lora_rank=rank).alpha == TuningConfig(lora_rank=rank).alpha == 2 * rank
+    assert MethodConfig(name="lora", lora_rank=4, lora_alpha=3).alpha == TuningConfig(lora_rank=4, lora_alpha=3).alpha == 3
+    assert resolve_lora_alpha(8) == 16 and resolve_lora_alpha(8, 5.0) == 5.0
