@@ -31,6 +31,7 @@ from arbooth.config import from_dict
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.infinity_loading import infinity_2b_base
 from arbooth.models.infinity_schedule import infinity_scale_schedule
+from arbooth.models.sampling import INFINITY_GUIDANCE
 from arbooth.toy.models import toy_infinity_base, toy_schedule
 from arbooth.toy.report import toy_run_report
 from arbooth.toy.tiny import tiny_infinity_base
@@ -74,7 +75,7 @@ class SubjectPreset:
     schedule: Callable[[ModelConfig], list[tuple[int, int, int]]]
     report: Callable[..., list[str]] | None = None
     num_threads: int | None = None
-    guidance: float = 4.0     # Infinity's released inference default (tools/run_infinity.py cfg=4)
+    guidance: float = INFINITY_GUIDANCE  # Infinity's released inference default (tools/run_infinity.py cfg=4)
     tau: float = 0.5          # ... and tau=0.5
 
 

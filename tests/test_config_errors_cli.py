@@ -98,3 +98,15 @@ def test_pretrain_commands_refuse_a_file_as_output_folder(command, tmp_path, cap
     assert main([command, f"out={blocker}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0].lower(), err
+
+
+def test_subject_config_checks_dtypes_and_guidance_when_it_loads() -> None:
+    """The bf16 rule is the config's (__post_init__), not found only after the models load; val_cfg/val_tau
+    unset are the base preset's guidance and temperature (one owner: subject_bases.SUBJECT_PRESETS)."""
+    with pytest.raises(ConfigError, match="model.tuned_dtype=bf16 needs dtype=bf16"):
+        load_config(SubjectTrainConfig, None, ["dtype=fp32"])
+    toy = load_config(SubjectTrainConfig, "configs/subject/toy.yaml")
+    assert toy.val_cfg is None and (toy.validation_guidance, toy.validation_tau) == (6.0, 0.5)
+    two_b = load_config(SubjectTrainConfig, "configs/subject/infinity_2b.yaml")
+    assert (two_b.validation_guidance, two_b.validation_tau) == (4.0, 0.5)
+    assert load_config(SubjectTrainConfig, None, ["val_cfg=2.5"]).validation_guidance == 2.5

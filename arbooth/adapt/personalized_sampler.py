@@ -15,6 +15,7 @@ from torch import nn
 
 from arbooth.adapt.personalization import Personalization
 from arbooth.data.images import tensor_to_pil
+from arbooth.models.sampling import INFINITY_GUIDANCE
 
 
 @dataclasses.dataclass
@@ -27,7 +28,7 @@ class PersonalizedSampler:
     personalization: Personalization
     schedule: list[tuple[int, int, int]]
     device: torch.device
-    guidance: float = 4.0             # default guidance scale (the run's val_cfg, else the preset's)
+    guidance: float = INFINITY_GUIDANCE  # default guidance scale (the run's val_cfg, else the preset's)
     tau: float = 0.5                  # default temperature (the run's val_tau)
 
     @property

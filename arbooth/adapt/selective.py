@@ -72,6 +72,19 @@ class SelectiveTuner:
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}
 
+    # ---- how it trains and saves: what differs from LoRATuner, so the recipe never asks tuning.method ----
+    lr_scale = 1.0  # the tuned weights train at optim.lr, as <S*>
+
+    @property
+    def trains_bf16(self) -> bool:
+        """The tuned weights are bf16 (model.tuned_dtype=bf16): the optimizer rounds their updates
+        stochastically (arbooth/optim.py) unless optim.stochastic_rounding is off."""
+        return any(p.dtype == torch.bfloat16 for p in self.params.values())
+
+    def file_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors the personalization file holds: the tuned weights as they train (their dtype)."""
+        return self.tuned_state_dict()
+
     def file_metadata(self) -> dict[str, str]:
         return {"kind": "full"}
 

@@ -92,16 +92,28 @@ def _saved_name(peft_name: str) -> str:
     return peft_name.replace(f".{ADAPTER}.", ".")
 
 
+_FILE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 class LoRATuner:
     """Injects LoRA adapters into `model` (in place) on the linear layers of the `kinds` sub-layers of
-    every block; everything else is frozen. Same interface as SelectiveTuner for the recipe."""
+    every block; everything else is frozen. Same interface as SelectiveTuner for the recipe.
+
+    `lr_scale`: the adapters' lr as a multiple of optim.lr (tuning.lora_lr_scale); `file_dtype` ("bf16" or
+    "fp32"): the adapters' dtype in the personalization file (tuning.lora_file_dtype; they train in fp32)."""
+
+    trains_bf16 = False  # adapters are fp32 even on bf16 layers (autocast_adapter_dtype): no rounding needed
 
     def __init__(self, model: nn.Module, kinds: Sequence[str] = (CROSS_ATTENTION, FFN), *, rank: int = 16,
-                 alpha: float | None = None, dropout: float = 0.0, init: str = "default") -> None:
+                 alpha: float | None = None, dropout: float = 0.0, init: str = "default", lr_scale: float = 1.0,
+                 file_dtype: str = "fp32") -> None:
         from peft import get_peft_model
-        if rank < 1 or dropout < 0 or dropout >= 1 or init not in LORA_INITS:
-            raise ConfigError(f"LoRA needs rank >= 1, 0 <= dropout < 1 and init in {LORA_INITS}")
+        if rank < 1 or dropout < 0 or dropout >= 1 or init not in LORA_INITS or lr_scale <= 0 or \
+                file_dtype not in _FILE_DTYPES:
+            raise ConfigError(f"LoRA needs rank >= 1, 0 <= dropout < 1, init in {LORA_INITS}, lr_scale > 0 and "
+                              f"file_dtype in {tuple(_FILE_DTYPES)}")
         self.model, self.kinds = model, tuple(kinds)
+        self.lr_scale, self.file_dtype = lr_scale, _FILE_DTYPES[file_dtype]
         self.spec = LoRASpec(rank, float(resolve_lora_alpha(rank, alpha)), lora_targets(model, kinds),
                              dropout, init)
         self.base_dtype = model.blocks[0].ffn.fc1.weight.dtype
@@ -131,6 +143,10 @@ class LoRATuner:
 
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}
+
+    def file_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors the personalization file holds: the adapters in `file_dtype` (training keeps fp32)."""
+        return {k: v.to(self.file_dtype) for k, v in self.tuned_state_dict().items()}
 
     def teacher_memory(self) -> dict[str, int]:
         """The teacher keeps no weights at all (adapters off); a copy would be the whole model."""

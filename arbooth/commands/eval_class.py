@@ -48,6 +48,7 @@ from arbooth.metrics.report import (
     pick_device,
     publish_report,
 )
+from arbooth.models.var_presets import VAR_GUIDANCE
 from arbooth.outputs import check_output, refuse_inputs, refuse_nested, save_image
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, default=16)
     g.add_argument("--vae-ckpt", type=Path, default=None)
     g.add_argument("--var-ckpt", type=Path, default=None)
-    g.add_argument("--cfg", type=float, default=1.5)
+    g.add_argument("--cfg", type=float, default=VAR_GUIDANCE, help="guidance >= 0, 0 = none")
     g.add_argument("--top-k", type=int, default=900)
     g.add_argument("--top-p", type=float, default=0.96)
     g.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from arbooth.errors import ConfigError
+from arbooth.models.var_presets import VAR_GUIDANCE
 from arbooth.outputs import (
     check_output,
     distinct_outputs,
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="use a tiny random model (64x64, 10 classes)")
     parser.add_argument("--classes", type=int, nargs="+", help="class labels (default: demo classes; 0-3 with --tiny)")
     parser.add_argument("--per-class", type=int, default=4, help="images per class")
-    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance >= 0 (ramped over scales)")
+    parser.add_argument("--cfg", type=float, default=VAR_GUIDANCE,
+                        help=f"classifier-free guidance >= 0, 0 = none (ramped over scales; default {VAR_GUIDANCE})")
     parser.add_argument("--top-k", type=int, default=900, help="keep the k most likely tokens (>= 0; 0 = off)")
     parser.add_argument("--top-p", type=float, default=0.96, help="nucleus mass in [0, 1] (0 = off)")
     parser.add_argument("--more-smooth", action="store_true", help="gumbel smoothing (visualisation only)")

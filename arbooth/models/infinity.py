@@ -37,7 +37,7 @@ from arbooth.models.infinity_keys import UNCOND_KEY, from_official_keys
 from arbooth.models.infinity_schedule import Schedule, rope_grid_size
 from arbooth.models.kv_cache import KVCache
 from arbooth.models.leaf_params import AdaGSS, HeadScale
-from arbooth.models.sampling import check_sampling_args, sample_bits, seed_generators
+from arbooth.models.sampling import INFINITY_GUIDANCE, check_sampling_args, sample_bits, seed_generators
 from arbooth.models.tokenizer_holder import TokenizerHolder
 from arbooth.precision import autocast
 
@@ -409,7 +409,7 @@ class Infinity(TokenizerHolder):
     # ---- sampling ----
     @torch.no_grad()
     def generate(self, text_BTC: torch.Tensor, text_mask_BT: torch.Tensor, schedule: Schedule,
-                 cfg: float | list[float] = 4.0, tau: float | list[float] = 0.5, top_k: int = 900,
+                 cfg: float | list[float] = INFINITY_GUIDANCE, tau: float | list[float] = 0.5, top_k: int = 900,
                  top_p: float = 0.97, seed: int | Sequence[int] | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  use_cache: bool = True, next_scale_mode: str = "trilinear", dtype: str = "bf16",

@@ -17,6 +17,14 @@ from arbooth.errors import ConfigError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
+# The default classifier-free guidance scale of each family, the release's own; both samplers call the
+# scale `cfg`, as the releases do. The two read a scale differently (README, "Guidance scales mean ..."):
+#   VAR (class-conditional, FoundationVision/VAR var.py autoregressive_infer_cfg): logits
+#     (1 + t*s) * cond - t*s * uncond, ramped over scales t in [0, 1]: 0 = no guidance (conditional only);
+#   Infinity (text, tools/run_infinity.py): s * cond + (1 - s) * uncond: 1 = no guidance, 0 = unconditional.
+# VAR's default (1.5) is `var_presets.VAR_GUIDANCE`, torch-free so that `arbooth sample --help` stays light.
+INFINITY_GUIDANCE = 4.0  # subject side: Infinity.generate, the subject presets (generate, eval-subject, val grids)
+
 
 def check_sampling_args(*, top_k: int | None = None, top_p: float | None = None,
                         cfg: float | Sequence[float] | None = None,

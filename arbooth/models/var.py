@@ -38,7 +38,7 @@ from arbooth.models.sampling import (
     top_k_top_p_filter,
 )
 from arbooth.models.tokenizer_holder import TokenizerHolder
-from arbooth.models.var_presets import PATCH_NUMS, VAE_PRESET, VAR_PRESETS, var_arch  # noqa: F401 (re-exported)
+from arbooth.models.var_presets import PATCH_NUMS, VAE_PRESET, VAR_GUIDANCE, VAR_PRESETS, var_arch  # noqa: F401 (re-exported)
 from arbooth.models.vqvae import VQVAE
 from arbooth.precision import autocast
 
@@ -284,7 +284,7 @@ class VAR(TokenizerHolder):
     def generate(
         self,
         labels_B: torch.Tensor | list[int],
-        cfg: float = 1.5,
+        cfg: float = VAR_GUIDANCE,
         top_k: int = 900,
         top_p: float = 0.96,
         seed: int | Sequence[int] | torch.Generator = 0,

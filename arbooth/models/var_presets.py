@@ -15,6 +15,10 @@ def var_arch(depth: int) -> dict:
             "shared_aln": False, "attn_l2_norm": True, "num_classes": 1000, "patch_nums": PATCH_NUMS}
 
 
+# VAR's sampling default (official var.py autoregressive_infer_cfg cfg=1.5; 0 = no guidance, see
+# models/sampling.py): train-class's sample grids, sample, eval-class and the toy class evaluator read it.
+VAR_GUIDANCE = 1.5
+
 VAR_PRESETS = {d: var_arch(d) for d in (16, 20, 24, 30)}  # the released sizes (var_d{depth}.pth)
 # The released tokenizer vae_ch160v4096z32.pth (vq-f16: five levels, 16x down-sampling).
 VAE_PRESET = {"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "patch_nums": PATCH_NUMS,

@@ -17,6 +17,7 @@ from arbooth.adapt.finetuned import ModelConfig
 from arbooth.adapt.methods import MethodConfig
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
+from arbooth.models.var_presets import VAR_GUIDANCE
 
 __all__ = ["ClassTrainConfig", "DataConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig",
            "TrainConfig"]
@@ -119,7 +120,7 @@ class LogConfig:
     sample_every: int = 0                 # optimizer steps between sample grids; 0 = off
     sample_classes: tuple[int, ...] = (0, 1, 2, 3)
     sample_per_class: int = 2
-    sample_cfg: float = 1.5               # >= 0
+    sample_cfg: float = VAR_GUIDANCE      # >= 0 (0 = no guidance)
     sample_top_k: int = 900               # >= 0, 0 = off
     sample_top_p: float = 0.96            # in [0, 1], 0 = off
 

@@ -13,7 +13,7 @@ from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.adapt.methods import resolve_lora_alpha
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
-from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig  # noqa: F401 (the model section; re-exported)
+from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,8 @@ class SubjectTrainConfig:
     gradient_checkpointing: bool = True
     device: str = "auto"
     validate_every: int = 100          # 0: never; PNG grids of prompts.validation
-    val_cfg: float = 4.0
-    val_tau: float = 0.5
+    val_cfg: float | None = None       # guidance of the grids (Infinity's: 1 = none); None: the preset's (4; toy 6)
+    val_tau: float | None = None       # temperature of the grids; None: the preset's (0.5)
     save_every: int = 100              # resumable training state; 0: only at the end
     resume: bool = False               # continue the run in out_dir (same config up to train_subject.SAFE_RESUME_KEYS)
     overwrite: bool = False            # out_dir holds another run: delete its outputs and start anew
@@ -202,3 +202,16 @@ class SubjectTrainConfig:
         if self.validate_every < 0 or self.save_every < 0:
             raise ConfigError("validate_every and save_every must be >= 0")
         check_sampling_args(cfg=self.val_cfg, tau=self.val_tau, where="val_cfg/val_tau")
+        if self.model.tuned_dtype == "bf16" and self.dtype != "bf16":
+            raise ConfigError("model.tuned_dtype=bf16 needs dtype=bf16 (autocast); use both fp32 or both bf16")
+
+    @property
+    def validation_guidance(self) -> float:
+        """The guidance scale of validation grids and the toy report: `val_cfg`, else the base preset's
+        (`subject_bases.SubjectPreset.guidance`, what `generate` uses for this run's file too)."""
+        return SUBJECT_PRESETS[self.model.preset].guidance if self.val_cfg is None else self.val_cfg
+
+    @property
+    def validation_tau(self) -> float:
+        """The temperature of validation grids: `val_tau`, else the base preset's."""
+        return SUBJECT_PRESETS[self.model.preset].tau if self.val_tau is None else self.val_tau

@@ -74,12 +74,20 @@ RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
-def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
-    """The cross-field checks that need the scale schedule, before any weights load; returns the
-    schedule. Raises ConfigError naming the key (e.g. `loss.scale_weights` of the wrong length)."""
+@dataclass(frozen=True)
+class Checked:
+    """What `check_config` derives from a config before anything heavy, once per run."""
+
+    schedule: list[tuple[int, int, int]]
+    weights: tuple[float, ...]       # one loss weight per scale
+
+
+def check_config(cfg: SubjectTrainConfig) -> Checked:
+    """The cross-field checks that need the base preset's scale schedule (the config's own checks ran in
+    its __post_init__), before any weights load. Raises ConfigError naming the key (e.g.
+    `loss.scale_weights` of the wrong length)."""
     schedule = preset_schedule(cfg.model)
-    cfg.loss.weights_for(len(schedule))
-    return schedule
+    return Checked(schedule, cfg.loss.weights_for(len(schedule)))
 
 
 @dataclass
@@ -109,13 +117,14 @@ class Run:
     record: dict = field(default_factory=dict)    # run.json: run id and sessions
 
 
-def setup(cfg: SubjectTrainConfig) -> Run:
-    if cfg.model.tuned_dtype == "bf16" and cfg.dtype != "bf16":
-        raise ConfigError("model.tuned_dtype=bf16 needs dtype=bf16 (autocast); use both fp32 or both bf16")
+def setup(cfg: SubjectTrainConfig, checked: Checked | None = None) -> Run:
+    """Load the models, photos and prompts of a run. `checked`: `check_config(cfg)`, when the caller
+    (`train`) ran it already before touching the run folder."""
+    checked = checked or check_config(cfg)
+    schedule = checked.schedule
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     dev = accelerator.device
     set_seed(cfg.seed)
-    schedule = check_config(cfg)
     vae, model, tokenizer, encoder, base_id = build_models(cfg.model, gradient_checkpointing=cfg.gradient_checkpointing)
     subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
@@ -154,7 +163,7 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     to = lambda xs: tuple(x.to(dev) for x in xs)
     identity = run_identity(cfg, data_sha256=tensors_sha256({"images_N3HW": subject.images_N3HW}),
                             base_sha256=base_id)
-    run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
+    run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, checked.weights,
               vae, features, to(inst), to(cls), to(val) if val else None,
               torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
               base_id, tuner.base_tuned_sha256, class_noun=cls_noun, identity=identity)
@@ -167,19 +176,21 @@ def build_tuner(model: torch.nn.Module, t: TuningConfig) -> SelectiveTuner | LoR
     """What trains besides <S*>: the chosen sub-layers' weights (full) or LoRA adapters on them (lora)."""
     kinds = tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers)
     if t.method == "lora":
-        return LoRATuner(model, kinds, rank=t.lora_rank, alpha=t.alpha, dropout=t.lora_dropout, init=t.lora_init)
+        return LoRATuner(model, kinds, rank=t.lora_rank, alpha=t.alpha, dropout=t.lora_dropout, init=t.lora_init,
+                         lr_scale=t.lora_lr_scale, file_dtype=t.lora_file_dtype)
     return SelectiveTuner(model, kinds)
 
 
 def build_optimizer(cfg: SubjectTrainConfig, token: SubjectToken, tuner: SelectiveTuner | LoRATuner,
                     device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over <S*> and the tuned tensors; stochastic rounding for bf16 tuned weights (full method
-    only: LoRA adapters are fp32); LoRA adapters at lr * tuning.lora_lr_scale."""
+    """AdamW over <S*> and the tuned tensors; stochastic rounding when the tuner trains bf16 tensors
+    (`tuner.trains_bf16`: full tuning of bf16 blocks; LoRA adapters are fp32); the tuned tensors at
+    lr * `tuner.lr_scale` (LoRA: tuning.lora_lr_scale)."""
     o = cfg.optim
     opt_cls = torch.optim.AdamW
-    if o.stochastic_rounding and cfg.model.tuned_dtype == "bf16" and cfg.tuning.method == "full":
+    if o.stochastic_rounding and tuner.trains_bf16:
         opt_cls = functools.partial(StochasticRoundingAdamW, generator=torch.Generator(device).manual_seed(cfg.seed + 3))
-    scale = cfg.tuning.lora_lr_scale if cfg.tuning.method == "lora" else 1.0
+    scale = tuner.lr_scale
     params = [token.embedding_PC, *tuner.params.values()]
     groups = params if scale == 1.0 else [{"params": params[:1]}, {"params": params[1:], "lr": o.lr * scale}]
     return opt_cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -287,7 +298,8 @@ def validate(run: Run, step: int) -> Path | None:
     model.eval()
     feats, mask, ph = run.val
     text, tmask = run.token(feats, mask, ph)
-    out = model.generate(text, tmask, run.schedule, cfg=run.cfg.val_cfg, tau=run.cfg.val_tau, seed=run.cfg.seed)
+    out = model.generate(text, tmask, run.schedule, cfg=run.cfg.validation_guidance,
+                         tau=run.cfg.validation_tau, seed=run.cfg.seed)
     model.train(was)
     return save_grid(out.images, Path(run.cfg.out_dir) / "val" / f"step_{step:06d}.png", nrow=len(out.images))
 
@@ -298,11 +310,7 @@ def save_outputs(run: Run, step: int) -> Path:
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
-    tuned = run.tuner.tuned_state_dict()
-    if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
-        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
-        tuned = {k: v.to(dt) for k, v in tuned.items()}
-    path = save_personalization(out / "personalization.safetensors", tuned,
+    path = save_personalization(out / "personalization.safetensors", run.tuner.file_state_dict(),
                                 run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
@@ -347,11 +355,11 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
-    check_config(cfg)  # before any weights load
+    checked = check_config(cfg)  # before the run folder is touched or any weights load
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="resume=true", overwrite_flag="overwrite=true")
-    run = setup(cfg)
+    run = setup(cfg, checked)
     main = run.accelerator.is_main_process
     start = _resume(run, holds_run)
     start_session(run.record, start_step=start, changes=run.record.pop("_changes", {}),

@@ -17,8 +17,9 @@ import torch
 from arbooth.data.images import list_image_files, read_image
 from arbooth.errors import ConfigError
 from arbooth.metrics.fid import FrechetDistance, GaussianStats, precision_recall
+from arbooth.models.var_presets import VAR_GUIDANCE
 
-SAMPLING = {"cfg": 1.5, "top_k": 0, "top_p": 0.0}  # tiny vocabulary (256): no truncation needed
+SAMPLING = {"cfg": VAR_GUIDANCE, "top_k": 0, "top_p": 0.0}  # tiny vocabulary (256): no truncation needed
 
 
 def class_folders(split_root: str | Path) -> list[Path]:

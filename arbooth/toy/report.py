@@ -177,8 +177,8 @@ def toy_run_report(cfg, personalization: str | Path) -> list[str]:
     `cfg.out_dir` (`toy_report`) and return the lines the command prints (paths, then a table of the
     mean metrics of the base and the personalized model)."""
     out = Path(cfg.out_dir)
-    m = toy_report(cfg.subject, personalization, out, toy_dir=cfg.model.model_ckpt or TOY_DIR, cfg=cfg.val_cfg,
-                   tau=cfg.val_tau)
+    m = toy_report(cfg.subject, personalization, out, toy_dir=cfg.model.model_ckpt or TOY_DIR,
+                   cfg=cfg.validation_guidance, tau=cfg.validation_tau)
     keys = ("subject_acc", "background_acc", "class_shape_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
     lines = [f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}",
              "             " + " ".join(f"{k:>18s}" for k in keys)]

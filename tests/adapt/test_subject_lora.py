@@ -127,3 +127,20 @@ def test_lora_personalization_round_trip_refusal_and_merge(tmp_path):
     assert torch.allclose(logits(merged_model, False), logits(lora_model, False), atol=1e-4)
     with pytest.raises(CheckpointError, match="different base model"):
         load_personalization(out).apply(merged_model)  # already applied
+
+
+def test_tuners_carry_what_differs_between_methods():
+    """The recipe asks the tuner, never tuning.method: the lr scale, whether updates are rounded (bf16
+    tensors train) and the file's dtype."""
+    from arbooth.adapt.selective import SelectiveTuner
+
+    lora = LoRATuner(tiny_model(bf16_blocks=True), rank=2, lr_scale=10.0, file_dtype="bf16")
+    assert lora.lr_scale == 10.0 and not lora.trains_bf16  # fp32 adapters on bf16 layers
+    assert {v.dtype for v in lora.file_state_dict().values()} == {torch.bfloat16}
+    assert {v.dtype for v in lora.tuned_state_dict().values()} == {torch.float32}
+    full = SelectiveTuner(tiny_model(bf16_blocks=True))
+    assert full.lr_scale == 1.0 and full.trains_bf16
+    assert not SelectiveTuner(tiny_model()).trains_bf16
+    assert {v.dtype for v in full.file_state_dict().values()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="file_dtype"):
+        LoRATuner(tiny_model(), rank=2, file_dtype="fp16")
