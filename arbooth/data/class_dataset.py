@@ -149,6 +149,22 @@ def var_augment(im: Image.Image, *, size: int, mid_size: int, random_crop: bool,
     return pil_to_tensor_m11(im)
 
 
+def list_class_samples(data, max_classes: int | None = None) -> tuple[list[Sample], list[str]]:
+    """The samples and class names a `DataConfig` names (manifest wins over root), listed without reading
+    any image (the DP recipe counts N with it before the model loads). Raises ConfigError when no data is
+    given or when it has more than `max_classes` classes (the model's class table)."""
+    if data.manifest:
+        samples, classes = read_manifest(data.manifest)
+    elif data.root:
+        samples, classes = scan_image_folder(data.root, data.split)
+    else:
+        raise ConfigError("no data given: pass --data <folder> or set data.root / data.manifest")
+    if max_classes is not None and len(classes) > max_classes:
+        raise ConfigError(f"the dataset has {len(classes)} classes but the model's class table has "
+                          f"{max_classes}")
+    return list(samples), list(classes)
+
+
 class ClassImageDataset(Dataset):
     """Map-style dataset; `ds[(index, seed)]` -> (image (3,H,W) in [-1,1], label, skipped paths)."""
 
@@ -162,19 +178,13 @@ class ClassImageDataset(Dataset):
         self.unreadable = dict(unreadable or {})  # path -> reason, of files left out
 
     @classmethod
-    def from_config(cls, data, *, size: int, mid_size: int, max_classes: int | None = None) -> ClassImageDataset:
+    def from_config(cls, data, *, size: int, mid_size: int, max_classes: int | None = None,
+                    listed: tuple[list[Sample], list[str]] | None = None) -> ClassImageDataset:
         """Build from a `DataConfig` (manifest wins over root when both are given); every file is read
         once first and the unreadable ones are left out (`unreadable`). Raises ConfigError when no data is
-        given or when it has more than `max_classes` classes (the model's class table)."""
-        if data.manifest:
-            samples, classes = read_manifest(data.manifest)
-        elif data.root:
-            samples, classes = scan_image_folder(data.root, data.split)
-        else:
-            raise ConfigError("no data given: pass --data <folder> or set data.root / data.manifest")
-        if max_classes is not None and len(classes) > max_classes:
-            raise ConfigError(f"the dataset has {len(classes)} classes but the model's class table has "
-                              f"{max_classes}")
+        given or when it has more than `max_classes` classes (the model's class table). `listed`:
+        `list_class_samples(data, max_classes)`, when the caller listed the files already."""
+        samples, classes = listed or list_class_samples(data, max_classes)
         good, bad = drop_unreadable(samples, num_workers=data.num_workers)
         return cls(good, classes, size=size, mid_size=mid_size, random_crop=data.random_crop,
                    hflip=data.hflip, unreadable=bad)

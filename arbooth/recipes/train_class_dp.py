@@ -42,7 +42,7 @@ from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_r
 from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
-from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed
+from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed, list_class_samples
 from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
@@ -54,6 +54,7 @@ from arbooth.models.var_training import (
 )
 from arbooth.outputs import write_text
 from arbooth.precision import autocast
+from arbooth.privacy import engine
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_KEYS
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
@@ -91,10 +92,35 @@ class MultiViewDataset(Dataset):
         return torch.stack([img for img, _ in items]), torch.tensor(items[0][1])
 
 
+@dataclass(frozen=True)
+class DPPlan:
+    """What a private run is checked against before the model loads and any image is read
+    (`plan_private_run`): the listed data, the planned steps, delta and the calibrated noise."""
+
+    listed: tuple[list, list[str]]    # (samples, class names) as list_class_samples gives them
+    total_steps: int
+    delta: float
+    noise_multiplier: float
+
+
+def plan_private_run(cfg: ClassDPConfig) -> DPPlan:
+    """Can `cfg.privacy.epsilon` (one value) be met? Lists the data (no image read), plans the steps and
+    calibrates the noise: ConfigError (one line) when no noise multiplier meets the target, before the
+    model loads and the images are read."""
+    pc = cfg.privacy
+    listed = list_class_samples(cfg.data, cfg.model.num_classes)
+    steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
+    total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
+    delta = pc.delta_for(len(listed[0]))
+    # the engine's calibration, looked up at call time: the one make_private would run (tests replace it)
+    sigma = engine.calibrate_noise(target_epsilon=pc.epsilon, delta=delta, sample_rate=pc.sample_rate, steps=total,
+                            accountant=pc.accountant)
+    return DPPlan(listed, total, delta, sigma)
+
+
 @dataclass
 class DPRun:
-    cfg: ClassDPConfig
-    epsilon: float                    # the target of this run (one value of a sweep)
+    cfg: ClassDPConfig                # one run's config: privacy.epsilon is one value (of a sweep)
     accelerator: object
     vae: nn.Module
     model: nn.Module                  # the method-prepared model (inside pt.module)
@@ -109,25 +135,35 @@ class DPRun:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_by_budget: bool = False
 
+    @property
+    def epsilon(self) -> float:
+        """The target of this run (its config's one privacy.epsilon)."""
+        return self.cfg.privacy.epsilon
 
-def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
+
+def setup(cfg: ClassDPConfig, plan: DPPlan | None = None, *, accelerator=None) -> DPRun:
+    """Build one private run of `cfg` (privacy.epsilon one value). `plan`: `plan_private_run(cfg)`, when
+    the caller checked the budget already."""
     from accelerate import Accelerator
 
     pc = cfg.privacy
+    plan = plan or plan_private_run(cfg)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
     base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
-                                         max_classes=cfg.model.num_classes)
+                                         listed=plan.listed)
     dataset = MultiViewDataset(base, pc.aug_multiplicity, cfg.train.seed)
-    steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
-    total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
+    total = plan.total_steps
+    delta = pc.delta_for(len(dataset))
+    # unreadable files left out change N, and so delta = 1/N: then the noise is calibrated again for it
+    sigma = plan.noise_multiplier if delta == plan.delta else None
     model.to(acc.device)
     vae.to(acc.device)
     optimizer = build_optimizer(model, cfg.optim)
     gen = torch.Generator().manual_seed(pc.noise_seed) if pc.noise_seed is not None else None
-    pt = make_private(model, optimizer, dataset, target_epsilon=epsilon, delta=pc.delta_for(len(dataset)),
+    pt = make_private(model, optimizer, dataset, target_epsilon=pc.epsilon, delta=delta, noise_multiplier=sigma,
                       sample_rate=pc.sample_rate, steps=total, max_grad_norm=pc.max_grad_norm,
                       views=pc.aug_multiplicity, clipping=pc.clipping, accountant=pc.accountant,
                       noise_generator=gen, sampling_generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -140,7 +176,7 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
     if base.unreadable and acc.is_main_process:
         log.warning("DP: %d unreadable image file(s) left out before calibrating: N = %d, delta = %.3g",
                     len(base.unreadable), len(dataset), pt.delta)
-    return DPRun(cfg=cfg, epsilon=epsilon, accelerator=acc, vae=vae, model=model, pt=pt, scheduler=scheduler,
+    return DPRun(cfg=cfg, accelerator=acc, vae=vae, model=model, pt=pt, scheduler=scheduler,
                  dataset=dataset, total_steps=total, num_classes=cfg.model.num_classes, base=base_sha,
                  identity=run_identity(cfg, data_sha256=base.fingerprint(),
                                        base_sha256=base_sha["vae_sha256"] + base_sha["var_sha256"]))
@@ -194,18 +230,22 @@ def _epoch_from(sampler, start: int) -> Iterator[None]:
         setattr(sampler, attr, per_epoch)
 
 
-def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Path | None = None,
-              overwrite: bool = False, stop_at: int | None = None, accelerator=None) -> DPRun:
-    """One private run at target `epsilon` into `out`. `resume`: a checkpoint folder or "auto" (see the
-    non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
+def train_one(cfg: ClassDPConfig, out: Path, *, resume: str | Path | None = None,
+              overwrite: bool = False, stop_at: int | None = None, accelerator=None,
+              plan: DPPlan | None = None) -> DPRun:
+    """One private run at target `cfg.privacy.epsilon` (one value) into `out`. `resume`: a checkpoint
+    folder or "auto" (see the non-private recipe); `stop_at`: leave after that many steps (checkpointed),
+    as if interrupted. `plan`: its `plan_private_run`, checked before the run folder is touched."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    plan = plan or plan_private_run(cfg)
+    epsilon = cfg.privacy.epsilon
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
     acc.wait_for_everyone()
-    run = setup(cfg, epsilon, accelerator=acc)
+    run = setup(cfg, plan, accelerator=acc)
     pt = run.pt
     sampler = pt.data_loader.batch_sampler
     # where the data stream stands after the last completed step: the epoch, the sampler's generator
@@ -351,9 +391,8 @@ def train(cfg: ClassDPConfig, *, resume: str | Path | None = None, overwrite: bo
     `cfg.run_dir(eps)`; `resume="auto"` resumes each, an explicit checkpoint folder needs one value)."""
     if cfg.privacy.is_sweep and resume is not None and str(resume) != "auto":
         raise ConfigError("a sweep resumes with --resume auto (one checkpoint folder cannot continue several runs)")
-    runs = []
-    for eps in cfg.privacy.epsilons:
-        one = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=eps))
-        runs.append(train_one(one, eps, cfg.run_dir(eps), resume=resume, overwrite=overwrite, stop_at=stop_at,
-                              accelerator=accelerator))
-    return runs
+    ones = [dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=eps))
+            for eps in cfg.privacy.epsilons]
+    plans = [plan_private_run(one) for one in ones]  # every budget of the sweep, before any model loads
+    return [train_one(one, cfg.run_dir(one.privacy.epsilon), resume=resume, overwrite=overwrite, stop_at=stop_at,
+                      accelerator=accelerator, plan=plan) for one, plan in zip(ones, plans)]

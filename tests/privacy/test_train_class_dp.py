@@ -86,3 +86,21 @@ def test_train_class_cli_dispatches_on_privacy_section(tmp_path: Path, capsys) -
     assert rc == 2  # another privacy config (default sample rate ...): a one-line refusal, not a traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "privacy.sample_rate: 0.5 -> 0.251" in err[0]
+
+
+def test_unreachable_budget_is_found_before_the_model_loads_or_an_image_is_read(tmp_path: Path) -> None:
+    """Issue 23.5: the DP setup loaded the model and read every image before finding that the epsilon target
+    cannot be met. Now the budget is checked first (no image is read: these are not even images; the
+    checkpoints do not exist), for every value of a sweep before the first run, and the folder is untouched."""
+    from arbooth.errors import ConfigError
+
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(4):
+            (data / c / f"{i}.png").write_bytes(b"not an image")
+    base = to_dict(_cfg(data, tmp_path / "out", "lora", epsilon=[10.0, 1e-9], accountant="rdp", sample_rate=1.0))
+    base["model"] |= {"vae_ckpt": str(tmp_path / "no_vae.pth"), "var_ckpt": str(tmp_path / "no_var.pth")}
+    with pytest.raises(ConfigError, match="target epsilon 1e-09.*no noise multiplier"):
+        train(from_dict(ClassDPConfig, base))
+    assert not (tmp_path / "out").exists()
