@@ -31,6 +31,7 @@ from torch import nn
 from arbooth.adapt.selective import tensors_sha256, tuned_parameter_names
 from arbooth.adapt.subject_lora import base_weights_sha256, inject_lora, merged_weights, spec_from_metadata
 from arbooth.adapt.subject_token import (
+    CLASS_TEMPLATE,
     PLACEHOLDER,
     add_placeholder_token,
     encode_prompts,
@@ -59,6 +60,12 @@ class Personalization:
     @property
     def config(self) -> dict:
         return json.loads(self.metadata.get("config", "{}"))
+
+    @property
+    def class_template(self) -> str:
+        """The run's `prompts.class_template` (its class prompt, e.g. "a photo of {cls}"), recorded in the
+        file's config; the default for files that record none."""
+        return self.config.get("prompts", {}).get("class_template", CLASS_TEMPLATE)
 
     @property
     def kind(self) -> str:

@@ -33,6 +33,8 @@ from arbooth.errors import ArboothError, ConfigError
 from arbooth.models.t5 import t5_features, warn_truncation
 
 PLACEHOLDER = "<S*>"
+# The class prompt of prior preservation and PRES (arg_util.py L523; prompts.class_template's default)
+CLASS_TEMPLATE = "a photo of {cls}"
 
 
 class SubjectToken(nn.Module):

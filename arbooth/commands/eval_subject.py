@@ -8,7 +8,8 @@ For the ViCo live/non-live split pass both files as --live-prompts/--object-prom
 for live subjects (cats, dogs). Generated images are found through <generated>/manifest.jsonl
 (written by --model sampling: file, prompt, seed) or, as in the ARBooth evaluator, in
 <generated>/prompt_00, prompt_01, ... (one folder per template line, optionally with samples/ inside).
---class-images holds images the personalized model generated from "a photo of {class}" (PRES).
+--class-images holds images the personalized model generated from its class prompt (PRES; with --model:
+the run's prompts.class_template, "a photo of {class}" by default).
 
 Protocols: `dreambooth` (DINO with ImageNet normalisation at 224, CLIP's own preprocessing, T_CLIP on
 the prompt with the class noun) and `dreammatcher` (what the DreamMatcher/ARBooth evaluator computes,
@@ -27,7 +28,7 @@ from statistics import mean
 from PIL import Image
 from tqdm import tqdm
 
-from arbooth.adapt.subject_token import PLACEHOLDER
+from arbooth.adapt.subject_token import CLASS_TEMPLATE, PLACEHOLDER
 from arbooth.data.images import read_image, read_image_folder
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
@@ -80,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subject-phrase", default=None,
                    help="text put in `{}` when sampling (default: '<placeholder> <class noun>', e.g. '<S*> dog')")
     g.add_argument("--pres-samples", type=int, default=100,
-                   help="with --model and no --class-images: images of 'a photo of {class}' sampled for PRES")
+                   help="with --model and no --class-images: images of the run's class prompt (prompts.class_template) "
+                        "sampled for PRES")
     g.add_argument("--images-per-prompt", type=int, default=8)
     g.add_argument("--gen-batch-size", type=int, default=8,
                    help="images sampled together (each still uses its own seed; lower it if memory runs out)")
@@ -154,12 +156,15 @@ def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
 
 def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int,
                            batch_size: int = 1) -> Path:
-    """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable; image
-    i uses seed + i)."""
+    """PRES images: `n` samples of the run's class prompt (its `prompts.class_template`, recorded in the
+    personalization file; "a photo of {cls}" by default) from the personalized model (resumable; image i
+    uses seed + i)."""
+    pers = getattr(generator, "personalization", None)
+    template = pers.class_template if pers is not None else CLASS_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(n) if not (out_dir / f"{i:03d}.png").is_file()]
     with tqdm(total=n, initial=n - len(todo), desc="class prompt", unit="image") as bar:
-        for i, image in _sample(generator, f"a photo of {class_noun}", todo, seed, batch_size):
+        for i, image in _sample(generator, template.format(cls=class_noun), todo, seed, batch_size):
             save_image(image.convert("RGB"), out_dir / f"{i:03d}.png")
             bar.update()
     return out_dir

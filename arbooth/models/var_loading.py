@@ -1,4 +1,4 @@
-"""Loading the released VAR checkpoints, writing the official layout back, and a tiny random model.
+"""Loading the released VAR checkpoints and writing the official layout back (tiny random models: arbooth/toy/tiny.py).
 
 `load_var(depth=16, vae_ckpt=..., var_ckpt=...)` builds the tokenizer and transformer on the `meta`
 device (no memory, no initialisation), checks each checkpoint's keys and shapes against the model and

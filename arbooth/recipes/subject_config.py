@@ -11,6 +11,7 @@ from typing import Literal
 
 from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.adapt.methods import resolve_lora_alpha
+from arbooth.adapt.subject_token import CLASS_TEMPLATE
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
 from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig
@@ -20,7 +21,7 @@ from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig
 class PromptConfig:
     placeholder: str = "<S*>"
     instance_template: str = "a photo of {token} {cls}"   # arg_util.py L522; must hold {token} and {cls}
-    class_template: str = "a photo of {cls}"              # arg_util.py L523; must hold {cls}, not {token}
+    class_template: str = CLASS_TEMPLATE                  # arg_util.py L523; must hold {cls}, not {token}
     validation: tuple[str, ...] = ("a {} in the jungle", "a {} on the beach", "a {} wearing a santa hat")
     #   each with one `{}` for the subject phrase ("<S*> dog")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,7 +326,3 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
         log.info("resumed from %s at step %d%s", folder, point.step,
                  f" with changes {point.changes}" if point.changes else "")
     return point.step
-
-
-def losses(history: Iterable[dict[str, float]]) -> list[float]:
-    return [h["loss"] for h in history]

@@ -198,3 +198,27 @@ def test_eval_class_missing_folder_is_named_before_any_model_loads(tmp_path, cap
 
     assert cli(["eval-class", "--generated", str(tmp_path / "nope"), "--reference", str(tmp_path)]) == 2
     assert "--generated folder not found" in capsys.readouterr().err
+
+
+def test_eval_subject_pres_samples_use_the_runs_class_prompt(tmp_path):
+    """Issue 23.6: eval-subject --model sampled PRES images from a hard-coded "a photo of {class}" instead of
+    the run's prompts.class_template (recorded in the personalization file)."""
+    from PIL import Image
+
+    from arbooth.adapt.personalization import Personalization
+    from arbooth.commands.eval_subject import generate_class_samples
+
+    prompts = []
+
+    class Generator:  # the (prompt, seed) -> image contract of eval-subject --model
+        def __init__(self, template):
+            cfg = {"prompts": {"class_template": template}} if template else {}
+            self.personalization = Personalization({}, torch.zeros(1, 4), {"config": json.dumps(cfg)})
+
+        def __call__(self, text, seed):
+            prompts.append(text)
+            return Image.new("RGB", (8, 8))
+
+    generate_class_samples(Generator("a {cls} in studio light"), "dog", tmp_path / "a", n=2, seed=0)
+    generate_class_samples(Generator(None), "dog", tmp_path / "b", n=1, seed=0)  # an older file: the default
+    assert prompts == ["a dog in studio light"] * 2 + ["a photo of dog"]
