@@ -60,7 +60,7 @@ def run_one(name: str, seed: int, steps: int | None, work: Path, extra: tuple[st
     t0 = time.perf_counter()
     path = train(cfg)
     seconds = time.perf_counter() - t0
-    m = toy_report(cfg.subject, path, cfg.out_dir, cfg=cfg.validation_guidance, tau=cfg.validation_tau, grid=False)
+    m = toy_report(cfg.subject, path, cfg.out_dir, guidance=cfg.validation_guidance, tau=cfg.validation_tau, grid=False)
     pers = load_personalization(path)
     params = sum(v.numel() for v in pers.tensors.values()) + pers.subject_token_PC.numel()
     return {"variant": name, "seed": seed, "train_seconds": seconds, "trainable_params": params,

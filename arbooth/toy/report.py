@@ -125,10 +125,12 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
 
 
 def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | Path, *, toy_dir: str | Path = TOY_DIR,
-               seeds: tuple[int, ...] = (0, 1, 2, 3), cfg: float = 3.0, tau: float = 1.0, top_p: float = 0.0,
+               seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float, tau: float, top_p: float = 0.0,
                grid: bool = True, class_samples: int = 64) -> dict:
-    """Write `grid.png` and `metrics.json` into `out_dir`; returns the metrics. The class prompt's rates
-    (class_shape_acc, class_subject_leak, PRES) are scored on `class_samples` images (seeds 1000, 1001, ...)."""
+    """Write `grid.png` and `metrics.json` into `out_dir`; returns the metrics. `guidance` / `tau`: the
+    sampler's guidance scale (Infinity's: 1 = none) and temperature, the run's (`validation_guidance`,
+    `validation_tau`). The class prompt's rates (class_shape_acc, class_subject_leak, PRES) are scored on
+    `class_samples` images (seeds 1000, 1001, ...)."""
     out_dir, subject = Path(out_dir), Path(subject)
     pers = load_personalization(personalization)
     base, tuned = load_toy_base(toy_dir), load_toy_base(toy_dir)
@@ -141,7 +143,7 @@ def toy_report(subject: str | Path, personalization: str | Path, out_dir: str | 
     templates = list(data.info.prompts) or ["a {}"]
     prompts_cls = [f"a {noun}", *[t.format(noun) for t in templates]]
     prompts_sub = [f"a {noun}", *[t.format(f"{pers.placeholder} {noun}") for t in templates]]
-    sample = {"cfg": cfg, "tau": tau, "top_p": top_p, "top_k": 0}
+    sample = {"cfg": guidance, "tau": tau, "top_p": top_p, "top_k": 0}
     L = base.model.text_maxlen
     t_b, m_b = pers.encode(base.tokenizer, base.encoder, prompts_cls, max_length=L)
     t_p, m_p = pers.encode(tuned.tokenizer, tuned.encoder, prompts_sub, max_length=L)
@@ -178,7 +180,7 @@ def toy_run_report(cfg, personalization: str | Path) -> list[str]:
     mean metrics of the base and the personalized model)."""
     out = Path(cfg.out_dir)
     m = toy_report(cfg.subject, personalization, out, toy_dir=cfg.model.model_ckpt or TOY_DIR,
-                   cfg=cfg.validation_guidance, tau=cfg.validation_tau)
+                   guidance=cfg.validation_guidance, tau=cfg.validation_tau)
     keys = ("subject_acc", "background_acc", "class_shape_acc", "class_subject_leak", "I_ID", "T_CLIP", "PRES")
     lines = [f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}",
              "             " + " ".join(f"{k:>18s}" for k in keys)]

@@ -40,7 +40,7 @@ def test_toy_personalization_learns_the_subject_and_keeps_the_prior(tmp_path, on
     cfg = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
                       [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={tmp_path}"])
     path = train(cfg)
-    m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), cfg=cfg.validation_guidance, tau=cfg.validation_tau, grid=False)
+    m = toy_report(cfg.subject, path, tmp_path, seeds=(0, 1, 2), guidance=cfg.validation_guidance, tau=cfg.validation_tau, grid=False)
     base, pers = m["base"]["mean"], m["personalized"]["mean"]
     # issue 13's targets, each with a margin over the spread across training seeds (docs/toy.md ablation)
     # the base draws the asked class and does not already draw the subject (its appearance was held out)
