@@ -21,6 +21,7 @@ from arbooth.commands.eval_subject import (
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import TinyFIDNet
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE
+from arbooth.sample_folder import SampleFolder
 
 
 def _write_pngs(folder, n, seed, size=32):
@@ -159,12 +160,14 @@ def test_subject_sampling_hook_and_manifest_layout(subject_dirs):
 
     gen = root / "gen_manifest"
     templates = prompts.read_text().splitlines()
-    assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 4
+    folder = SampleFolder(gen, {"model": "stand-in"})
+    assert generate_subject_samples(generator, templates, "<sks> vase", folder, n_per_prompt=2, seed=5) == 4
     assert seen[0] == ("a <sks> vase in the jungle", 5) and seen[1][1] == 6
-    assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 0
+    assert generate_subject_samples(generator, templates, "<sks> vase", folder, n_per_prompt=2, seed=5) == 0
     groups = generated_groups(gen, templates)
     assert [t for t, _ in groups] == templates
-    assert [p.name for p in groups[1][1]] == ["00.png", "01.png"] and groups[1][1][0].parent.name == "prompt_01"
+    assert groups[1][1] == [folder.path_for(templates[1], 5), folder.path_for(templates[1], 6)]
+    assert folder.records()[0]["text"] == "a <sks> vase in the jungle"
     # the real generator (tests/recipes/test_subject_sampling.py) refuses a missing file in one line
     with pytest.raises(ArboothError, match="personalization file not found"):
         load_subject_generator(root / "model.pth", "cpu")
