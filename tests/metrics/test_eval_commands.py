@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from arbooth.cli import main as cli_main
-from arbooth.commands.eval_class import class_counts, class_labels, extract_features, generate_class_samples
+from arbooth.commands.eval_class import (
+    class_counts,
+    class_keys,
+    class_labels,
+    extract_features,
+    generate_class_samples,
+    imagenet_labels,
+)
 from arbooth.commands.eval_subject import (
     generate_subject_samples,
     generated_groups,
@@ -67,22 +74,27 @@ def test_class_sampling_is_resumable(tmp_path):
     assert class_counts(ref) == {"0000": 3, "0001": 2}
     counts = class_labels(class_counts(ref))
     assert counts == {0: 3, 1: 2}
-    with pytest.raises(ArboothError, match="integer label"):  # by name, never by position
+    with pytest.raises(ArboothError, match="integer ImageNet label"):  # by name, never by position
         class_labels({"daisy": 2})
+    with pytest.raises(ArboothError, match=r"\['1000'\] name no ImageNet class"):
+        imagenet_labels(["0207", "1000"])
     calls = []
 
     def generate(labels_B, seeds):  # a deterministic stand-in with the VAR generate() contract (seed per image)
-        calls.append(list(seeds))
+        calls.append((labels_B.tolist(), list(seeds)))
         return torch.stack([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    out = tmp_path / "gen"
-    assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 5
-    assert calls == [[10, 11], [12, 13], [14]]  # image k uses seed + k
-    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and [r["seed"] for r in lines] == [10, 11, 12, 13, 14]
-    (out / "0001" / "0001_00001.png").unlink()
-    assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 1
-    assert calls[3:] == [[14]]  # only the missing image, with its own seed
+    folder = SampleFolder(tmp_path / "gen", {"model": "stand-in"})
+    jobs = class_keys(imagenet_labels(["0000", "0001"]), class_counts(ref), seed=10)
+    assert generate_class_samples(generate, jobs, folder, batch_size=2) == 5
+    assert calls == [([0, 0], [10, 11]), ([0, 1], [12, 13]), ([1], [14])]  # image k uses seed + k
+    recs = folder.records()
+    assert [(r["prompt"], r["label"], r["seed"]) for r in recs] == [("0000", 0, 10), ("0000", 0, 11), ("0000", 0, 12),
+                                                                    ("0001", 1, 13), ("0001", 1, 14)]
+    recs[-1]["path"].unlink()
+    assert generate_class_samples(generate, jobs, folder, batch_size=2) == 1
+    assert calls[3:] == [([1], [14])]  # only the missing image, with its own seed
+    assert len(folder.records()) == 5
 
 
 def test_eval_class_var_model_needs_checkpoints(tmp_path):
