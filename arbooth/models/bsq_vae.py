@@ -156,6 +156,7 @@ class BSQVAE(nn.Module):
         self.codebook_dim = self.embed_dim = codebook_dim
         self.patch_size, self.spatial_patchify = patch_size, bool(spatial_patchify)
         self.token_dim = 4 * codebook_dim if spatial_patchify else codebook_dim  # k, the transformer's bits
+        self.token_stride = 2 * patch_size if spatial_patchify else patch_size  # pixels per token side (16 both releases)
         self.up_mode, self.down_mode = "trilinear", "area"
         self.encoder = Encoder(base_ch, tuple(ch_mult), num_res_blocks, codebook_dim, n_down)
         self.decoder = Decoder(base_ch, tuple(ch_mult), num_res_blocks, codebook_dim, n_down)

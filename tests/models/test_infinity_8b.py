@@ -145,3 +145,4 @@ def test_8b_meta_matches_manifest():
     assert got == {e["key"]: e["shape"] for e in vae_manifest["entries"]}
     assert sum(q.numel() for q in vae.parameters()) == vae_manifest["num_parameters"]
     assert model.d == manifest["derived"]["d_vae"] == 56 and model.head.out_features == manifest["derived"]["V"]
+    assert vae.token_stride == 16 and vae.latent_schedule([(1, 64, 64)]) == [(1, 128, 128)]  # 1024 px at 1M
