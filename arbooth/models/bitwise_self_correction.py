@@ -38,8 +38,8 @@ With spatial patchify (Infinity-8B's tokenizer, `vae.spatial_patchify`) the walk
 (`vae.latent_schedule`, 2h x 2w per scale) and flips latent bits, as the release; the inputs and the
 returned bits are then patchified to k = 4d bits per token (flip_requant L62-75, `pixel_unshuffle`).
 
-Shape letters: B batch, d bits per token (k = `vae.token_dim` with spatial patchify), H/W last-scale map, h/w one scale's map, L tokens of the
-whole schedule (x_BLd holds the L - 1 tokens after the first scale).
+Shape letters: B batch, d bits per token (k = `vae.token_dim` with spatial patchify), H/W last-scale map,
+h/w one scale's map, L tokens of the whole schedule (x_BLd holds the L - 1 tokens after the first scale).
 """
 from __future__ import annotations
 

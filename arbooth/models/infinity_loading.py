@@ -168,22 +168,26 @@ def released_preset(vae_sd: dict[str, torch.Tensor]) -> str | None:
 
 
 def load_infinity(model_ckpt: str | os.PathLike, vae_ckpt: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None) -> Infinity:
+                  vae_kwargs: dict | None = None, model_kwargs: dict | None = None,
+                  preset: str | None = None) -> Infinity:
     """The released Infinity with its BSQ-VAE at `model.vae`, as `load_var` returns VAR with its tokenizer
     at `var.vae`; both frozen, eval mode, fp32, on `device`.
 
-    Sizes: without `vae_kwargs`, those of the release the VAE file belongs to (`INFINITY_PRESETS`:
+    Sizes: those of `preset` (a key of `INFINITY_PRESETS`) when given; else, without `vae_kwargs`, those
+    of the release the VAE file belongs to (`INFINITY_PRESETS`:
     `infinity_vae_d32_reg.pth` -> Infinity-2B, `infinity_vae_d56_f8_14_patchify.pth` -> Infinity-8B with
-    spatial patchify; other files: the constructor defaults, which are 2B), with `model_kwargs` on top;
-    with `vae_kwargs`, the constructor defaults plus both kwargs. Both are built on the meta device, so
+    spatial patchify; other files: the constructor defaults, which are 2B); with `vae_kwargs` (and no
+    `preset`), the constructor defaults. `vae_kwargs` and `model_kwargs` apply on top. Both are built on the meta device, so
     no memory is spent on random weights, then loaded strictly (the released key layout is converted,
     arbooth/models/infinity_keys.py). `model_ckpt`: a `.pth` (read with `torch.load(weights_only=True)`)
     or `.safetensors` file, or a sharded folder (the 8B release, `load_sharded`). Raises CheckpointError
     naming the file when a checkpoint is missing, unreadable or does not fit the model.
     """
     vae_sd = _read_vae(vae_ckpt)
-    preset = None if vae_kwargs else released_preset(vae_sd)
-    vae_kw = dict(INFINITY_PRESETS[preset]["vae"]) if preset else dict(vae_kwargs or {})
+    if preset is not None and preset not in INFINITY_PRESETS:
+        raise ConfigError(f"unknown Infinity preset {preset!r}; choose one of {sorted(INFINITY_PRESETS)}")
+    preset = preset or (None if vae_kwargs else released_preset(vae_sd))
+    vae_kw = {**(INFINITY_PRESETS[preset]["vae"] if preset else {}), **(vae_kwargs or {})}
     model_kw = {**(INFINITY_PRESETS[preset]["model"] if preset else {}), **(model_kwargs or {})}
     with torch.device("meta"):
         vae = BSQVAE(**vae_kw)
@@ -214,9 +218,7 @@ def _released_base(model_cfg, model_kwargs: dict, preset: str, files: str) -> tu
                           "or use model.preset=tiny / --tiny to try the recipe without weights)")
     from transformers import AutoTokenizer, T5EncoderModel
 
-    if released_preset(_read_vae(model_cfg.vae_ckpt)) != preset:  # a 2B VAE would build a 2B model silently
-        raise CheckpointError(f"{model_cfg.vae_ckpt} is not the tokenizer of {preset} ({files})")
-    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs)
+    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs, preset=preset)
     vae = model.vae
     if not Path(model_cfg.t5).is_dir():
         raise CheckpointError(f"T5 folder not found: {model_cfg.t5} (download google/flan-t5-xl)")

@@ -141,6 +141,11 @@ def test_release_is_recognised_from_the_vae_file():
     assert released_preset({"quantizer.lfq.mask": torch.zeros(4)}) is None
 
 
+def test_unknown_preset_is_an_error(files):
+    with pytest.raises(ConfigError, match="infinity_8b"):
+        load_infinity(files / "weights", files / "vae.pth", preset="infinity_9b")
+
+
 def test_512_schedule():
     cfg = SimpleNamespace(pn="1M", h_div_w=1.0)
     s = infinity_8b_512_schedule(cfg)
