@@ -218,7 +218,10 @@ def _released_base(model_cfg, model_kwargs: dict, preset: str, files: str) -> tu
                           "or use model.preset=tiny / --tiny to try the recipe without weights)")
     from transformers import AutoTokenizer, T5EncoderModel
 
-    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, model_kwargs=model_kwargs, preset=preset)
+    # model.model_kwargs / model.vae_kwargs: sizes over the release's (a checkpoint of its family at other sizes)
+    model = load_infinity(model_cfg.model_ckpt, model_cfg.vae_ckpt, preset=preset,
+                          model_kwargs={**(getattr(model_cfg, "model_kwargs", None) or {}), **model_kwargs},
+                          vae_kwargs=getattr(model_cfg, "vae_kwargs", None))
     vae = model.vae
     if not Path(model_cfg.t5).is_dir():
         raise CheckpointError(f"T5 folder not found: {model_cfg.t5} (download google/flan-t5-xl)")

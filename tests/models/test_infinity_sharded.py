@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _infinity_8b_tiny import MODEL_KW, VAE_KW, write_sharded
 from PIL import Image
-from safetensors.torch import save_file
 
 from arbooth.cli import main as cli_main
 from arbooth.errors import CheckpointError, ConfigError
@@ -23,32 +23,12 @@ from arbooth.models.infinity_loading import (
     released_preset,
 )
 
-VAE_KW = {"codebook_dim": 4, "base_ch": 32, "num_res_blocks": 1, "ch_mult": [1, 1, 1, 1], "patch_size": 8,
-          "spatial_patchify": True}
-MODEL_KW = {"depth": 4, "embed_dim": 64, "num_heads": 4, "text_channels": 128, "text_maxlen": 16, "block_chunks": 2}
-
 
 @pytest.fixture(scope="module")
 def tiny_8b():
     torch.manual_seed(0)
     vae = BSQVAE(**{**VAE_KW, "ch_mult": tuple(VAE_KW["ch_mult"])}).eval()
     return Infinity(vae, **MODEL_KW).eval()
-
-
-def write_sharded(folder, sd: dict[str, torch.Tensor], n_shards: int, kind: str = "safetensors") -> dict:
-    """`sd` split into `n_shards` files with the index transformers' save_pretrained writes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keys, weight_map = list(sd), {}
-    for i in range(n_shards):
-        name = (f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" if kind == "safetensors"
-                else f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin")
-        part = {k: sd[k].contiguous().clone() for k in keys[i::n_shards]}
-        save_file(part, str(folder / name)) if kind == "safetensors" else torch.save(part, folder / name)
-        weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-             "weight_map": weight_map}
-    (folder / INDEX_NAMES[0 if kind == "safetensors" else 1]).write_text(json.dumps(index))
-    return weight_map
 
 
 @pytest.fixture(scope="module")
