@@ -57,7 +57,7 @@ def test_each_class_is_sampled_under_its_trained_label(names, labels, tmp_path, 
     var = load_finetuned(final).var
     for r in recs:
         want = var.generate(torch.tensor([r["label"]]), cfg=1.5, top_k=0, top_p=0.0, seed=[r["seed"]])[0]
-        got = torch.from_numpy(np.asarray(Image.open(r["path"]).convert("RGB"))).permute(2, 0, 1) / 255
+        got = torch.from_numpy(np.array(Image.open(r["path"]).convert("RGB"))).permute(2, 0, 1) / 255
         assert (got - want).abs().max() <= 1 / 255 + 1e-6, r
     report = json.loads((gen / "eval_class" / "eval_class.json").read_text())
     assert report["metrics"]["n_generated"] == 6 and report["samples"]["labels"] == labels
