@@ -143,19 +143,25 @@ def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
                               "entry (the hash that identifies the base model)")
 
 
-def load_personalization(path: str | Path, device: str | torch.device = "cpu") -> Personalization:
+def load_personalization(path: str | Path, device: str | torch.device = "cpu", *,
+                         metadata_only: bool = False) -> Personalization:
+    """Read a personalization file. `metadata_only`: no tensor is read (the result's `tensors` is empty and
+    its token a placeholder), for what the metadata says (config, class template) before a model loads."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"personalization file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            keys = list(f.keys())
+            tensors = {} if metadata_only else {k: f.get_tensor(k) for k in keys}
     except Exception as e:  # safetensors raises several types for a bad file
         raise CheckpointError(f"cannot read personalization {path}: {type(e).__name__}: {e}") from e
-    if metadata.get("format") != FORMAT or "subject_token" not in tensors:
+    if metadata.get("format") != FORMAT or "subject_token" not in keys:
         raise CheckpointError(f"{path} is not an arbooth personalization file (format {metadata.get('format')!r})")
     _check_metadata(path, metadata)
+    if metadata_only:
+        return Personalization({}, torch.empty(0), metadata)
     token = tensors.pop("subject_token")
     tuned = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     return Personalization(tuned, token, metadata)
