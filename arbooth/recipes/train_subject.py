@@ -74,20 +74,13 @@ RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
-@dataclass(frozen=True)
-class Checked:
-    """What `check_config` derives from a config before anything heavy, once per run."""
-
-    schedule: list[tuple[int, int, int]]
-    weights: tuple[float, ...]       # one loss weight per scale
-
-
-def check_config(cfg: SubjectTrainConfig) -> Checked:
+def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
     """The cross-field checks that need the base preset's scale schedule (the config's own checks ran in
-    its __post_init__), before any weights load. Raises ConfigError naming the key (e.g.
-    `loss.scale_weights` of the wrong length)."""
+    its __post_init__), before any weights load, once per run; returns the schedule. Raises ConfigError
+    naming the key (e.g. `loss.scale_weights` of the wrong length)."""
     schedule = preset_schedule(cfg.model)
-    return Checked(schedule, cfg.loss.weights_for(len(schedule)))
+    cfg.loss.weights_for(len(schedule))
+    return schedule
 
 
 @dataclass
@@ -117,11 +110,10 @@ class Run:
     record: dict = field(default_factory=dict)    # run.json: run id and sessions
 
 
-def setup(cfg: SubjectTrainConfig, checked: Checked | None = None) -> Run:
-    """Load the models, photos and prompts of a run. `checked`: `check_config(cfg)`, when the caller
-    (`train`) ran it already before touching the run folder."""
-    checked = checked or check_config(cfg)
-    schedule = checked.schedule
+def setup(cfg: SubjectTrainConfig, schedule: list[tuple[int, int, int]] | None = None) -> Run:
+    """Load the models, photos and prompts of a run. `schedule`: `check_config(cfg)`, when the caller
+    (`train`) ran the checks already before touching the run folder."""
+    schedule = schedule or check_config(cfg)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     dev = accelerator.device
     set_seed(cfg.seed)
@@ -163,7 +155,7 @@ def setup(cfg: SubjectTrainConfig, checked: Checked | None = None) -> Run:
     to = lambda xs: tuple(x.to(dev) for x in xs)
     identity = run_identity(cfg, data_sha256=tensors_sha256({"images_N3HW": subject.images_N3HW}),
                             base_sha256=base_id)
-    run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, checked.weights,
+    run = Run(cfg, accelerator, model, tuner, token, optimizer, schedule, cfg.loss.weights_for(len(schedule)),
               vae, features, to(inst), to(cls), to(val) if val else None,
               torch.Generator(dev).manual_seed(cfg.seed + 1), torch.Generator(dev).manual_seed(cfg.seed + 2),
               base_id, tuner.base_tuned_sha256, class_noun=cls_noun, identity=identity)
@@ -355,11 +347,11 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
-    checked = check_config(cfg)  # before the run folder is touched or any weights load
+    schedule = check_config(cfg)  # before the run folder is touched or any weights load
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="resume=true", overwrite_flag="overwrite=true")
-    run = setup(cfg, checked)
+    run = setup(cfg, schedule)
     main = run.accelerator.is_main_process
     start = _resume(run, holds_run)
     start_session(run.record, start_step=start, changes=run.record.pop("_changes", {}),

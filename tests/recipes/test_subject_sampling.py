@@ -63,8 +63,10 @@ def test_eval_subject_samples_from_the_personalization(personalization, tmp_path
               "--batch-size", "4"])
     assert rc == 0
     records = SampleFolder.open(gen).records()
+    # PRES from the run's class prompt (toy.yaml prompts.class_template "a {cls}"; issue 23.6: it was a
+    # hard-coded "a photo of star")
     assert len(records) == 6 and {r["text"] for r in records} == {"a <S*> star on a red background",
-                                                                  "a small <S*> star", "a photo of star"}
+                                                                  "a small <S*> star", "a star"}
     report = json.loads((gen / "eval_subject" / "eval_subject.json").read_text())
     assert report["average"]["n_images"] == 4 and report["average"]["PRES"] is not None
 
