@@ -93,4 +93,22 @@ def main(args: argparse.Namespace) -> int:
     if preset.report is not None:  # e.g. the toy base's evaluators: base-vs-personalized grid and metrics
         for line in preset.report(cfg, path):
             print(line)
+        _card_with_report(cfg, path)
     return 0
+
+
+def _card_with_report(cfg, path) -> None:
+    """Rewrite the run's model card with the report's grid and mean metrics (the toy base's report)."""
+    import json
+
+    from arbooth.adapt.personalization import load_personalization
+    from arbooth.recipes.train_subject import write_subject_card
+
+    out = Path(cfg.out_dir)
+    if not (out / "metrics.json").is_file():
+        return
+    pers = load_personalization(path)
+    mean = json.loads((out / "metrics.json").read_text())["personalized"]["mean"]
+    write_subject_card(cfg, Path(path), base_id=pers.metadata.get("base_model", cfg.model.preset),
+                       base_sha256=pers.metadata["base_tuned_sha256"], class_noun=pers.metadata.get("class_noun", ""),
+                       grid=out / "grid.png" if (out / "grid.png").is_file() else None, metrics=mean)

@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.adapt.personalization import save_personalization
+from arbooth.adapt.personalization import save_lora_personalization, save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
@@ -48,6 +48,7 @@ from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, ConfigError
+from arbooth.model_card import write_model_card
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
@@ -67,12 +68,19 @@ from arbooth.subject_bases import build_models, preset_schedule
 log = logging.getLogger(__name__)
 
 # What this recipe (and the toy report after it) writes into out_dir: a folder holding any holds a run.
-RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "metrics.jsonl", "val",
-               "grid.png", "metrics.json")
+FULL_FILE = "personalization.safetensors"  # tuning.method=full: one file
+LORA_DIR = "personalization"                # tuning.method=lora: a peft adapter folder (adapt/personalization.py)
+RUN_ENTRIES = ("config.yaml", FULL_FILE, LORA_DIR, "train_state.pt", "metrics.jsonl", "val",
+               "grid.png", "metrics.json", "README.md")
 # Config keys a resume may change: more steps, save/validation cadence and validation prompts, paths
 # (the photos' and the base's identity are checked by hash instead), the resume/overwrite switches.
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
+
+def base_name(base_id: str) -> str:
+    """The base's name from a preset's base id ("infinity_2b_reg.pth sha256=..." -> "infinity_2b_reg.pth")."""
+    return base_id.split(" sha256=")[0]
+
 
 def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
     """The cross-field checks that need the scale schedule, before any weights load; returns the
@@ -299,11 +307,14 @@ def save_outputs(run: Run, step: int) -> Path:
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
     tuned = run.tuner.tuned_state_dict()
-    if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
+    if run.cfg.tuning.method == "lora":  # a peft adapter folder; adapters in tuning.lora_file_dtype (training: fp32)
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
-        tuned = {k: v.to(dt) for k, v in tuned.items()}
-    path = save_personalization(out / "personalization.safetensors", tuned,
-                                run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+        path = save_lora_personalization(out / LORA_DIR, run.tuner.spec, {k: v.to(dt) for k, v in tuned.items()},
+                                         run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256,
+                                         base_name=base_name(run.base_id), metadata=meta)
+    else:
+        path = save_personalization(out / FULL_FILE, tuned, run.token.embedding_PC,
+                                    base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
@@ -384,5 +395,37 @@ def train(cfg: SubjectTrainConfig) -> Path:
                 path = save_outputs(run, step + 1)
     if main:
         path = save_outputs(run, cfg.steps)
+        grids = sorted((out / "val").glob("step_*.png"))
+        write_subject_card(cfg, path, base_id=run.base_id, base_sha256=run.base_tuned_sha256,
+                           class_noun=run.class_noun, grid=grids[-1] if grids else None)
         log.info("wrote %s", path)
     return path
+
+
+def write_subject_card(cfg: SubjectTrainConfig, path: Path, *, base_id: str, base_sha256: str, class_noun: str,
+                       grid: Path | None = None, metrics: dict | None = None) -> list[Path]:
+    """The model card of a finished subject run: out_dir/README.md, and for LoRA also inside the peft
+    folder `path` (what a user shares). `grid`: an image to show; `metrics`: name -> value."""
+    lora = cfg.tuning.method == "lora"
+    t = cfg.tuning
+    method = (f"ARBooth, LoRA r={t.lora_rank} alpha={t.lora_alpha or 2 * t.lora_rank:g}" if lora else
+              "ARBooth, full tuning") + f" of {'+'.join(tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers))}"
+    phrase = f"{cfg.prompts.placeholder} {class_noun}"
+    usage = (f"from arbooth.subject_bases import load_sampler\n"
+             f"sampler = load_sampler({path.name!r})  # the base checkpoints: model_ckpt=..., vae_ckpt=..., t5=...\n"
+             f"images = sampler.generate([\"a {phrase} on the beach\"], seed=0)  # (B, 3, H, W) in [0, 1]")
+    if lora:
+        usage += ("\n# or with peft: PeftModel.from_pretrained(base_infinity, folder) (the adapters only; "
+                  "<S*> is in personalization.safetensors)")
+    kw = dict(title=f"ARBooth personalization: {phrase}",
+              summary=f"A personalization of a text-to-image Infinity model on photos of one subject ({class_noun}), "
+                      f"trained {cfg.steps} steps at batch {cfg.batch_size} with arbooth (ARBooth, Chung et al., "
+                      f"ICCV 2025). Prompts name the subject as `{phrase}`.",
+              base_model=base_name(base_id), base_sha256=base_sha256, method=method, adapter=lora,
+              tags=["text-to-image", "infinity", "arbooth-personalization", cfg.model.preset],
+              prompts=[v.format(phrase) for v in cfg.prompts.validation], grid=grid, metrics=metrics,
+              usage=usage)
+    cards = [write_model_card(cfg.out_dir, **kw)]
+    if lora:
+        cards.append(write_model_card(path, **kw))
+    return cards
