@@ -417,14 +417,14 @@ def write_subject_card(cfg: SubjectTrainConfig, path: Path, *, base_id: str, bas
     if lora:
         usage += ("\n# or with peft: PeftModel.from_pretrained(base_infinity, folder) (the adapters only; "
                   "<S*> is in personalization.safetensors)")
-    kw = dict(title=f"ARBooth personalization: {phrase}",
-              summary=f"A personalization of a text-to-image Infinity model on photos of one subject ({class_noun}), "
+    kw = {"title": f"ARBooth personalization: {phrase}",
+              "summary": f"A personalization of a text-to-image Infinity model on photos of one subject ({class_noun}), "
                       f"trained {cfg.steps} steps at batch {cfg.batch_size} with arbooth (ARBooth, Chung et al., "
                       f"ICCV 2025). Prompts name the subject as `{phrase}`.",
-              base_model=base_name(base_id), base_sha256=base_sha256, method=method, adapter=lora,
-              tags=["text-to-image", "infinity", "arbooth-personalization", cfg.model.preset],
-              prompts=[v.format(phrase) for v in cfg.prompts.validation], grid=grid, metrics=metrics,
-              usage=usage)
+              "base_model": base_name(base_id), "base_sha256": base_sha256, "method": method, "adapter": lora,
+              "tags": ["text-to-image", "infinity", "arbooth-personalization", cfg.model.preset],
+              "prompts": [v.format(phrase) for v in cfg.prompts.validation], "grid": grid, "metrics": metrics,
+              "usage": usage}
     cards = [write_model_card(cfg.out_dir, **kw)]
     if lora:
         cards.append(write_model_card(path, **kw))
