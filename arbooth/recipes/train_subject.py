@@ -64,6 +64,15 @@ from arbooth.runs import (
     write_run_file,
 )
 from arbooth.subject_bases import build_models, preset_schedule
+from arbooth.tracking import (
+    accelerator_kwargs,
+    check_report_to,
+    close_trackers,
+    launcher_precision,
+    log_grid,
+    log_step,
+    open_trackers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +80,10 @@ log = logging.getLogger(__name__)
 FULL_FILE = "personalization.safetensors"  # tuning.method=full: one file
 LORA_DIR = "personalization"                # tuning.method=lora: a peft adapter folder (adapt/personalization.py)
 RUN_ENTRIES = ("config.yaml", FULL_FILE, LORA_DIR, "train_state.pt", "metrics.jsonl", "val",
-               "grid.png", "metrics.json", "README.md")
+               "grid.png", "metrics.json", "README.md", "tensorboard", "wandb")
 # Config keys a resume may change: more steps, save/validation cadence and validation prompts, paths
 # (the photos' and the base's identity are checked by hash instead), the resume/overwrite switches.
-SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
+SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation", "log.",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
 def base_name(base_id: str) -> str:
@@ -120,7 +129,11 @@ class Run:
 def setup(cfg: SubjectTrainConfig) -> Run:
     if cfg.model.tuned_dtype == "bf16" and cfg.dtype != "bf16":
         raise ConfigError("model.tuned_dtype=bf16 needs dtype=bf16 (autocast); use both fp32 or both bf16")
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # our own autocast applies cfg.dtype (arbooth/precision.py): accelerate must not add a second one, and a
+    # launcher asking for another precision is refused (launcher_precision), as in train-class
+    launcher_precision(cfg.dtype, "dtype")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no",
+                              **accelerator_kwargs(cfg.log.report_to, cfg.out_dir))
     dev = accelerator.device
     set_seed(cfg.seed)
     schedule = check_config(cfg)
@@ -250,11 +263,12 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     with ctx:
         logits = run.model(text, mask, x_BLd, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
-    out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
+    out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule),
+           "lr": run.optimizer.param_groups[-1]["lr"]}
     total = loss
     if cfg.optim.step_mode == "two_steps" and cfg.loss.prior:  # authors: step on the instance loss first
         on_phase("instance_update")
-        _step(run, loss, params)
+        _grad_norm(out, _step(run, loss, params))
         total = 0.0
     # 3. prior distillation on the teacher's class maps
     if cfg.loss.prior:
@@ -267,8 +281,14 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
         out["distill"] = reg.item()
         total = total + reg
     on_phase("update")
-    _step(run, total, params)
+    _grad_norm(out, _step(run, total, params))
     return out
+
+
+def _grad_norm(out: dict, norm: float | None) -> None:
+    """The gradient norm before clipping (optim.grad_clip > 0 only); two_steps: the larger of the two steps'."""
+    if norm is not None:
+        out["grad_norm"] = max(norm, out.get("grad_norm", 0.0))
 
 
 def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor | None:
@@ -278,12 +298,14 @@ def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor |
     return draw_prompt_drop(batch, rate, run.accelerator.device)
 
 
-def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float | None:
     run.accelerator.backward(loss)
+    norm = None
     if run.cfg.optim.grad_clip > 0:
-        run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+        norm = float(run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 @torch.no_grad()
@@ -358,7 +380,9 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
+    check_single_process()
     check_config(cfg)  # before any weights load
+    check_report_to(cfg.log.report_to)
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="resume=true", overwrite_flag="overwrite=true")
@@ -370,6 +394,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     if main:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
+    open_trackers(run.accelerator, "train-subject", to_dict(cfg), out)
     run.model.train()
     N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)
@@ -385,12 +410,15 @@ def train(cfg: SubjectTrainConfig) -> Path:
         if main:
             bar.set_postfix(loss=f"{m['loss']:.4f}", distill=f"{m.get('distill', 0.0):.4f}",
                             acc="/".join(f"{a:.2f}" for a in m["acc"]))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
+            log_step(run.accelerator, out, m, step + 1)
+            if (step + 1) % cfg.log.every == 0:
+                log.debug("step %d  loss %.4f  distill %.4f", step + 1, m["loss"], m.get("distill", 0.0))
             if not (m["loss"] == m["loss"]):
                 raise ArboothError(f"loss became NaN at step {step + 1}")
             if cfg.validate_every and (step + 1) % cfg.validate_every == 0:
-                validate(run, step + 1)
+                grid = validate(run, step + 1)
+                if grid is not None:
+                    log_grid(run.accelerator, "validation", grid, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 path = save_outputs(run, step + 1)
     if main:
@@ -399,7 +427,25 @@ def train(cfg: SubjectTrainConfig) -> Path:
         write_subject_card(cfg, path, base_id=run.base_id, base_sha256=run.base_tuned_sha256,
                            class_noun=run.class_noun, grid=grids[-1] if grids else None)
         log.info("wrote %s", path)
+    close_trackers(run.accelerator)
     return path
+
+
+def check_single_process() -> None:
+    """ConfigError under a multi-process launch (accelerate launch / torchrun), before any work.
+
+    Why: one step's random draws span the whole batch — the teacher's class samples (run.generator),
+    the bit flips of bitwise self-correction (run.bsc_generator), the prompt drop and DropPath (the
+    global RNG, inside the model) — so a batch split over ranks would draw other numbers than one
+    process does, and the result would not equal the single-process run at the same global batch. The
+    recipe trains batch 2 on one GPU (Infinity-2B fits 24 GB, docs/arbooth.md)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"train-subject runs on one process (this launch has {world}): a batch split over "
+                          "ranks would draw other teacher samples, bit flips, prompt drops and DropPath masks "
+                          "than one process, so the result would differ; launch it without --num_processes")
 
 
 def write_subject_card(cfg: SubjectTrainConfig, path: Path, *, base_id: str, base_sha256: str, class_noun: str,
