@@ -56,6 +56,7 @@ from arbooth.models.var_training import (
     token_metrics,
     var_loss,
 )
+from arbooth.progress import progress
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.runs import (
     ResumeError,
@@ -197,8 +198,6 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     out_dir (a fresh start when out_dir holds no run). `overwrite`: replace the run out_dir holds.
     Without either, a folder holding a run is refused (RunFolderError). `stop_at`: leave after that
     many optimizer steps (checkpointed), as if interrupted."""
-    from tqdm.auto import tqdm
-
     check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     acc = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.out_dir)
@@ -219,8 +218,8 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     open_trackers(acc, "train-class", to_dict(cfg), out)
     bpe = len(run.sampler)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
-    bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
+                   main=acc.is_main_process, dynamic_ncols=True)
     run.model.train()
     micro, window, t0 = step * run.grad_accum, [], time.perf_counter()
     while step < end:

@@ -55,6 +55,7 @@ from arbooth.models.var_training import (
 from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
+from arbooth.progress import progress
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     ResumeError,
@@ -212,8 +213,6 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
               overwrite: bool = False, stop_at: int | None = None, accelerator=None) -> DPRun:
     """One private run at target `epsilon` into `out`. `resume`: a checkpoint folder or "auto" (see the
     non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
-    from tqdm.auto import tqdm
-
     check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     acc = accelerator or make_dp_accelerator(cfg, out)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
@@ -236,8 +235,9 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
         write_run_file(out, run.record)
     open_trackers(acc, "train-class-dp", to_dict(cfg), out)  # the config is public (docs/privacy.md)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
-    bar = tqdm(total=run.total_steps, initial=pt.steps_taken, desc=f"train-class dp {cfg.method.name} eps={epsilon:g}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=run.total_steps, initial=pt.steps_taken,
+                   desc=f"train-class dp {cfg.method.name} eps={epsilon:g}", main=acc.is_main_process,
+                   dynamic_ncols=True)
     pt.module.train()
     micro, window = pos["micro"], []
     try:

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
 from arbooth.adapt.personalization import save_lora_personalization, save_personalization
@@ -53,6 +52,7 @@ from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
+from arbooth.progress import progress
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
     RunFolderError,
@@ -357,7 +357,7 @@ def _resume(run: Run, holds_run: bool) -> int:
         return 0
     if not path.is_file():
         raise RunFolderError(f"{run.cfg.out_dir} holds a run but no train_state.pt to resume; pass "
-                             "overwrite=true to start a new run there")
+                             "--overwrite (overwrite=true) to start a new run there")
     state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
     changes = check_resume(state.get("run", {}), run.identity, safe=SAFE_RESUME_KEYS, where=str(path))
     run.record = {**state["run"]["record"], "_changes": changes}
@@ -385,7 +385,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     check_report_to(cfg.log.report_to)
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
-                                resume_flag="resume=true", overwrite_flag="overwrite=true")
+                                resume_flag="--resume auto (resume=true)", overwrite_flag="--overwrite (overwrite=true)")
     run = setup(cfg)
     main = run.accelerator.is_main_process
     start = _resume(run, holds_run)
@@ -400,7 +400,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     order = torch.Generator().manual_seed(cfg.seed)
     for _ in range(start):  # replay the batch order up to the resumed step
         torch.randint(N, (cfg.batch_size,), generator=order)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="train-subject")
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, main=main, desc="train-subject")
     path = None
     for step in bar:
         idx = torch.randint(N, (cfg.batch_size,), generator=order).to(run.features_NdHW.device)
