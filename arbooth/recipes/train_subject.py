@@ -381,6 +381,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
     check_single_process()
+    launcher_precision(cfg.dtype, "dtype")
     check_config(cfg)  # before any weights load
     check_report_to(cfg.log.report_to)
     out = Path(cfg.out_dir)
