@@ -115,6 +115,20 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("arbooth").setLevel(level)
 
 
+def _through_tqdm():
+    """Route the console log handler through tqdm.write while a command runs (so a log line never lands
+    inside a progress bar); a no-op when the root logger has no console handler (e.g. under pytest)."""
+    import contextlib
+
+    console = [h for h in logging.getLogger().handlers
+               if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+    if not console:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command_name(argv))
@@ -123,10 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
-        with logging_redirect_tqdm():
+        with _through_tqdm():
             return int(args._module.main(args) or 0)
     except ArboothError as e:
         print(f"arbooth {args.command}: error: {e}", file=sys.stderr)

@@ -118,9 +118,9 @@ def launcher_precision(config_value: str, key: str) -> None:
     """The precision `accelerate launch --mixed_precision X` asks for (ACCELERATE_MIXED_PRECISION) must be
     the config's: a silent override would train at another precision than config.yaml records.
     ConfigError naming the key to set otherwise. `config_value`: "fp32", "bf16" or "fp16"."""
-    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    # "no" is also what `accelerate launch` sets when nothing was asked, so only bf16/fp16 count as a request
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     ours = {"fp32": "no"}.get(config_value, config_value)
-    if asked and asked != ours:
-        want = {"no": "fp32"}.get(asked, asked)
+    if asked != "no" and asked != ours:
         raise ConfigError(f"the launcher asks for --mixed_precision {asked} but the config says {key}={config_value}; "
-                          f"set {key}={want} (the run files record the config's precision)")
+                          f"set {key}={asked} (the run files record the config's precision)")

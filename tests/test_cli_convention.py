@@ -61,6 +61,8 @@ def test_train_subject_flags_match_train_class(tmp_path):
     assert cfg.resume and cfg.out_dir == str(tmp_path / "a")
     cfg = build_config(_args("--tiny", "--resume", str(tmp_path / "b" / "train_state.pt")))
     assert cfg.resume and cfg.out_dir == str(tmp_path / "b")
+    cfg = build_config(_args("--tiny", "--out-dir", str(tmp_path / "a"), "--resume", "steps=7"))
+    assert cfg.resume and cfg.steps == 7  # an override after a bare --resume stays an override
     cfg = build_config(_args("--tiny", f"out_dir={tmp_path / 'c'}", "resume=true", "overwrite=false"))
     assert cfg.resume and cfg.out_dir == str(tmp_path / "c")  # the key=value forms still work
     from arbooth.errors import ConfigError
@@ -88,3 +90,18 @@ def test_bad_values_on_the_subject_toy_and_tiny_presets_are_one_line(preset, bad
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("arbooth train-subject: error:"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_log_file_gets_few_bar_lines_and_whole_log_lines():
+    """200 steps with a log line every 50 into a file: a handful of bar writes, every log line on its own."""
+    code = ("import logging\nfrom arbooth.cli import _through_tqdm, build_parser, setup_logging\n"
+            "from arbooth.progress import progress\n"
+            "setup_logging(build_parser().parse_args([]))\nlog = logging.getLogger('arbooth.t')\n"
+            "with _through_tqdm():\n    bar = progress(range(200), desc='steps')\n    for i in bar:\n"
+            "        bar.set_postfix(loss=i, refresh=False)\n        if i % 50 == 0:\n            log.info('step %d', i)\n")
+    r = _run(code)
+    chunks = r.stderr.replace("\r", "\n").splitlines()
+    logs = [c for c in chunks if "arbooth.t: step" in c]
+    assert len(logs) == 4 and all(c.split(" ", 1)[1].startswith("INFO arbooth.t: step") for c in logs), chunks
+    # the first and last state, and one redraw after each log line (tqdm.write clears the bar and redraws it)
+    assert sum("steps:" in c for c in chunks) <= 2 + len(logs), chunks

@@ -55,6 +55,11 @@ def test_train_class_tensorboard_scalars_images_jsonl_and_card(tmp_path):
     card = ModelCard.load(tmp_path / "run" / "final" / "README.md")
     assert card.data.library_name == "arbooth" and "peft" in card.data.tags and card.data.base_model_sha256
     assert (tmp_path / "run" / "final" / "grid.png").is_file()
+    # what a user shares names files, not this machine's folders; the result still loads next to its run
+    for f in ("README.md", "arbooth.yaml", "adapter_config.json"):
+        assert str(tmp_path) not in (tmp_path / "run" / "final" / f).read_text(), f
+    from arbooth.adapt.finetuned import load_finetuned
+    assert load_finetuned(tmp_path / "run" / "final").method == "lora"
 
 
 @needs_tb
@@ -86,6 +91,9 @@ def test_train_subject_tensorboard_and_card(tmp_path):
     scalars, images = _events(tmp_path / "s" / "tensorboard")
     assert {"loss", "distill", "acc/0", "lr"} <= scalars and images
     assert ModelCard.load(tmp_path / "s" / "README.md").data.library_name == "arbooth"
+    from arbooth.adapt.personalization import load_personalization
+    meta = load_personalization(tmp_path / "s" / "personalization.safetensors").metadata
+    assert str(ROOT) not in meta["config"] and str(tmp_path) not in meta["config"]
 
 
 def test_missing_tracker_package_is_one_line_before_anything_is_written(tmp_path):

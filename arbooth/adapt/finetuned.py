@@ -24,7 +24,7 @@ from arbooth.adapt.methods import PEFT_METHODS, MethodConfig, merge_adapters, un
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
-from arbooth.model_card import write_model_card
+from arbooth.model_card import recorded_path, shareable, write_model_card
 from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str],
     """arbooth.yaml: the config plus `result: {method, step, classes, base, run}`. `base` holds the SHA-256
     of the base tokenizer's and transformer's tensors (`load_finetuned` checks them); `run` the run id
     and its sessions (arbooth/runs.py)."""
-    meta = to_dict(cfg)
+    meta = shareable(to_dict(cfg))  # file names, not this machine's paths: a result folder is what users share
     meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes),
                       "base": dict(base or {}), "run": dict(run or {})}
     write_text(Path(folder) / META_FILE, yaml.safe_dump(meta, sort_keys=False))
@@ -267,7 +267,10 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
         method_cfg = from_dict(MethodConfig, config.get("method", {}), "method.")
     except ConfigError as e:
         raise CheckpointError(f"{Path(result_dir) / META_FILE}: the recorded config does not load: {e}") from None
-    mc = replace(model_cfg, vae_ckpt=vae_ckpt or model_cfg.vae_ckpt, var_ckpt=var_ckpt or model_cfg.var_ckpt)
+    # arbooth.yaml records file names only (model_card.shareable); the run folder's config.yaml has the paths
+    local = [Path(result_dir).parent / "config.yaml", Path(result_dir).parent.parent / "config.yaml"]
+    mc = replace(model_cfg, vae_ckpt=vae_ckpt or recorded_path(model_cfg.vae_ckpt, "model.vae_ckpt", local),
+                 var_ckpt=var_ckpt or recorded_path(model_cfg.var_ckpt, "model.var_ckpt", local))
     torch.manual_seed(int(config.get("train", {}).get("seed", 0)))  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:
         vae, var = build_vae_var(mc)

@@ -82,6 +82,9 @@ def train_class_runs(cfg, *, resume: str | None = None, overwrite: bool = False)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse gives the override to --resume (its value is optional)
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
     if args.config is None and args.data is None and args.manifest is None:
         return _toy_main(args)
     from arbooth.recipes.class_dp_config import load_class_config

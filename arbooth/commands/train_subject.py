@@ -60,6 +60,7 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    _resume_value_is_override(args)
     if args.resume is not None:
         if args.resume != "auto":  # a run folder (or the train_state.pt in it): that is out_dir
             folder = Path(args.resume)
@@ -80,6 +81,13 @@ def build_config(args: argparse.Namespace):
                                               "model.t5", "out_dir") else f"{o.split('=', 1)[0]}={_yaml_str(o)}"
               for o in overrides + list(args.overrides)]
     return load_config(SubjectTrainConfig, config, quoted)
+
+
+def _resume_value_is_override(args: argparse.Namespace) -> None:
+    """`--resume steps=3`: argparse gives the override to --resume (its value is optional); it is an override."""
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "auto"
 
 
 def _toy_default(args: argparse.Namespace) -> bool:

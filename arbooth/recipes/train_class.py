@@ -265,7 +265,8 @@ def _log_row(acc, row: dict[str, float], step: int, elapsed: float, bar) -> None
     """Console line of rank 0 (its share of the step's batches; no extra all-reduce)."""
     if not acc.is_main_process:
         return
-    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}")
+    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}",
+                    refresh=False)  # the bar redraws at its own interval (arbooth/progress.py)
     log.info("step %d  loss %.4f  acc %.2f%%  acc_last %.2f%%  lr %.3g  %.1fs", step, row["loss"],
              row["acc"], row["acc_last"], row["lr"], elapsed)
 

@@ -386,7 +386,7 @@ def _end_of_step(run: DPRun, window: list[dict[str, float]], bar, out: Path) -> 
         if grid is not None:
             log_grid(run.accelerator, "samples", grid, step)
     if run.accelerator.is_main_process and (step % run.cfg.log.every == 0 or step == run.total_steps):
-        bar.set_postfix(eps=f"{row['epsilon']:.3f}")
+        bar.set_postfix(eps=f"{row['epsilon']:.3f}", refresh=False)
         log.info("step %d/%d  epsilon %.4f (target %g, delta %.3g)  sigma %.4f  lr %.3g", step,
                  run.total_steps, row["epsilon"], run.epsilon, run.pt.delta, run.pt.noise_multiplier, row["lr"])
 

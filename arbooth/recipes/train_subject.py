@@ -9,8 +9,10 @@ arbooth/models/bitwise_self_correction.py); the teacher (full: base weights swap
 disabled) samples class-prompt token maps, or they come from a bank drawn once (teacher.bank_size); the
 student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
-sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
-`config.yaml`, `run.json` and a resumable `train_state.pt` in `out_dir`. One run per folder
+sum. Writes `personalization.safetensors` (tuning.method=lora: the peft adapter folder `personalization/`),
+validation grids under `val/`, `metrics.jsonl` (and log.report_to's trackers), `README.md` (the model
+card), `config.yaml`, `run.json` and a resumable `train_state.pt` in `out_dir`. One process only
+(`check_single_process` says why). One run per folder
 (arbooth/runs.py): a folder holding another run is refused unless `resume=true` or `overwrite=true`;
 the state records the config, the subject photos' and the base's identity, and a resume may change only
 `SAFE_RESUME_KEYS`.
@@ -47,7 +49,7 @@ from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, ConfigError
-from arbooth.model_card import write_model_card
+from arbooth.model_card import shareable, write_model_card
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
@@ -85,6 +87,7 @@ RUN_ENTRIES = ("config.yaml", FULL_FILE, LORA_DIR, "train_state.pt", "metrics.js
 # (the photos' and the base's identity are checked by hash instead), the resume/overwrite switches.
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation", "log.",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
+
 
 def base_name(base_id: str) -> str:
     """The base's name from a preset's base id ("infinity_2b_reg.pth sha256=..." -> "infinity_2b_reg.pth")."""
@@ -325,7 +328,8 @@ def validate(run: Run, step: int) -> Path | None:
 def save_outputs(run: Run, step: int) -> Path:
     """The personalization file (tuned tensors + <S*>) and the resumable training state."""
     out = Path(run.cfg.out_dir)
-    meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
+    # file names, not this machine's paths (the run folder's config.yaml keeps those: subject_bases.build_base)
+    meta = {"config": json.dumps(shareable(to_dict(run.cfg))), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
     tuned = run.tuner.tuned_state_dict()
@@ -410,7 +414,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
         m["step"], m["time_s"] = step + 1, time.perf_counter() - t0
         if main:
             bar.set_postfix(loss=f"{m['loss']:.4f}", distill=f"{m.get('distill', 0.0):.4f}",
-                            acc="/".join(f"{a:.2f}" for a in m["acc"]))
+                            acc="/".join(f"{a:.2f}" for a in m["acc"]), refresh=False)
             log_step(run.accelerator, out, m, step + 1)
             if (step + 1) % cfg.log.every == 0:
                 log.debug("step %d  loss %.4f  distill %.4f", step + 1, m["loss"], m.get("distill", 0.0))

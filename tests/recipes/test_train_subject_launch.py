@@ -43,3 +43,6 @@ def test_launcher_precision_other_than_the_config_is_refused_in_both_trainers(tm
     with pytest.raises(ConfigError, match="set train.precision=bf16"):
         train(tiny_config(write_dataset(tmp_path / "data"), tmp_path / "c", "lora"))
     assert not (tmp_path / "c").exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` sets when nothing was asked
+    from arbooth.tracking import launcher_precision
+    launcher_precision("bf16", "train.precision")
