@@ -151,9 +151,11 @@ def class_prompt(class_noun: str, template: str = CLASS_TEMPLATE) -> str:
 
 def run_class_template(checkpoint: Path) -> str:
     """The class template a personalization file's run trained with (its metadata only: no tensor read)."""
-    from arbooth.adapt.personalization import load_personalization
+    import torch
 
-    return load_personalization(checkpoint, metadata_only=True).class_template
+    from arbooth.adapt.personalization import Personalization, personalization_metadata
+
+    return Personalization({}, torch.empty(0), personalization_metadata(checkpoint)).class_template
 
 
 def subject_keys(templates: list[str], *, n_per_prompt: int, seed: int) -> list[tuple[str, int]]:
