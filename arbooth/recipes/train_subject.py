@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.adapt.personalization import save_personalization
+from arbooth.adapt.personalization import personalization_tensors
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
@@ -43,7 +43,7 @@ from arbooth.adapt.subject_token import (
     init_subject_token,
     instance_prompt,
 )
-from arbooth.checkpoint import save_torch
+from arbooth.checkpoint import safetensors_writer, torch_writer
 from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
@@ -51,15 +51,20 @@ from arbooth.errors import ArboothError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
+from arbooth.outputs import atomic_write_many
 from arbooth.precision import autocast
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
+    RUN_FILE,
     RunFolderError,
     check_resume,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
+    refuse_backwards,
     run_identity,
     start_session,
+    truncate_jsonl,
     write_run_file,
 )
 from arbooth.subject_bases import build_models, preset_schedule
@@ -293,7 +298,9 @@ def validate(run: Run, step: int) -> Path | None:
 
 
 def save_outputs(run: Run, step: int) -> Path:
-    """The personalization file (tuned tensors + <S*>) and the resumable training state."""
+    """The personalization file (tuned tensors + <S*>), the resumable training state and run.json, written
+    together (`atomic_write_many`): a failed write (a full disk) leaves all three as they were, so the
+    personalization and the state never hold different steps."""
     out = Path(run.cfg.out_dir)
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
@@ -302,17 +309,21 @@ def save_outputs(run: Run, step: int) -> Path:
     if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
         tuned = {k: v.to(dt) for k, v in tuned.items()}
-    path = save_personalization(out / "personalization.safetensors", tuned,
-                                run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+    pers_write, pers_size = safetensors_writer(*personalization_tensors(
+        tuned, run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta))
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
-    save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
-                "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
-                "bsc_generator": run.bsc_generator.get_state(),
-                "rng": torch.get_rng_state(),
-                # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
-    write_run_file(out, run.record)
+    state_write, state_size = torch_writer({
+        "step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
+        "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
+        "bsc_generator": run.bsc_generator.get_state(), "rng": torch.get_rng_state(),
+        # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "run": {**run.identity, "record": run.record}})
+    record = json.dumps(run.record, indent=1, default=str) + "\n"
+    path = out / "personalization.safetensors"
+    atomic_write_many([(path, pers_write), (out / "train_state.pt", state_write),
+                       (out / RUN_FILE, lambda tmp: Path(tmp).write_text(record))], size=pers_size + state_size)
     return path
 
 
@@ -327,6 +338,7 @@ def _resume(run: Run, holds_run: bool) -> int:
                              "overwrite=true to start a new run there")
     state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
     changes = check_resume(state.get("run", {}), run.identity, safe=SAFE_RESUME_KEYS, where=str(path))
+    refuse_backwards(int(state["step"]), run.cfg.steps, where=str(run.cfg.out_dir), steps_key="steps=")
     run.record = {**state["run"]["record"], "_changes": changes}
     with torch.no_grad():
         run.token.embedding_PC.copy_(state["token"])
@@ -344,10 +356,18 @@ def _resume(run: Run, holds_run: bool) -> int:
 
 
 def train(cfg: SubjectTrainConfig) -> Path:
-    """Run the recipe; returns the personalization file's path."""
+    """Run the recipe; returns the personalization file's path. The run holds out_dir while it runs
+    (`hold_run_dir`: a second run into it is refused)."""
+    from accelerate import PartialState
+
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
     check_config(cfg)  # before any weights load
+    with hold_run_dir(cfg.out_dir, "train-subject", enabled=PartialState().is_main_process):
+        return _train(cfg)
+
+
+def _train(cfg: SubjectTrainConfig) -> Path:
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="resume=true", overwrite_flag="overwrite=true")
@@ -359,6 +379,7 @@ def train(cfg: SubjectTrainConfig) -> Path:
     if main:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
+        truncate_jsonl(out / "metrics.jsonl", start)  # steps after the resumed one are logged again below
     run.model.train()
     N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)
