@@ -19,7 +19,7 @@ creation time, and one entry per session: the steps it ran and the config change
   is refused, naming the keys; safe changes (more steps, checkpoint/log cadence, moved paths whose
   content hash is unchanged) are applied and recorded in `run.json` and the checkpoint.
 
-Imports only torch/numpy/yaml and `arbooth.config`/`errors`/`outputs`: this module sits in the bottom layer, with
+Imports only torch/numpy/yaml and `arbooth.config`/`outputs`/`errors`: this module sits in the bottom layer, with
 `checkpoint`, so that every recipe can share it.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import socket
 import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ import torch
 import yaml
 
 from arbooth.config import to_dict
-from arbooth.errors import ArboothError, ConfigError
+from arbooth.errors import ArboothError, CheckpointError, ConfigError
 from arbooth.outputs import write_text
 
 RUN_FILE = "run.json"
@@ -117,11 +118,7 @@ def read_run_file(out: str | Path) -> dict[str, Any] | None:
 
 def write_run_file(out: str | Path, record: Mapping[str, Any]) -> None:
     """Atomically write run.json (a crash leaves the old file or the new one)."""
-    path = Path(out) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_FILE}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    write_text(Path(out) / RUN_FILE, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def new_run_record(command: str, run_id: str | None = None) -> dict[str, Any]:
@@ -337,6 +334,58 @@ def prune_checkpoints(root: Path, keep: int, run_id: str) -> None:
     if keep > 0:
         for _, old in run_checkpoints(root, run_id)[:-keep]:
             shutil.rmtree(old)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checked checkpoint to continue: its folder, its train_state.pt, the safe config changes, and the
+    run record to carry on (`_changes` holds the changes for the next session)."""
+    folder: Path
+    state: dict
+    changes: dict[str, list[Any]]
+    record: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def resume_point(out: str | Path, resume: str | Path, *, identity: Mapping[str, Any], safe: Collection[str],
+                 num_processes: int, weights_only: bool = True,
+                 require: tuple[str, str] | None = None) -> ResumePoint:
+    """Find and check the checkpoint a class recipe resumes from; restoring it is the recipe's.
+
+    `resume` is a checkpoint folder or "auto" (the newest checkpoint of the run in `out`). The checkpoint
+    must belong to the run that `out` holds, compare equal to `identity` up to the `safe` keys
+    (`check_resume`) and come from `num_processes` processes (the data order depends on it).
+    `weights_only=False` only for a recipe's own train_state.pt whose state is not plain tensors (the DP
+    accountant). `require=(key, message)`: a key train_state.pt must hold, else ResumeError(f"{folder}
+    {message}"). Raises RunFolderError, CheckpointError, ResumeError (one line each).
+    """
+    out = Path(out)
+    current = read_run_file(out)
+    if str(resume) == "auto":
+        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
+        if folder is None:
+            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
+                                 "start a new run there")
+    else:
+        folder = Path(resume)
+    state_path = folder / "train_state.pt"
+    if not state_path.is_file():
+        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
+    state = torch.load(state_path, map_location="cpu", weights_only=weights_only)
+    saved = state.get("run", {})
+    if current is not None and saved.get("run_id") != current["run_id"]:
+        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
+                          f"{current['run_id']}; resume into that run's own folder")
+    if require is not None and require[0] not in state:
+        raise ResumeError(f"{folder} {require[1]}")
+    changes = check_resume(saved, identity, safe=safe, where=str(folder))
+    if state["world_size"] != num_processes:
+        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
+                              f"same number (now {num_processes}) so the data order stays the same")
+    return ResumePoint(folder=folder, state=state, changes=changes, record={**saved["record"], "_changes": changes})
 
 
 def get_rng_state() -> dict:

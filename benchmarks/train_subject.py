@@ -25,8 +25,8 @@ from accelerate import Accelerator
 from arbooth.adapt.subject_token import SubjectToken
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
-from arbooth.subject_bases import ModelConfig
 from arbooth.recipes.train_subject import Run, build_optimizer, build_tuner, train_step
+from arbooth.subject_bases import ModelConfig
 from arbooth.toy.tiny import TINY
 
 

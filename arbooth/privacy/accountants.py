@@ -43,6 +43,14 @@ class WideRDPAccountant(RDPAccountant):
     DEFAULT_ALPHAS = RDP_ORDERS
 
 
+def history_after_step(history: list[tuple[float, float, int]], sigma: float, q: float) -> list:
+    """An accountant history `[(noise_multiplier, sample_rate, steps), ...]` after one more step: a run of
+    equal (sigma, q) is one entry, as Opacus' RDP/PRV accountants merge it. Returns a new list."""
+    if history and tuple(history[-1][:2]) == (sigma, q):
+        return [*history[:-1], (sigma, q, history[-1][2] + 1)]
+    return [*history, (sigma, q, 1)]
+
+
 class PLDAccountant(IAccountant):
     """Opacus accountant interface over `dp_accounting.pld.PLDAccountant` (add-or-remove-one neighbours,
     as Opacus' RDP/PRV accountants and the guarantee in docs/privacy.md).
@@ -58,11 +66,7 @@ class PLDAccountant(IAccountant):
         self.value_discretization_interval = value_discretization_interval
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            sigma, q, n = self.history.pop()
-            self.history.append((sigma, q, n + 1))
-        else:
-            self.history.append((noise_multiplier, sample_rate, 1))
+        self.history = history_after_step(self.history, noise_multiplier, sample_rate)
 
     def get_epsilon(self, delta: float, **kwargs) -> float:
         from dp_accounting import dp_event

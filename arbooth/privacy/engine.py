@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from arbooth.errors import ArboothError, ConfigError
-from arbooth.privacy.accountants import calibrate_noise, make_accountant
+from arbooth.privacy.accountants import calibrate_noise, history_after_step, make_accountant
 from arbooth.privacy.bookkeeping import BookKeepingGradSampleModule
 from arbooth.privacy.views import ViewsGradSampleModule, ViewsGradSampleModuleGhost
 
@@ -90,13 +90,6 @@ class EpsilonMeter:
             self._curves[(sigma, q)] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
                                                                 orders=alphas)
         return self._curves[(sigma, q)]
-
-
-def _append_step(history: list, sigma: float, q: float) -> list:
-    """The history after one more step, merged as the accountants' `step` does."""
-    if history and history[-1][:2] == (sigma, q):
-        return [*history[:-1], (sigma, q, history[-1][2] + 1)]
-    return [*history, (sigma, q, 1)]
 
 
 @dataclass
@@ -181,7 +174,7 @@ class PrivateTraining:
 def _guarded_accounting_hook(pt: PrivateTraining) -> Callable[[DPOptimizer], None]:
     def hook(optim: DPOptimizer) -> None:
         q = pt.sample_rate * optim.accumulated_iterations  # as Opacus' IAccountant.get_optimizer_hook_fn
-        eps = pt.meter(_append_step(pt.accountant.history, optim.noise_multiplier, q))
+        eps = pt.meter(history_after_step(pt.accountant.history, optim.noise_multiplier, q))
         if eps > pt.target_epsilon:
             raise PrivacyBudgetExceeded(
                 f"step {pt.steps_taken + 1} would spend epsilon {eps:.4g} > target {pt.target_epsilon:g} "

@@ -44,7 +44,7 @@ from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
-from arbooth.errors import CheckpointError, ConfigError
+from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
@@ -54,17 +54,13 @@ from arbooth.models.var_training import (
     token_metrics,
     var_loss,
 )
-from arbooth.recipes.class_config import ClassTrainConfig
+from arbooth.recipes.class_config import SAFE_RESUME_KEYS, ClassTrainConfig
 from arbooth.runs import (
-    ResumeError,
-    RunFolderError,
-    check_resume,
     get_rng_state,
-    latest_checkpoint,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
-    read_run_file,
+    resume_point,
     run_identity,
     set_rng_state,
     start_session,
@@ -76,12 +72,6 @@ log = logging.getLogger(__name__)
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # What this recipe writes into train.out_dir: a folder holding any of these holds a run.
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
-# Config keys a resume may change (recorded in run.json): more or fewer steps (a decaying lr schedule is
-# rebuilt over the new total from the resumed step), checkpoint and log cadence, loader workers, and
-# paths, whose content is checked by the data and base hashes instead. Anything else is refused.
-SAFE_RESUME_KEYS = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.out_dir", "log.", "data.num_workers", "data.root", "data.manifest",
-                    "model.vae_ckpt", "model.var_ckpt")
 
 
 # ------------------------------------------------------------------ setup
@@ -317,29 +307,13 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
 
 
 def load_checkpoint(run: Run, resume: str | Path) -> int:
-    """Check that a checkpoint continues this run (same config up to SAFE_RESUME_KEYS, same data, same
-    base), then restore weights, optimizer, scheduler and RNG; returns its step. Sets `run.record`."""
-    acc, out = run.accelerator, Path(run.cfg.train.out_dir)
-    current = read_run_file(out)
-    if str(resume) == "auto":
-        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
-        if folder is None:
-            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
-                                 "start a new run there")
-    else:
-        folder = Path(resume)
-    state_path = folder / "train_state.pt"
-    if not state_path.is_file():
-        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    saved = state.get("run", {})
-    if current is not None and saved.get("run_id") != current["run_id"]:
-        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
-                          f"{current['run_id']}; resume into that run's own folder")
-    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
-    if state["world_size"] != acc.num_processes:
-        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
-                              f"same number (now {acc.num_processes}) so the data order stays the same")
+    """Check that a checkpoint continues this run (`runs.resume_point`: same config up to SAFE_RESUME_KEYS,
+    same data, same base), then restore weights, optimizer, scheduler and RNG; returns its step. Sets
+    `run.record`."""
+    acc = run.accelerator
+    point = resume_point(run.cfg.train.out_dir, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
+                         num_processes=acc.num_processes)
+    state, folder = point.state, point.folder
     load_result_weights(acc.unwrap_model(run.model), run.cfg.method.name, folder)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -348,11 +322,11 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
         set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
-    run.record = {**saved["record"], "_changes": changes}
+    run.record = point.record
     if acc.is_main_process:
-        log.info("resumed from %s at step %d%s", folder, state["step"],
-                 f" with changes {changes}" if changes else "")
-    return int(state["step"])
+        log.info("resumed from %s at step %d%s", folder, point.step,
+                 f" with changes {point.changes}" if point.changes else "")
+    return point.step
 
 
 def losses(history: Iterable[dict[str, float]]) -> list[float]:

@@ -42,8 +42,8 @@ from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_r
 from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
 from arbooth.config import save_config
-from arbooth.data.class_dataset import ClassImageDataset
-from arbooth.errors import CheckpointError, ConfigError
+from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed
+from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
@@ -55,17 +55,14 @@ from arbooth.models.var_training import (
 from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
+from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_KEYS
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
-    ResumeError,
-    RunFolderError,
-    check_resume,
     get_rng_state,
-    latest_checkpoint,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
-    read_run_file,
+    resume_point,
     run_identity,
     set_rng_state,
     start_session,
@@ -77,10 +74,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
 
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final")
-# A DP resume may change only what does not touch the privacy analysis or the data stream: no step
-# count (sigma was calibrated for the planned steps) and no privacy.* key.
-SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
-                    "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
 
 
 class MultiViewDataset(Dataset):
@@ -94,8 +87,7 @@ class MultiViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = ((self.seed * 1_000_003 + self.epoch) * 2_147_483 + i) * 1_009
-        items = [self.base[(i, s + v)] for v in range(self.views)]
+        items = [self.base[(i, augmentation_seed(self.seed, self.epoch, i, v))] for v in range(self.views)]
         return torch.stack([img for img, _ in items]), torch.tensor(items[0][1])
 
 
@@ -284,40 +276,23 @@ def save_dp_checkpoint(run: DPRun, pos: dict, folder: Path) -> None:
 
 
 def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
-    """Check and restore a DP checkpoint (as the non-private `load_checkpoint`, plus the private state);
-    returns the sampler position."""
+    """Check and restore a DP checkpoint (`runs.resume_point`, as the non-private `load_checkpoint`, plus
+    the private state); returns the sampler position."""
     from arbooth.adapt.finetuned import load_result_weights
 
-    current = read_run_file(out)
-    if str(resume) == "auto":
-        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
-        if folder is None:
-            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
-                                 "start a new run there")
-    else:
-        folder = Path(resume)
-    if not (folder / "train_state.pt").is_file():
-        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
     # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
-    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
-    saved = state.get("run", {})
-    if current is not None and saved.get("run_id") != current["run_id"]:
-        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
-                          f"{current['run_id']}; resume into that run's own folder")
-    if "private" not in state:
-        raise ResumeError(f"{folder} is not a DP checkpoint; it cannot continue a private run")
-    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
-    if state["world_size"] != run.accelerator.num_processes:
-        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
-                              f"same number (now {run.accelerator.num_processes})")
-    load_result_weights(run.model, run.cfg.method.name, folder)
+    point = resume_point(out, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
+                         num_processes=run.accelerator.num_processes, weights_only=False,
+                         require=("private", "is not a DP checkpoint; it cannot continue a private run"))
+    state = point.state
+    load_result_weights(run.model, run.cfg.method.name, point.folder)
     run.pt.load_state_dict(state["private"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     run.stopped_by_budget = bool(state.get("stopped_by_budget"))
-    run.record = {**saved["record"], "_changes": changes}
+    run.record = point.record
     if run.accelerator.is_main_process:
-        log.info("resumed %s at step %d, epsilon %.4f spent so far", folder, state["step"], run.pt.epsilon())
+        log.info("resumed %s at step %d, epsilon %.4f spent so far", point.folder, point.step, run.pt.epsilon())
     return dict(state["position"])
 
 

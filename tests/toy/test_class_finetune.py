@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from arbooth.cli import main as cli_main
-from arbooth.recipes.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
+from arbooth.jobs.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
 from arbooth.toy.class_eval import ToyClassEvaluator
 from arbooth.toy.class_var import load_toy_extractor
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from arbooth.config import from_dict, parse_overrides
+from arbooth.outputs import write_text
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_eval import ToyClassEvaluator, sample
@@ -132,9 +133,7 @@ def run_default(out: str | Path = DEFAULT_OUT, world: str = DEFAULT_WORLD, overr
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
         "threads": torch.get_num_threads(),
     }
-    tmp = out / "metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    tmp.replace(out / "metrics.json")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
