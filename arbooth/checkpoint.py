@@ -142,3 +142,17 @@ def commit_dir(partial: str | os.PathLike, folder: str | os.PathLike) -> None:
         shutil.rmtree(folder)
     Path(partial).rename(folder)
 
+
+
+def commit_staged(stage: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move every entry of the finished staging folder `stage` (from `partial_dir`) into `out`, replacing
+    entries of the same name, then remove `stage`. Renames need no space, so once the files that belong
+    together are all written a full disk cannot leave some of them new and some old."""
+    stage, out = Path(stage), Path(out)
+    for entry in sorted(stage.iterdir()):
+        target = out / entry.name
+        if entry.is_dir():
+            commit_dir(entry, target)
+        else:
+            os.replace(entry, target)
+    stage.rmdir()

@@ -112,20 +112,11 @@ class Personalization:
 def save_personalization(path: str | Path, tuned: Mapping[str, torch.Tensor], subject_token_PC: torch.Tensor, *,
                          base_tuned_sha256: str, metadata: Mapping[str, str]) -> Path:
     """Write the personalization file atomically; `tuned` maps model names to tensors."""
-    tensors, meta = personalization_tensors(tuned, subject_token_PC, base_tuned_sha256=base_tuned_sha256,
-                                            metadata=metadata)
-    save_safetensors(tensors, path, metadata=meta)
-    return Path(path)
-
-
-def personalization_tensors(tuned: Mapping[str, torch.Tensor], subject_token_PC: torch.Tensor, *,
-                            base_tuned_sha256: str, metadata: Mapping[str, str]
-                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a personalization file, for a writer that saves it with other files at once."""
     tensors = {_MODEL_PREFIX + k: v for k, v in tuned.items()}
     tensors["subject_token"] = subject_token_PC
     meta = {"format": FORMAT, "base_tuned_sha256": base_tuned_sha256, **{k: str(v) for k, v in metadata.items()}}
-    return tensors, meta
+    save_safetensors(tensors, path, metadata=meta)
+    return Path(path)
 
 
 def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:

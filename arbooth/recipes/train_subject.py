@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.adapt.personalization import personalization_tensors
+from arbooth.adapt.personalization import save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
@@ -43,7 +44,7 @@ from arbooth.adapt.subject_token import (
     init_subject_token,
     instance_prompt,
 )
-from arbooth.checkpoint import safetensors_writer, torch_writer
+from arbooth.checkpoint import commit_staged, partial_dir, save_torch
 from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
@@ -51,11 +52,9 @@ from arbooth.errors import ArboothError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
-from arbooth.outputs import atomic_write_many
 from arbooth.precision import autocast
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
-    RUN_FILE,
     RunFolderError,
     check_resume,
     hold_run_dir,
@@ -298,10 +297,11 @@ def validate(run: Run, step: int) -> Path | None:
 
 
 def save_outputs(run: Run, step: int) -> Path:
-    """The personalization file (tuned tensors + <S*>), the resumable training state and run.json, written
-    together (`atomic_write_many`): a failed write (a full disk) leaves all three as they were, so the
-    personalization and the state never hold different steps."""
+    """The personalization file (tuned tensors + <S*>), the resumable training state and run.json. They are
+    written into a staging folder first and moved into out_dir only when all are complete (`commit_staged`),
+    so a failed write (a full disk: one OutputError line) leaves the files of the last save, which agree."""
     out = Path(run.cfg.out_dir)
+    stage = partial_dir(out / ".save")
     meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
@@ -309,22 +309,27 @@ def save_outputs(run: Run, step: int) -> Path:
     if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
         tuned = {k: v.to(dt) for k, v in tuned.items()}
-    pers_write, pers_size = safetensors_writer(*personalization_tensors(
-        tuned, run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta))
+    try:
+        _save_all(run, step, stage, tuned, meta)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    commit_staged(stage, out)
+    return out / "personalization.safetensors"
+
+
+def _save_all(run: Run, step: int, stage: Path, tuned: dict, meta: dict) -> None:
+    save_personalization(stage / "personalization.safetensors", tuned,
+                         run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
-    state_write, state_size = torch_writer({
-        "step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
-        "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
-        "bsc_generator": run.bsc_generator.get_state(), "rng": torch.get_rng_state(),
-        # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "run": {**run.identity, "record": run.record}})
-    record = json.dumps(run.record, indent=1, default=str) + "\n"
-    path = out / "personalization.safetensors"
-    atomic_write_many([(path, pers_write), (out / "train_state.pt", state_write),
-                       (out / RUN_FILE, lambda tmp: Path(tmp).write_text(record))], size=pers_size + state_size)
-    return path
+    save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
+                "tuned": run.tuner.tuned_state_dict(), "generator": run.generator.get_state(),
+                "bsc_generator": run.bsc_generator.get_state(),
+                "rng": torch.get_rng_state(),
+                # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, stage / "train_state.pt")
+    write_run_file(stage, run.record)
 
 
 def _resume(run: Run, holds_run: bool) -> int:

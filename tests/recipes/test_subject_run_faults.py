@@ -39,7 +39,7 @@ def _log(out: Path) -> list[dict]:
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def _step_of(out: Path) -> tuple[str, int]:
@@ -81,9 +81,10 @@ def test_resume_after_a_crash_logs_each_step_once_and_equals_the_uninterrupted_r
 
 def test_a_run_holds_its_folder_and_a_crashed_runs_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    with hold_run_dir(out, "train-subject"):  # another live run (this process) holds the folder
-        with pytest.raises(RunFolderError, match=f"{out} is in use by another run .*pid {os.getpid()}"):
-            train(_cfg(out, "steps=1"))
+    # another live run (this process) holds the folder
+    with hold_run_dir(out, "train-subject"), \
+            pytest.raises(RunFolderError, match=f"{out} is in use by another run .*pid {os.getpid()}"):
+        train(_cfg(out, "steps=1"))
     assert not (out / "personalization.safetensors").exists() and not (out / LOCK_FILE).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now: a lock it left is stale
@@ -113,4 +114,4 @@ def test_a_full_disk_mid_save_is_one_line_and_the_files_still_agree(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"in {out}" in err[-1] and "MB free" in err[-1] and "MB needed" in err[-1], err[-1]
     assert _step_of(out) == ("2", 2)
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".partial"))]
