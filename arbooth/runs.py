@@ -351,13 +351,14 @@ class ResumePoint:
 
 
 def resume_point(out: str | Path, resume: str | Path, *, identity: Mapping[str, Any], safe: Collection[str],
-                 num_processes: int, weights_only: bool = True,
+                 num_processes: int, end_step: int, weights_only: bool = True,
                  require: tuple[str, str] | None = None) -> ResumePoint:
     """Find and check the checkpoint a class recipe resumes from; restoring it is the recipe's.
 
     `resume` is a checkpoint folder or "auto" (the newest checkpoint of the run in `out`). The checkpoint
     must belong to the run that `out` holds, compare equal to `identity` up to the `safe` keys
-    (`check_resume`) and come from `num_processes` processes (the data order depends on it).
+    (`check_resume`), come from `num_processes` processes (the data order depends on it) and be at most at
+    `end_step`, the step the resumed config ends at (`refuse_backwards`).
     `weights_only=False` only for a recipe's own train_state.pt whose state is not plain tensors (the DP
     accountant). `require=(key, message)`: a key train_state.pt must hold, else ResumeError(f"{folder}
     {message}"). Raises RunFolderError, CheckpointError, ResumeError (one line each).
@@ -385,6 +386,8 @@ def resume_point(out: str | Path, resume: str | Path, *, identity: Mapping[str, 
     if state["world_size"] != num_processes:
         raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
                               f"same number (now {num_processes}) so the data order stays the same")
+    refuse_backwards(int(state["step"]), end_step, where=str(folder),
+                     steps_key="train.max_steps / train.epochs")
     return ResumePoint(folder=folder, state=state, changes=changes, record={**saved["record"], "_changes": changes})
 
 

@@ -41,7 +41,7 @@ from arbooth.adapt.finetuned import (
     write_result_meta,
 )
 from arbooth.adapt.methods import count_parameters, unwrap_peft
-from arbooth.checkpoint import commit_dir, partial_dir
+from arbooth.checkpoint import commit_dir, partial_dir, save_torch
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
 from arbooth.errors import ConfigError
@@ -57,6 +57,7 @@ from arbooth.models.var_training import (
 from arbooth.recipes.class_config import SAFE_RESUME_KEYS, ClassTrainConfig
 from arbooth.runs import (
     get_rng_state,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
@@ -172,9 +173,15 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     out_dir (a fresh start when out_dir holds no run). `overwrite`: replace the run out_dir holds.
     Without either, a folder holding a run is refused (RunFolderError). `stop_at`: leave after that
     many optimizer steps (checkpointed), as if interrupted."""
+    acc = accelerator or make_accelerator(cfg)
+    # the run holds its folder (one run per folder, also when two start at once); rank 0 takes the lock
+    with hold_run_dir(cfg.train.out_dir, "train-class", enabled=acc.is_main_process):
+        return _train(cfg, acc, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _train(cfg: ClassTrainConfig, acc, *, resume: str | Path | None, overwrite: bool, stop_at: int | None) -> Run:
     from tqdm.auto import tqdm
 
-    acc = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
@@ -190,7 +197,8 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     if acc.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    writer = _open_trackers(cfg, out) if acc.is_main_process else None
+    # a resumed run's TensorBoard events after its step are dropped (they are logged again)
+    writer = _open_trackers(cfg, out, purge_step=step + 1 if step else None) if acc.is_main_process else None
     bpe = len(run.sampler)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
@@ -244,7 +252,7 @@ def _log_row(acc, writer, row: dict[str, float], step: int, elapsed: float, bar)
             writer.add_scalar(f"train/{k}", v, step)
 
 
-def _open_trackers(cfg: ClassTrainConfig, out: Path):
+def _open_trackers(cfg: ClassTrainConfig, out: Path, purge_step: int | None = None):
     if cfg.log.wandb:
         raise ConfigError("log.wandb is not supported yet; use log.tensorboard=true")
     if not cfg.log.tensorboard:
@@ -253,7 +261,7 @@ def _open_trackers(cfg: ClassTrainConfig, out: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
 @torch.no_grad()
@@ -284,7 +292,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
         partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
-        torch.save(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
+        save_torch(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.record["sessions"][-1]["end_step"] = step
@@ -294,7 +302,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
                           run={"run_id": run.record["run_id"], "sessions": run.record["sessions"],
                                "unreadable_files": len(run.dataset.unreadable)})
         if train_state:
-            torch.save({"step": step, "micro_step": step * run.grad_accum,
+            save_torch({"step": step, "micro_step": step * run.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(),
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -312,7 +320,7 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     `run.record`."""
     acc = run.accelerator
     point = resume_point(run.cfg.train.out_dir, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
-                         num_processes=acc.num_processes)
+                         num_processes=acc.num_processes, end_step=run.total_steps)
     state, folder = point.state, point.folder
     load_result_weights(acc.unwrap_model(run.model), run.cfg.method.name, folder)
     run.optimizer.load_state_dict(state["optimizer"])

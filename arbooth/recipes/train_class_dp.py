@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_result_meta
 from arbooth.adapt.methods import count_parameters, unwrap_peft
-from arbooth.checkpoint import commit_dir, partial_dir
+from arbooth.checkpoint import commit_dir, partial_dir, save_torch
 from arbooth.config import save_config
 from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed
 from arbooth.errors import ConfigError
@@ -59,6 +59,7 @@ from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_K
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     get_rng_state,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
@@ -199,9 +200,16 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
     """One private run at target `epsilon` into `out`. `resume`: a checkpoint folder or "auto" (see the
     non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    with hold_run_dir(out, "train-class (DP)", enabled=acc.is_main_process):  # one run per folder
+        return _train_one(cfg, epsilon, out, acc, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _train_one(cfg: ClassDPConfig, epsilon: float, out: Path, acc, *, resume: str | Path | None,
+               overwrite: bool, stop_at: int | None) -> DPRun:
+    from tqdm.auto import tqdm
+
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
     acc.wait_for_everyone()
@@ -282,7 +290,8 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
 
     # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
     point = resume_point(out, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
-                         num_processes=run.accelerator.num_processes, weights_only=False,
+                         num_processes=run.accelerator.num_processes, end_step=run.total_steps,
+                         weights_only=False,
                          require=("private", "is not a DP checkpoint; it cannot continue a private run"))
     state = point.state
     load_result_weights(run.model, run.cfg.method.name, point.folder)
@@ -337,7 +346,7 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
                                "unreadable_files": len(run.dataset.base.unreadable)})
         write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
         if train_state is not None:
-            torch.save(train_state, partial / "train_state.pt")
+            save_torch(train_state, partial / "train_state.pt")
         commit_dir(partial, folder)
         write_run_file(folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent,
                        run.record)
