@@ -116,12 +116,14 @@ def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
 
     pc = cfg.privacy
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
-    if acc.is_main_process:
-        log.info("method %s: %s", cfg.method.name, count_parameters(model))
+    # the data first: delta is checked against N before any weights load
     base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
                                          max_classes=cfg.model.num_classes)
     dataset = MultiViewDataset(base, pc.aug_multiplicity, cfg.train.seed)
+    pc.check_delta(len(dataset))
+    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
+    if acc.is_main_process:
+        log.info("method %s: %s", cfg.method.name, count_parameters(model))
     steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
     model.to(acc.device)
