@@ -3,7 +3,7 @@
 One explicit loop (STYLE habit 4): `setup` builds the tokenizer, the transformer, the method's trainable
 set, the data and the optimizer; `train_step` is one micro-step; `train` runs the loop with gradient
 accumulation, logging, sample grids and resumable checkpoints. The loss pieces (`encode_batch`,
-`var_loss`, `drop_labels`, `token_metrics`) and the optimizer are small functions in
+`var_loss`, `drop_labels_at`, `token_metrics`) and the optimizer are small functions in
 arbooth/models/var_training.py, shared with the DP recipe, the audit and `arbooth profile`.
 
 Result layout under `train.out_dir` (one run per folder: arbooth/runs.py, README "Run folders"):
@@ -48,7 +48,7 @@ from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
-    drop_labels,
+    drop_labels_at,
     encode_batch,
     step_seed,
     token_metrics,
@@ -148,8 +148,12 @@ def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_st
     cfg, acc = run.cfg, run.accelerator
     img_B3HW, label_B = img_B3HW.to(acc.device, non_blocking=True), label_B.to(acc.device, non_blocking=True)
     idx_BL, x_BLCv = encode_batch(run.vae, img_B3HW)
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
-    label_B = drop_labels(label_B, run.num_classes, cfg.optim.class_dropout, g)
+    # masks per sample of the logical batch (seeded by the optimizer step): train.batch_size, the
+    # per-device memory knob, does not change them at a fixed train.global_batch_size
+    step, within = divmod(micro_step, run.grad_accum)
+    label_B = drop_labels_at(label_B, run.num_classes, cfg.optim.class_dropout,
+                             seed=step_seed(cfg.train.seed, step, acc.process_index),
+                             offset=within * cfg.train.batch_size)
     # skip DDP's gradient all-reduce on accumulation micro-steps
     sync = acc.no_sync(run.model) if not update else contextlib.nullcontext()
     with sync:

@@ -1,7 +1,7 @@
 """Recipe: differentially private class-conditional fine-tuning of VAR (DP-SGD; FFT, LoRA, LNTuning).
 
 Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private recipe uses
-(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`,
+(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels_at`, `build_optimizer`,
 `build_scheduler`); its config is arbooth/recipes/class_dp_config.py. What differs:
 - the logical batch is a Poisson sample of rate `privacy.sample_rate` (not `train.batch_size` x
   `train.grad_accum`, which are unused here), split into physical batches of
@@ -47,7 +47,7 @@ from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
-    drop_labels,
+    drop_labels_at,
     encode_batch,
     step_seed,
     var_loss,
@@ -158,16 +158,19 @@ def _encode(run: DPRun, img_N3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             torch.zeros(0, var.L - var.first_l, var.Cvae, device=dev))
 
 
-def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, micro_step: int) -> dict[str, float]:
-    """One physical batch: encode the K views of each example, forward them in one pass, backward
-    (per-example mean over views), then `optimizer.step()`, which clips, noises and updates at the end
-    of a logical batch and only accumulates otherwise. Raises PrivacyBudgetExceeded (no update)."""
+def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, offset: int) -> dict[str, float]:
+    """One physical batch, examples offset .. offset + B - 1 of the current logical batch: encode the K views
+    of each example, forward them in one pass, backward (per-example mean over views), then
+    `optimizer.step()`, which clips, noises and updates at the end of a logical batch and only accumulates
+    otherwise. The label-dropout mask of each view is drawn per logical sample (`drop_labels_at`, seeded by
+    the step), so `privacy.max_physical_batch_size` does not change the result. Raises
+    PrivacyBudgetExceeded (no update)."""
     cfg, acc = run.cfg, run.accelerator
     b, k = views_BK3HW.shape[:2]
     img_N3HW = views_BK3HW.flatten(0, 1).to(acc.device, non_blocking=True)
     idx_NL, x_NLCv = _encode(run, img_N3HW)
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
-    label_N = drop_labels(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout, g)
+    label_N = drop_labels_at(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout,
+                             seed=step_seed(cfg.train.seed, run.pt.steps_taken, acc.process_index), offset=offset * k)
     run.pt.optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.train.precision, acc.device):
         logits_NLV = run.pt.module(label_N, x_NLCv)
@@ -243,7 +246,7 @@ def _train_one(cfg: ClassDPConfig, epsilon: float, out: Path, acc, *, resume: st
                     pt.physical_batches(cfg.privacy.max_physical_batch_size) as loader:
                 for views, label in loader:
                     before = pt.steps_taken
-                    window.append(dp_step(run, views, label, micro))
+                    window.append(dp_step(run, views, label, int(sum(w["examples"] for w in window))))
                     micro += 1
                     if pt.steps_taken == before:
                         continue  # a physical sub-batch: gradients accumulated, no step yet
