@@ -115,3 +115,16 @@ def test_a_full_disk_mid_save_is_one_line_and_the_files_still_agree(tmp_path):
     assert f"in {out}" in err[-1] and "MB free" in err[-1] and "MB needed" in err[-1], err[-1]
     assert _step_of(out) == ("2", 2)
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".partial"))]
+
+
+def test_the_lora_file_holds_the_adapters_in_bf16_by_default(tmp_path):
+    """Mutant caught (issue 28): the LoRA file saved in fp32 although tuning.lora_file_dtype defaults to bf16;
+    the training state keeps the fp32 values."""
+    from arbooth.adapt.personalization import load_personalization
+
+    out = tmp_path / "lora"
+    path = train(_cfg(out, "steps=1", "tuning.method=lora", "tuning.lora_rank=4"))
+    pers = load_personalization(path)
+    assert pers.tensors and {v.dtype for v in pers.tensors.values()} == {torch.bfloat16}
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert {v.dtype for v in state["tuned"].values()} == {torch.float32}
