@@ -165,3 +165,12 @@ def test_a_run_folder_lock_refuses_a_second_run_and_is_not_left_stuck(tmp_path):
         pass
     with hold_run_dir(out, "x", enabled=False) as none:  # the other ranks of a distributed run
         assert none is None
+
+
+def test_a_resume_with_only_the_base_model_changed_is_refused():
+    """Mutant caught (issue 28): the base hash left out of the resume check (config and data unchanged)."""
+    cfg = {"train": {"max_steps": 4}}
+    old = run_identity(cfg, data_sha256="d", base_sha256="base-A")
+    with pytest.raises(ResumeError, match="base base-A -> base-B"):
+        check_resume(old, run_identity(cfg, data_sha256="d", base_sha256="base-B"), safe=(), where="ck")
+    assert check_resume(old, run_identity(cfg, data_sha256="d", base_sha256="base-A"), safe=(), where="ck") == {}
