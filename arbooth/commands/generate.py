@@ -1,8 +1,13 @@
-"""Generate images from text prompts with Infinity (the 2B release, its d32 BSQ-VAE and flan-t5-xl).
+"""Generate images from text prompts with Infinity (the 2B or 8B release, its BSQ-VAE and flan-t5-xl).
 
 Example:
   arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_2b_reg.pth \\
       --vae-ckpt weights/infinity_vae_d32_reg.pth --t5 weights/flan-t5-xl --out corgi.png
+
+Infinity-8B: --model-ckpt is the sharded weights folder (index json + shards) and --vae-ckpt the
+spatial-patchify tokenizer; the sizes follow from the VAE file (use --pn 0.25M with the 512x512 folder):
+  arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_8b_weights \\
+      --vae-ckpt weights/infinity_vae_d56_f8_14_patchify.pth --t5 weights/flan-t5-xl --out corgi.png
 
 With a personalization file from train_subject.py, prompts may name the subject as <S*>; the base
 checkpoints default to those recorded in the file:
@@ -51,11 +56,13 @@ def _json_dict(text: str) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
-    p.add_argument("--model-ckpt", help="Infinity weights, e.g. infinity_2b_reg.pth")
-    p.add_argument("--vae-ckpt", help="BSQ-VAE weights, e.g. infinity_vae_d32_reg.pth")
+    p.add_argument("--model-ckpt", help="Infinity weights: a file (infinity_2b_reg.pth) or a sharded folder "
+                                        "with its index json (Infinity-8B: infinity_8b_weights/)")
+    p.add_argument("--vae-ckpt", help="BSQ-VAE weights: infinity_vae_d32_reg.pth (2B) or "
+                                      "infinity_vae_d56_f8_14_patchify.pth (8B); it sets the model sizes")
     p.add_argument("--t5", help="T5 folder, or a hub name in the local HF cache (default google/flan-t5-xl)")
     p.add_argument("--personalization", type=Path,
-                   help="personalization.safetensors from train_subject.py (uses its <S*>, tuned weights, "
+                   help="personalization.safetensors from train_subject.py, or its LoRA folder personalization/ (uses its <S*>, tuned weights, "
                         "base model and training resolution; --cfg/--tau default to its validation settings)")
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -79,9 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--next-scale-mode", default="trilinear", choices=["trilinear", "area"],
                    help="next-scale interpolation ('area': ARBooth fork); also with --personalization")
     p.add_argument("--model-kwargs", type=_json_dict, default=None,
-                   help="Infinity constructor overrides (JSON); not with --personalization")
+                   help="Infinity constructor overrides (JSON), on top of the sizes the VAE file selects; "
+                        "not with --personalization")
     p.add_argument("--vae-kwargs", type=_json_dict, default=None,
-                   help="BSQVAE constructor overrides (JSON); not with --personalization")
+                   help="BSQVAE constructor arguments (JSON) for other tokenizers, e.g. "
+                        '\'{"codebook_dim": 14, "ch_mult": [1, 2, 4, 4], "patch_size": 8, "spatial_patchify": true}\'; '
+                        "given, the sizes start from the 2B defaults; not with --personalization")
 
 
 # Options that a personalization file decides (its base model, as trained, and its resolution): given with

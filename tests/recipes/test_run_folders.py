@@ -208,17 +208,19 @@ def test_a_second_run_into_a_held_folder_is_refused_in_one_line(data_root, tmp_p
 
 def test_tensorboard_steps_after_the_resumed_one_are_not_logged_twice(data_root, tmp_path):
     """Kind 2 on train-class: a run interrupted after logging step 3 (last checkpoint at 2) and resumed logs
-    steps 3 and 4 again; TensorBoard purges the first session's events after step 2 (purge_step)."""
+    steps 3 and 4 again; metrics.jsonl is cut back and TensorBoard purges the first session's events after
+    step 2 (purge_step), so each step is there once."""
     import shutil
 
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "x"
-    cfg = tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 2}, log={"tensorboard": True})
+    cfg = tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 2}, log={"report_to": "tensorboard"})
     train(cfg, stop_at=3)
     shutil.rmtree(out / "checkpoints" / "step_00000003")  # the crash came before step 3 was saved
     train(cfg, resume="auto")
-    events = EventAccumulator(str(out / "tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard" / "train-class"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
