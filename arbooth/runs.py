@@ -149,7 +149,10 @@ def hold_run_dir(out: str | Path, command: str, *, enabled: bool = True) -> Iter
         yield None
         return
     lock = Path(out) / LOCK_FILE
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only parent
+        raise RunFolderError(f"cannot create the run folder {out}: {e.strerror or e}") from None
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for _ in range(3):

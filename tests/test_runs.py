@@ -174,3 +174,9 @@ def test_a_resume_with_only_the_base_model_changed_is_refused():
     with pytest.raises(ResumeError, match="base base-A -> base-B"):
         check_resume(old, run_identity(cfg, data_sha256="d", base_sha256="base-B"), safe=(), where="ck")
     assert check_resume(old, run_identity(cfg, data_sha256="d", base_sha256="base-A"), safe=(), where="ck") == {}
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match="cannot create the run folder"), hold_run_dir(tmp_path / "file" / "x", "x"):
+        pass
