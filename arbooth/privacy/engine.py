@@ -40,7 +40,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from arbooth.errors import ArboothError, ConfigError
-from arbooth.privacy.accountants import calibrate_noise, history_after_step, make_accountant
+from arbooth.privacy.accountants import (
+    calibrate_noise,
+    history_after_step,
+    make_accountant,
+    nonnegative_epsilon,
+)
 from arbooth.privacy.bookkeeping import BookKeepingGradSampleModule
 from arbooth.privacy.views import ViewsGradSampleModule, ViewsGradSampleModuleGhost
 
@@ -78,12 +83,12 @@ class EpsilonMeter:
             if self._last is None or self._last[0] != key:
                 acc = copy.deepcopy(self.accountant)
                 acc.history = list(history)
-                self._last = (key, float(acc.get_epsilon(self.delta)))
+                self._last = (key, nonnegative_epsilon(float(acc.get_epsilon(self.delta))))
             return self._last[1]
         alphas = self.accountant.DEFAULT_ALPHAS
         rdp = sum(n * self._curve(sigma, q, alphas) for sigma, q, n in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.delta)
-        return float(eps)
+        return nonnegative_epsilon(float(eps))
 
     def _curve(self, sigma: float, q: float, alphas: list[float]) -> np.ndarray:
         if (sigma, q) not in self._curves:

@@ -1,7 +1,7 @@
 """Recipe: differentially private class-conditional fine-tuning of VAR (DP-SGD; FFT, LoRA, LNTuning).
 
 Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private recipe uses
-(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`,
+(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels_at`, `build_optimizer`,
 `build_scheduler`); its config is arbooth/recipes/class_dp_config.py. What differs:
 - the logical batch is a Poisson sample of rate `privacy.sample_rate` (not `train.batch_size` x
   `train.grad_accum`, which are unused here), split into physical batches of
@@ -40,14 +40,14 @@ from torch.utils.data import Dataset
 
 from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_class_card, write_result_meta
 from arbooth.adapt.methods import count_parameters, unwrap_peft
-from arbooth.checkpoint import commit_dir, partial_dir
+from arbooth.checkpoint import commit_dir, partial_dir, save_torch
 from arbooth.config import save_config, to_dict
 from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed, list_class_samples
 from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
-    drop_labels,
+    drop_labels_at,
     encode_batch,
     step_seed,
     var_loss,
@@ -61,6 +61,7 @@ from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_K
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     get_rng_state,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
@@ -120,7 +121,7 @@ def plan_private_run(cfg: ClassDPConfig) -> DPPlan:
     listed = list_class_samples(cfg.data, cfg.model.num_classes)
     steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
-    delta = pc.delta_for(len(listed[0]))
+    delta = pc.check_delta(len(listed[0]))
     # the engine's calibration, looked up at call time: the one make_private would run (tests replace it)
     sigma = engine.calibrate_noise(target_epsilon=pc.epsilon, delta=delta, sample_rate=pc.sample_rate, steps=total,
                             accountant=pc.accountant)
@@ -156,14 +157,15 @@ def setup(cfg: ClassDPConfig, plan: DPPlan | None = None, *, accelerator=None) -
     pc = cfg.privacy
     plan = plan or plan_private_run(cfg)
     acc = accelerator or make_dp_accelerator(cfg, cfg.run_dir(pc.epsilon))
-    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
-    if acc.is_main_process:
-        log.info("method %s: %s", cfg.method.name, count_parameters(model))
+    # the data first: delta is checked against N before any weights load
     base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
                                          listed=plan.listed)
     dataset = MultiViewDataset(base, pc.aug_multiplicity, cfg.train.seed)
+    delta = pc.check_delta(len(dataset))
+    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
+    if acc.is_main_process:
+        log.info("method %s: %s", cfg.method.name, count_parameters(model))
     total = plan.total_steps
-    delta = pc.delta_for(len(dataset))
     # unreadable files left out change N, and so delta = 1/N: then the noise is calibrated again for it
     sigma = plan.noise_multiplier if delta == plan.delta else None
     model.to(acc.device)
@@ -198,16 +200,19 @@ def _encode(run: DPRun, img_N3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             torch.zeros(0, var.L - var.first_l, var.Cvae, device=dev))
 
 
-def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, micro_step: int) -> dict[str, float]:
-    """One physical batch: encode the K views of each example, forward them in one pass, backward
-    (per-example mean over views), then `optimizer.step()`, which clips, noises and updates at the end
-    of a logical batch and only accumulates otherwise. Raises PrivacyBudgetExceeded (no update)."""
+def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, offset: int) -> dict[str, float]:
+    """One physical batch, examples offset .. offset + B - 1 of the current logical batch: encode the K views
+    of each example, forward them in one pass, backward (per-example mean over views), then
+    `optimizer.step()`, which clips, noises and updates at the end of a logical batch and only accumulates
+    otherwise. The label-dropout mask of each view is drawn per logical sample (`drop_labels_at`, seeded by
+    the step), so `privacy.max_physical_batch_size` does not change the result. Raises
+    PrivacyBudgetExceeded (no update)."""
     cfg, acc = run.cfg, run.accelerator
     b, k = views_BK3HW.shape[:2]
     img_N3HW = views_BK3HW.flatten(0, 1).to(acc.device, non_blocking=True)
     idx_NL, x_NLCv = _encode(run, img_N3HW)
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
-    label_N = drop_labels(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout, g)
+    label_N = drop_labels_at(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout,
+                             seed=step_seed(cfg.train.seed, run.pt.steps_taken, acc.process_index), offset=offset * k)
     run.pt.optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.train.precision, acc.device):
         logits_NLV = run.pt.module(label_N, x_NLCv)
@@ -245,8 +250,14 @@ def train_one(cfg: ClassDPConfig, out: Path, *, resume: str | Path | None = None
     as if interrupted. `plan`: its `plan_private_run`, checked before the run folder is touched."""
     check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     plan = plan or plan_private_run(cfg)
-    epsilon = cfg.privacy.epsilon
     acc = accelerator or make_dp_accelerator(cfg, out)
+    with hold_run_dir(out, "train-class (DP)", enabled=acc.is_main_process):  # one run per folder
+        return _train_one(cfg, out, acc, plan, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _train_one(cfg: ClassDPConfig, out: Path, acc, plan: DPPlan, *, resume: str | Path | None,
+               overwrite: bool, stop_at: int | None) -> DPRun:
+    epsilon = cfg.privacy.epsilon
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
     acc.wait_for_everyone()
@@ -265,7 +276,8 @@ def train_one(cfg: ClassDPConfig, out: Path, *, resume: str | Path | None = None
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    open_trackers(acc, "train-class-dp", to_dict(cfg), out)  # the config is public (docs/privacy.md)
+    # the config is public (docs/privacy.md); log rows after a resumed step are dropped (logged again)
+    open_trackers(acc, "train-class-dp", to_dict(cfg), out, resume_step=pt.steps_taken)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
     bar = progress(total=run.total_steps, initial=pt.steps_taken,
                    desc=f"train-class dp {cfg.method.name} eps={epsilon:g}", main=acc.is_main_process,
@@ -280,7 +292,7 @@ def train_one(cfg: ClassDPConfig, out: Path, *, resume: str | Path | None = None
                     pt.physical_batches(cfg.privacy.max_physical_batch_size) as loader:
                 for views, label in loader:
                     before = pt.steps_taken
-                    window.append(dp_step(run, views, label, micro))
+                    window.append(dp_step(run, views, label, int(sum(w["examples"] for w in window))))
                     micro += 1
                     if pt.steps_taken == before:
                         continue  # a physical sub-batch: gradients accumulated, no step yet
@@ -369,7 +381,8 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
 
     # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
     point = resume_point(out, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
-                         num_processes=run.accelerator.num_processes, weights_only=False,
+                         num_processes=run.accelerator.num_processes, end_step=run.total_steps,
+                         weights_only=False,
                          require=("private", "is not a DP checkpoint; it cannot continue a private run"))
     state = point.state
     load_result_weights(run.model, run.cfg.method.name, point.folder)
@@ -434,7 +447,7 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
                                "unreadable_files": len(run.dataset.base.unreadable)})
         write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
         if train_state is not None:
-            torch.save(train_state, partial / "train_state.pt")
+            save_torch(train_state, partial / "train_state.pt")
         commit_dir(partial, folder)
         write_run_file(folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent,
                        run.record)
