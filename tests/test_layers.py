@@ -23,18 +23,21 @@ def _lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
 def test_no_upward_or_sideways_imports():
     res = _lint_imports(ROOT, ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert "1 kept, 0 broken" in res.stdout
+    assert "2 kept, 0 broken" in res.stdout
 
 
 @pytest.mark.parametrize(("module", "imports", "broken"), [
     ("privacy/audit.py", "from arbooth.recipes import train_class", True),   # upward
     ("privacy/audit.py", "from arbooth.adapt import methods", True),         # sideways between siblings
     ("recipes/train_class.py", "from arbooth.adapt import methods", False),  # downward
+    ("commands/generate.py", "from arbooth.recipes import train_subject", True),  # inference -> training loop
+    ("commands/generate.py", "from arbooth import subject_bases", False),         # inference -> library
+    ("commands/train_subject.py", "from arbooth.recipes import train_subject", False),  # a training command
 ])
 def test_contract_catches_a_bad_import(tmp_path, module, imports, broken):
     """The same contract on a stand-in package: it fails exactly for the imports the layers forbid."""
     pkg = tmp_path / "arbooth"
-    for sub in ("cli", "errors", "outputs", "optim", "checkpoint", "config", "precision", "runs"):
+    for sub in ("cli", "errors", "outputs", "optim", "checkpoint", "config", "precision", "runs", "subject_bases"):
         (pkg / f"{sub}.py").parent.mkdir(parents=True, exist_ok=True)
         (pkg / f"{sub}.py").write_text("")
     for sub in ("commands", "recipes", "toy", "adapt", "privacy", "metrics", "models", "data"):
@@ -42,8 +45,27 @@ def test_contract_catches_a_bad_import(tmp_path, module, imports, broken):
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "adapt" / "methods.py").write_text("")
-    (pkg / "recipes" / "train_class.py").write_text("")
+    for name in ("train_class", "train_class_dp", "train_subject"):
+        (pkg / "recipes" / f"{name}.py").write_text("")
+    for name in ("sample", "generate", "export", "profile", "eval_subject", "eval_class", "pretrain_toy",
+                 "pretrain_toy_class", "toy_data", "train_subject"):
+        (pkg / "commands" / f"{name}.py").write_text("")
     (pkg / module).write_text(imports + "\n")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     res = _lint_imports(tmp_path, tmp_path)
     assert (res.returncode != 0) == broken, res.stdout[-4000:]
+
+
+def test_every_command_is_under_the_training_loop_contract():
+    """A new command cannot slip past the "inference never imports a training loop" contract: each module of
+    arbooth/commands is either one of the training commands or a source module of that contract."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    forbidden = next(c for c in contracts if c["type"] == "forbidden")
+    sources = set(forbidden["source_modules"])
+    training = {"train_class", "train_subject", "audit"}
+    for path in (ROOT / "arbooth" / "commands").glob("*.py"):
+        if path.stem == "__init__" or path.stem in training:
+            continue
+        assert f"arbooth.commands.{path.stem}" in sources, f"{path.name}: add it to the forbidden contract"

@@ -1,14 +1,13 @@
 """Sampling from a personalized Infinity: the base model with a `Personalization` applied (tuned tensors
 and <S*>). Prompts name the subject with the placeholder ("a <S*> dog wearing a santa hat").
 
-`arbooth.recipes.train_subject.load_sampler(path)` builds one from a personalization file (it rebuilds
-the base model the file's training config records); `arbooth generate --personalization` and
-`arbooth eval-subject --model` use it.
+`arbooth.subject_bases.load_sampler(path)` builds one from a personalization file (it rebuilds
+the base model the file's training config records); `arbooth generate --personalization`,
+`arbooth eval-subject --model` and `arbooth bench-subject` use it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from PIL import Image
@@ -27,8 +26,9 @@ class PersonalizedSampler:
     encoder: nn.Module
     personalization: Personalization
     schedule: list[tuple[int, int, int]]
-    config: Any                       # the training config: its val_cfg / val_tau are the defaults
     device: torch.device
+    guidance: float = 4.0             # default guidance scale (the run's val_cfg, else the preset's)
+    tau: float = 0.5                  # default temperature (the run's val_tau)
 
     @property
     def class_noun(self) -> str:
@@ -42,8 +42,8 @@ class PersonalizedSampler:
         A list of seeds (one per prompt) samples every image from its own seed."""
         text_BTC, mask_BT = self.personalization.encode(self.tokenizer, self.encoder, prompts,
                                                         max_length=self.model.text_maxlen, device=self.device)
-        out = self.model.generate(text_BTC, mask_BT, self.schedule, cfg=self.config.val_cfg if cfg is None else cfg,
-                                  tau=self.config.val_tau if tau is None else tau, top_k=top_k, top_p=top_p,
+        out = self.model.generate(text_BTC, mask_BT, self.schedule, cfg=self.guidance if cfg is None else cfg,
+                                  tau=self.tau if tau is None else tau, top_k=top_k, top_p=top_p,
                                   seed=seed, dtype=dtype)
         return out.images
 

@@ -147,7 +147,7 @@ def generate_subject_samples(generator: SubjectGenerator, templates: list[str], 
 def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
     """The ARBooth generator of a personalization file: (prompt, seed) -> PIL image, with the
     personalization's base model rebuilt from the config recorded in the file."""
-    from arbooth.recipes.train_subject import load_sampler
+    from arbooth.subject_bases import load_sampler
 
     return load_sampler(checkpoint, device=device)
 

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("only merged export is supported (pass --merge); the adapter itself is already "
                           f"saved in peft's format in {args.result}")
     if Path(args.result).is_file():  # a personalization file
-        from arbooth.recipes.train_subject import export_merged_personalization
+        from arbooth.subject_bases import export_merged_personalization
         out = export_merged_personalization(args.result, args.out, model_ckpt=args.model_ckpt,
                                             vae_ckpt=args.vae_ckpt, t5=args.t5, dtype=args.dtype)
         print(f"wrote {out}")

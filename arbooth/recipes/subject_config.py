@@ -6,34 +6,13 @@ Defaults are the authors' (jiwoogit/ARBooth arg_util.py, booth_train_final.py; s
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.errors import ConfigError
-from arbooth.models.infinity_loading import infinity_2b_base
-from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.models.sampling import check_sampling_args
-from arbooth.toy.models import toy_infinity_base, toy_schedule
-from arbooth.toy.report import toy_run_report
-from arbooth.toy.tiny import tiny_infinity_base
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    preset: Literal["infinity_2b", "tiny", "toy"] = "infinity_2b"  # tiny: random weights, no checkpoint (tests,
-    #   CPU); toy: the pretrained toy base shipped in arbooth/assets/toy (configs/subject/toy.yaml, docs/toy.md)
-    model_ckpt: str | None = None       # infinity_2b_reg.pth (toy: the toy base folder; default the shipped one)
-    vae_ckpt: str | None = None         # infinity_vae_d32_reg.pth
-    t5: str | None = None               # flan-t5-xl folder
-    pn: str = "1M"                      # scale-schedule size: 1M = 1024x1024, 13 scales (authors' training)
-    h_div_w: float = 1.0
-    lvl_embed_every_chunk: bool = False  # the ARBooth fork's level-embedding quirk (notes 12)
-    drop_path_rate: float = 0.1          # the student trains in train mode with DropPath, as the authors
-    cond_drop_rate: float = 0.1          # ... and 10% prompt drop to cfg_uncond
-    tuned_dtype: Literal["fp32", "bf16"] = "bf16"  # blocks in bf16 as the authors (fits 24 GB); fp32 = exact updates
-    seed: int = 0                        # tiny preset: seed of the random weights
+from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig  # noqa: F401 (the model section; re-exported)
 
 
 @dataclass(frozen=True)
@@ -183,36 +162,6 @@ class OptimConfig:
     # bf16 tuned weights: round updates stochastically (arbooth/optim.py) so the small ones are not lost;
     # false = plain torch AdamW on bf16 weights, as the authors (most lr=2.3e-5 updates round away)
     stochastic_rounding: bool = True
-
-
-# ----------------------------------------------------------------------------- model presets
-def released_schedule(model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
-    """The released scale schedule for `model.h_div_w` and `model.pn` (infinity/utils/dynamic_resolution.py)."""
-    return [tuple(s) for s in infinity_scale_schedule(model_cfg.h_div_w, model_cfg.pn)]
-
-
-@dataclass(frozen=True)
-class SubjectPreset:
-    """What `model.preset` names. `build(model_cfg, model_kwargs)` -> (vae, model, tokenizer,
-    t5_encoder, base_id), frozen, eval mode, on the CPU; `schedule(model_cfg)` -> the scale schedule,
-    known before any weights load; `report(cfg, personalization_path)` -> lines `train-subject`
-    prints after training (None: no report); `num_threads`: torch threads `train-subject` uses (None:
-    torch's default)."""
-
-    build: Callable[[ModelConfig, dict], tuple]
-    schedule: Callable[[ModelConfig], list[tuple[int, int, int]]]
-    report: Callable[[SubjectTrainConfig, str], list[str]] | None = None
-    num_threads: int | None = None
-
-
-# The registry (a plain dict, as DiT's `DiT_models`): the recipe and the command reach every base model,
-# the built-in toy and tiny ones included, only through it.
-SUBJECT_PRESETS: dict[str, SubjectPreset] = {
-    "infinity_2b": SubjectPreset(infinity_2b_base, released_schedule),
-    "tiny": SubjectPreset(tiny_infinity_base, released_schedule),
-    # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one
-    "toy": SubjectPreset(toy_infinity_base, toy_schedule, report=toy_run_report, num_threads=1),
-}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """ARBooth recipe: personalize Infinity on a few photos of one subject (explicit loop over accelerate).
 
-The base model comes from `model.preset` through SUBJECT_PRESETS (arbooth/recipes/subject_config.py),
-the built-in toy and tiny ones included. setup: subject photos -> raw VAE features (once; the VAE is
+The base model comes from `model.preset` through SUBJECT_PRESETS (arbooth/subject_bases.py, which also
+loads personalizations for inference), the built-in toy and tiny ones included. setup: subject photos -> raw VAE features (once; the VAE is
 frozen), prompts -> T5 features (once; T5 is then released), selective tuning (tuning.method=full) or
 LoRA on the same layers (tuning.method=lora) + <S*>, AdamW. Each step: bitwise self-correction turns
 the photos' features into teacher-forcing inputs and labels (`bsc.*`,
@@ -17,7 +17,6 @@ the state records the config, the subject photos' and the base's identity, and a
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -32,13 +31,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.adapt.personalization import (
-    Personalization,
-    load_personalization,
-    merge_lora_personalization,
-    save_personalization,
-)
-from arbooth.adapt.personalized_sampler import PersonalizedSampler
+from arbooth.adapt.personalization import save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
@@ -51,15 +44,15 @@ from arbooth.adapt.subject_token import (
     instance_prompt,
 )
 from arbooth.checkpoint import save_torch
-from arbooth.config import from_dict, save_config, to_dict
+from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
-from arbooth.errors import ArboothError, CheckpointError, ConfigError
+from arbooth.errors import ArboothError, ConfigError
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
-from arbooth.recipes.subject_config import SUBJECT_PRESETS, SubjectTrainConfig, TuningConfig
+from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
     RunFolderError,
     check_resume,
@@ -69,6 +62,7 @@ from arbooth.runs import (
     start_session,
     write_run_file,
 )
+from arbooth.subject_bases import build_models, preset_schedule
 
 log = logging.getLogger(__name__)
 
@@ -80,72 +74,12 @@ RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "
 SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
 
-def build_models(cfg: SubjectTrainConfig):
-    """(vae, model, tokenizer, t5_encoder, base_id) of `model.preset` (SUBJECT_PRESETS), on the CPU;
-    frozen, eval mode."""
-    m = cfg.model
-    kw = {"drop_path_rate": m.drop_path_rate, "lvl_embed_every_chunk": m.lvl_embed_every_chunk,
-          "gradient_checkpointing": cfg.gradient_checkpointing}
-    return SUBJECT_PRESETS[m.preset].build(m, kw)
-
-
-def subject_schedule(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
-    """The scale schedule the model is trained (and sampled) at, from the preset (no weights read)."""
-    return SUBJECT_PRESETS[cfg.model.preset].schedule(cfg.model)
-
-
 def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
     """The cross-field checks that need the scale schedule, before any weights load; returns the
     schedule. Raises ConfigError naming the key (e.g. `loss.scale_weights` of the wrong length)."""
-    schedule = subject_schedule(cfg)
+    schedule = preset_schedule(cfg.model)
     cfg.loss.weights_for(len(schedule))
     return schedule
-
-
-def load_sampler(path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
-                 t5: str | None = None, device: str | torch.device = "cpu") -> PersonalizedSampler:
-    """A `PersonalizedSampler` from a personalization file written by this recipe (full or LoRA): the
-    base model its recorded config names is rebuilt (the checkpoints default to those recorded at
-    training time) and the personalization applied (tuned tensors copied in, or LoRA adapters
-    injected), which checks that it is the base model it was trained from.
-    Raises CheckpointError for a missing or foreign file or a recorded config that does not load."""
-    pers = load_personalization(path)
-    cfg, schedule, model, tokenizer, encoder = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
-    pers.apply(model)
-    device = torch.device(device)
-    return PersonalizedSampler(model.to(device).eval(), tokenizer, encoder.to(device), pers, schedule, cfg, device)
-
-
-def build_base(pers: Personalization, path: str | Path, *, model_ckpt: str | None = None, vae_ckpt: str | None = None,
-               t5: str | None = None) -> tuple[SubjectTrainConfig, list, torch.nn.Module, object, torch.nn.Module]:
-    """(config, schedule, base model, tokenizer, T5 encoder) the personalization was trained on (CPU, eval)."""
-    try:
-        cfg = from_dict(SubjectTrainConfig, pers.config)
-        schedule = check_config(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its recorded training config does not load: {e}") from e
-    m = cfg.model
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt, t5=t5 or m.t5,
-        drop_path_rate=0.0))
-    _, model, tokenizer, encoder, _ = build_models(cfg)
-    return cfg, schedule, model, tokenizer, encoder
-
-
-def export_merged_personalization(path: str | Path, out: str | Path, *, model_ckpt: str | None = None,
-                                  vae_ckpt: str | None = None, t5: str | None = None,
-                                  dtype: str | None = None) -> Path:
-    """`arbooth export PERSONALIZATION --merge`: a LoRA personalization file -> a full one (the tuned
-    tensors of every adapted sub-layer with the adapters merged in, the authors' kind of result), which
-    `generate --personalization` and `eval-subject --model` take like any full file. `dtype`: "bf16" or
-    "fp32" (default: the dtype the blocks had in training)."""
-    pers = load_personalization(path)
-    _, _, model, _, _ = build_base(pers, path, model_ckpt=model_ckpt, vae_ckpt=vae_ckpt, t5=t5)
-    dt = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    merged = merge_lora_personalization(pers, model, dtype=dt)
-    meta = {k: v for k, v in merged.metadata.items() if k not in ("format", "base_tuned_sha256")}
-    return save_personalization(out, merged.tensors, merged.subject_token_PC,
-                                base_tuned_sha256=merged.metadata["base_tuned_sha256"], metadata=meta)
 
 
 @dataclass
@@ -182,8 +116,8 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     dev = accelerator.device
     set_seed(cfg.seed)
     schedule = check_config(cfg)
-    vae, model, tokenizer, encoder, base_id = build_models(cfg)
-    subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
+    vae, model, tokenizer, encoder, base_id = build_models(cfg.model, gradient_checkpointing=cfg.gradient_checkpointing)
+    subject = load_subject(cfg.subject, schedule[-1][1] * vae.token_stride, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
         raise ConfigError(f"no class noun: pass --class-noun or set class_noun in {cfg.subject}/subject.yaml")

@@ -11,7 +11,8 @@ from arbooth.config import load_config
 from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.train_subject import load_sampler, train
+from arbooth.recipes.train_subject import train
+from arbooth.subject_bases import load_sampler
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,8 @@ from arbooth.cli import main as cli
 from arbooth.config import load_config
 from arbooth.errors import CheckpointError
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.train_subject import build_base, load_sampler, setup, train, train_step
+from arbooth.recipes.train_subject import setup, train, train_step
+from arbooth.subject_bases import build_base, load_sampler
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "configs" / "subject" / "toy.yaml"
@@ -66,7 +67,7 @@ def test_reloaded_lora_samples_like_the_trained_model(lora_run, tmp_path):
 
 def test_lora_refuses_a_different_base(lora_run):
     pers = load_personalization(lora_run)
-    _, _, model, _, _ = build_base(pers, lora_run)
+    model = build_base(pers, lora_run).model
     with torch.no_grad():
         model.blocks[0].ffn.fc1.weight[0, 0] += 1.0  # another base model
     with pytest.raises(CheckpointError, match="different base model"):
