@@ -124,10 +124,11 @@ def fake_tensors():
         yield mode
 
 
-def materialize(*modules: nn.Module) -> None:
+def materialize(*modules: nn.Module) -> dict[int, torch.Tensor]:
     """Give modules built on the meta device fake parameters and buffers of the same shapes and dtypes
     (call inside `fake_tensors()`); tied tensors stay tied. Module.to_empty cannot: it swaps tensors,
-    which fake tensors (weakly referenced by their mode) refuse."""
+    which fake tensors (weakly referenced by their mode) refuse. Returns id(meta tensor) -> its fake
+    replacement, for whatever else holds the meta tensors (a tuner's parameter list)."""
     memo: dict[int, torch.Tensor] = {}
     for root in modules:
         for m in root.modules():
@@ -139,6 +140,7 @@ def materialize(*modules: nn.Module) -> None:
                         e = torch.empty_like(t, device="cpu")
                         memo[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
                     store[k] = memo[id(t)]
+    return memo
 
 
 @contextlib.contextmanager
@@ -283,12 +285,14 @@ class _PhaseFlops:
 
 # ------------------------------------------------------------------ ARBooth on Infinity
 def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int = 2, rank: int = 16,
-                 pn: str = "1M", infinity: dict | None = None, vae: dict | None = None, fake: bool = True) -> Step:
+                 pn: str = "1M", scales: int | None = None, infinity: dict | None = None, vae: dict | None = None,
+                 fake: bool = True) -> Step:
     """The ARBooth recipe's `train_step` (arbooth/recipes/train_subject.py) on Infinity (default the 2B:
     32 blocks x 2048, the d32 BSQ-VAE) at `pn` (1M = 1024x1024, 13 scales), with the recipe's defaults
     (bf16 blocks and autocast, the KV-cached teacher, two AdamW steps, stochastic rounding for full).
     Random features stand in for T5's (16 prompt tokens) and the photos' VAE features (4 photos).
-    `fake=False` builds real random weights instead (tests/test_memory_accounting.py, at tiny sizes)."""
+    `scales` keeps the schedule's first scales only, and `fake=False` builds real random weights instead
+    (both for tests/benchmarks/test_memory_accounting.py, at tiny sizes)."""
     from accelerate import Accelerator
 
     from arbooth.adapt.subject_token import SubjectToken
@@ -299,7 +303,7 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     cfg = SubjectTrainConfig(subject="-", model=ModelConfig(pn=pn, tuned_dtype="bf16"), dtype="bf16", device="cpu",
                              batch_size=batch, validate_every=0, gradient_checkpointing=checkpointing,
                              tuning=TuningConfig(method=method, lora_rank=rank))
-    schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]
+    schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)][:scales]
     with _on_meta() if fake else contextlib.nullcontext():
         torch.manual_seed(0)
         v = BSQVAE(**(vae or {})).eval().requires_grad_(False)
@@ -311,7 +315,9 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
         # the originals, which must be fake: after materialize
         tuner = build_tuner(model, cfg.tuning) if method == "lora" else None
     if fake:
-        materialize(model, v)
+        fakes = materialize(model, v)
+        if tuner is not None:  # LoRATuner listed the meta adapters: the optimizer must get the fake ones
+            tuner.params = {k: fakes[id(p)] for k, p in tuner.params.items()}
     tuner = tuner or build_tuner(model, cfg.tuning)
     token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)
     opt = build_optimizer(cfg, token, tuner, torch.device("cpu"))
