@@ -285,10 +285,13 @@ class _PhaseFlops:
 
 # ------------------------------------------------------------------ ARBooth on Infinity
 def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int = 2, rank: int = 16,
-                 pn: str = "1M", scales: int | None = None, infinity: dict | None = None, vae: dict | None = None,
-                 fake: bool = True) -> Step:
-    """The ARBooth recipe's `train_step` (arbooth/recipes/train_subject.py) on Infinity (default the 2B:
-    32 blocks x 2048, the d32 BSQ-VAE) at `pn` (1M = 1024x1024, 13 scales), with the recipe's defaults
+                 preset: str = "infinity_2b", pn: str = "1M", scales: int | None = None, infinity: dict | None = None,
+                 vae: dict | None = None, fake: bool = True) -> Step:
+    """The ARBooth recipe's `train_step` (arbooth/recipes/train_subject.py) on Infinity at the sizes of
+    `preset` (arbooth/subject_bases.py SUBJECT_PRESETS; infinity_2b: 32 blocks x 2048, the d32 BSQ-VAE;
+    infinity_8b / infinity_8b_512: 40 x 3584, the d56 patchify VAE) or `infinity` / `vae` (constructor
+    arguments) and its schedule at `pn` (1M = 1024x1024, 13 scales; infinity_8b_512: 0.25M, 10 scales),
+    with the recipe's defaults
     (bf16 blocks and autocast, the KV-cached teacher, two AdamW steps, stochastic rounding for full).
     Random features stand in for T5's (16 prompt tokens) and the photos' VAE features (4 photos).
     `scales` keeps the schedule's first scales only, and `fake=False` builds real random weights instead
@@ -296,18 +299,22 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     from accelerate import Accelerator
 
     from arbooth.adapt.subject_token import SubjectToken
-    from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
-    from arbooth.recipes.subject_config import ModelConfig, SubjectTrainConfig, TuningConfig
+    from arbooth.models import BSQVAE, Infinity
+    from arbooth.models.infinity import INFINITY_PRESETS
+    from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
     from arbooth.recipes.train_subject import Run, build_optimizer, build_tuner, train_step
+    from arbooth.subject_bases import ModelConfig, preset_schedule
 
-    cfg = SubjectTrainConfig(subject="-", model=ModelConfig(pn=pn, tuned_dtype="bf16"), dtype="bf16", device="cpu",
+    model_cfg = ModelConfig(preset=preset, pn=pn, tuned_dtype="bf16")
+    cfg = SubjectTrainConfig(subject="-", model=model_cfg, dtype="bf16", device="cpu",
                              batch_size=batch, validate_every=0, gradient_checkpointing=checkpointing,
                              tuning=TuningConfig(method=method, lora_rank=rank))
-    schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)][:scales]
+    schedule = preset_schedule(model_cfg)[:scales]
+    sizes = INFINITY_PRESETS["infinity_8b" if preset.startswith("infinity_8b") else "infinity_2b"]
     with _on_meta() if fake else contextlib.nullcontext():
         torch.manual_seed(0)
-        v = BSQVAE(**(vae or {})).eval().requires_grad_(False)
-        model = Infinity(v, **(infinity or {"depth": 32, "block_chunks": 1}), gradient_checkpointing=checkpointing,
+        v = BSQVAE(**(vae or sizes["vae"])).eval().requires_grad_(False)
+        model = Infinity(v, **(infinity or sizes["model"]), gradient_checkpointing=checkpointing,
                          drop_path_rate=cfg.model.drop_path_rate)
         model.requires_grad_(False)
         model.blocks.to(torch.bfloat16)  # as setup(): blocks in the tuned dtype
@@ -322,7 +329,8 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)
     opt = build_optimizer(cfg, token, tuner, torch.device("cpu"))
     _, H, W = schedule[-1]
-    features = torch.randn(4, v.codebook_dim, H, W)
+    f = v.token_stride // v.patch_size  # the VAE's latent grid per token side (2 with spatial patchify)
+    features = torch.randn(4, v.codebook_dim, H * f, W * f)
     T = 16  # "a photo of <S*> dog" + the 4-row prefix: about this many T5 tokens
     text = torch.randn(1, T, model.text_channels)
     mask = torch.ones(1, T, dtype=torch.bool)
@@ -335,7 +343,8 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     idx = torch.arange(batch) % 4
     return Step(lambda probe: train_step(run, idx, on_phase=_arbooth_phases(probe)),
                 [model, v, opt, token, features, text, mask, ph, *getattr(tuner, "originals", {}).values()],
-                {"trainable": tuner.num_trainable(), "tokens": sum(h * w for _, h, w in schedule)})
+                {"trainable": tuner.num_trainable(), "tokens": sum(h * w for _, h, w in schedule),
+                 "image_px": H * v.token_stride})
 
 
 def _arbooth_phases(probe: Callable[[str], None]) -> Callable[[str], None]:
@@ -442,12 +451,14 @@ def dp_step(*, depth: int = 16, method: str = "fft", views: int = 1, batch: int 
 # ------------------------------------------------------------------ the rows
 def _rows() -> dict[str, Callable[[], Step]]:
     rows: dict[str, Callable[[], Step]] = {}
-    for method in ("full", "lora"):
-        for ckpt in (True, False):
-            for b in (1, 2):
-                name = f"arbooth_2b {method}{' r16' if method == 'lora' else ''} ckpt={'on' if ckpt else 'off'} B={b}"
-                rows[name] = lambda m=method, c=ckpt, b=b: arbooth_step(method=m, checkpointing=c, batch=b)
-    # Infinity-8B: add rows here, e.g. rows["arbooth_8b full ckpt=on B=1"] = lambda: arbooth_step(infinity={...}, ...)
+    for preset, tag in (("infinity_2b", "arbooth_2b"), ("infinity_8b", "arbooth_8b"),
+                        ("infinity_8b_512", "arbooth_8b_512")):
+        for method in ("full", "lora"):
+            for ckpt in (True, False):
+                for b in (1, 2):
+                    name = f"{tag} {method}{' r16' if method == 'lora' else ''} ckpt={'on' if ckpt else 'off'} B={b}"
+                    rows[name] = lambda p=preset, m=method, c=ckpt, b=b: arbooth_step(
+                        preset=p, method=m, checkpointing=c, batch=b)
     for depth in (16, 20, 24, 30):
         for method in ("fft", "lora", "lntuning"):
             rows[f"var_d{depth} {method} B=32"] = lambda d=depth, m=method: var_step(depth=d, method=m, batch=32)
