@@ -286,7 +286,7 @@ class _PhaseFlops:
 # ------------------------------------------------------------------ ARBooth on Infinity
 def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int = 2, rank: int = 16,
                  preset: str = "infinity_2b", pn: str = "1M", scales: int | None = None, infinity: dict | None = None,
-                 vae: dict | None = None, fake: bool = True) -> Step:
+                 vae: dict | None = None, fake: bool = True, device: str = "cpu") -> Step:
     """The ARBooth recipe's `train_step` (arbooth/recipes/train_subject.py) on Infinity at the sizes of
     `preset` (arbooth/subject_bases.py SUBJECT_PRESETS; infinity_2b: 32 blocks x 2048, the d32 BSQ-VAE;
     infinity_8b / infinity_8b_512: 40 x 3584, the d56 patchify VAE) or `infinity` / `vae` (constructor
@@ -295,7 +295,8 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     (bf16 blocks and autocast, the KV-cached teacher, two AdamW steps, stochastic rounding for full).
     Random features stand in for T5's (16 prompt tokens) and the photos' VAE features (4 photos).
     `scales` keeps the schedule's first scales only, and `fake=False` builds real random weights instead
-    (both for tests/benchmarks/test_memory_accounting.py, at tiny sizes)."""
+    (both for tests/benchmarks/test_memory_accounting.py, at tiny sizes), on `device` (real weights only:
+    benchmarks/gpu_check.py times the same step on a GPU)."""
     from accelerate import Accelerator
 
     from arbooth.adapt.subject_token import SubjectToken
@@ -306,12 +307,13 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     from arbooth.subject_bases import ModelConfig, preset_schedule
 
     model_cfg = ModelConfig(preset=preset, pn=pn, tuned_dtype="bf16")
-    cfg = SubjectTrainConfig(subject="-", model=model_cfg, dtype="bf16", device="cpu",
+    dev = torch.device(device)
+    cfg = SubjectTrainConfig(subject="-", model=model_cfg, dtype="bf16", device=device,
                              batch_size=batch, validate_every=0, gradient_checkpointing=checkpointing,
                              tuning=TuningConfig(method=method, lora_rank=rank))
     schedule = preset_schedule(model_cfg)[:scales]
     sizes = INFINITY_PRESETS["infinity_8b" if preset.startswith("infinity_8b") else "infinity_2b"]
-    with _on_meta() if fake else contextlib.nullcontext():
+    with _on_meta() if fake else dev:
         torch.manual_seed(0)
         v = BSQVAE(**(vae or sizes["vae"])).eval().requires_grad_(False)
         model = Infinity(v, **(infinity or sizes["model"]), gradient_checkpointing=checkpointing,
@@ -326,21 +328,22 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
         if tuner is not None:  # LoRATuner listed the meta adapters: the optimizer must get the fake ones
             tuner.params = {k: fakes[id(p)] for k, p in tuner.params.items()}
     tuner = tuner or build_tuner(model, cfg.tuning)
-    token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)
-    opt = build_optimizer(cfg, token, tuner, torch.device("cpu"))
+    with contextlib.nullcontext() if fake else dev:  # (a fake tensor cannot be moved: .to swaps it)
+        token = SubjectToken(cfg.tuning.text_prefix_length, model.text_channels)
+    opt = build_optimizer(cfg, token, tuner, dev)
     _, H, W = schedule[-1]
     f = v.token_stride // v.patch_size  # the VAE's latent grid per token side (2 with spatial patchify)
-    features = torch.randn(4, v.codebook_dim, H * f, W * f)
+    features = torch.randn(4, v.codebook_dim, H * f, W * f, device=dev)
     T = 16  # "a photo of <S*> dog" + the 4-row prefix: about this many T5 tokens
-    text = torch.randn(1, T, model.text_channels)
-    mask = torch.ones(1, T, dtype=torch.bool)
+    text = torch.randn(1, T, model.text_channels, device=dev)
+    mask = torch.ones(1, T, dtype=torch.bool, device=dev)
     ph = torch.zeros_like(mask)
     ph[0, 4] = True
-    run = Run(cfg, Accelerator(cpu=True), model, tuner, token, opt, schedule, cfg.loss.weights_for(len(schedule)), v,
-              features, (text, mask, ph), (text[:, :8], mask[:, :8]), None, torch.Generator().manual_seed(1),
-              torch.Generator().manual_seed(2), "random", "-")
+    run = Run(cfg, Accelerator(cpu=dev.type == "cpu"), model, tuner, token, opt, schedule,
+              cfg.loss.weights_for(len(schedule)), v, features, (text, mask, ph), (text[:, :8], mask[:, :8]), None,
+              torch.Generator(dev).manual_seed(1), torch.Generator(dev).manual_seed(2), "random", "-")
     model.train()
-    idx = torch.arange(batch) % 4
+    idx = torch.arange(batch, device=dev) % 4
     return Step(lambda probe: train_step(run, idx, on_phase=_arbooth_phases(probe)),
                 [model, v, opt, token, features, text, mask, ph, *getattr(tuner, "originals", {}).values()],
                 {"trainable": tuner.num_trainable(), "tokens": sum(h * w for _, h, w in schedule),
