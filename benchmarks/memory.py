@@ -357,18 +357,20 @@ def _arbooth_phases(probe: Callable[[str], None]) -> Callable[[str], None]:
 
 
 # ------------------------------------------------------------------ class-conditional VAR
-def _var_on_fake(depth: int, method: str, checkpointing: bool = False, dims: dict | None = None):
+def _var_on_fake(depth: int, method: str, checkpointing: bool = False, dims: dict | None = None, fake: bool = True):
     from arbooth.adapt.methods import prepare_for_method
     from arbooth.models import VAR, VQVAE
     from arbooth.models.var import VAE_PRESET, VAR_PRESETS
     from arbooth.models.var_training import build_optimizer
     from arbooth.recipes.class_config import OptimConfig
 
-    with _on_meta():
+    with _on_meta() if fake else contextlib.nullcontext():
+        torch.manual_seed(0)
         vae_kw, var_kw = (dims or {}).get("vae", VAE_PRESET), (dims or {}).get("var", VAR_PRESETS[depth])
         vae = VQVAE(**vae_kw)
         model = prepare_for_method(VAR(vae, **var_kw), method)
-    materialize(model, vae)
+    if fake:
+        materialize(model, vae)
     if checkpointing:
         from arbooth.adapt.finetuned import unwrap_peft
         unwrap_peft(model).gradient_checkpointing = True
@@ -410,14 +412,14 @@ def model_num_classes(model) -> int:
 
 
 def dp_step(*, depth: int = 16, method: str = "fft", views: int = 1, batch: int = 32, mode: str = "book_keeping",
-            dims: dict | None = None) -> Step:
+            dims: dict | None = None, fake: bool = True) -> Step:
     """One DP-SGD step (arbooth/privacy/engine.make_private, as arbooth/recipes/train_class_dp.py) or the
     same step without privacy (`mode="nonprivate"`), at `batch` examples x `views` augmented views of
     teacher-forced token maps (the tokenizer's encode is left out: it is the same in both)."""
     from arbooth.models.var_training import var_loss
     from arbooth.privacy.engine import make_private
 
-    vae, model, opt = _var_on_fake(depth, method, dims=dims)
+    vae, model, opt = _var_on_fake(depth, method, dims=dims, fake=fake)
     from arbooth.adapt.finetuned import unwrap_peft
     var = unwrap_peft(model)
     n = batch * views
@@ -449,6 +451,39 @@ def dp_step(*, depth: int = 16, method: str = "fft", views: int = 1, batch: int 
         pt.optimizer.zero_grad(set_to_none=True)
     return Step(run_dp, [model, vae, pt.optimizer.original_optimizer if hasattr(pt.optimizer, "original_optimizer")
                          else opt, label_N, x_NLC, idx_NL])
+
+
+def dp_blocks(*, method: str = "fft", views: int = 1, batch: int = 8, depth: int = 16,
+              modes: tuple[str, ...] = ("nonprivate", "book_keeping")) -> list[dict]:
+    """The DP step's memory at full depth from REAL tensors at VAR-d{depth} width and sequence length
+    (1024 wide, 16 heads, 10 scales, L = 680; the tokenizer at a small width: it does not run): `dp_step`
+    on 1 and on 2 blocks under the same tracker (Opacus' optimizer does not run on fake tensors: the
+    process aborts in DPOptimizerFastGradientClipping.zero_grad). The second block's increase of each
+    category is the per-block cost, exact at this width; the full-depth figure is the 1-block one plus
+    (depth - 1) x that increase: a linear extrapolation in depth, stated as such in the row."""
+    from arbooth.models.var import PATCH_NUMS, VAR_PRESETS
+
+    rows = []
+    for mode in modes:
+        res = {}
+        for d in (1, 2):
+            dims = {"vae": {"vocab_size": 4096, "z_channels": 32, "ch": 32, "share_quant_resi": 4,
+                            "patch_nums": PATCH_NUMS, "ch_mult": (1, 1)}, "var": {**VAR_PRESETS[depth], "depth": d}}
+            t0 = time.perf_counter()
+            res[d] = account(dp_step(method=method, views=views, batch=batch, mode=mode, dims=dims, fake=False))
+            res[d]["account_s"] = time.perf_counter() - t0
+        one, two = res[1], res[2]
+        per_block = {c: two["split_gib"][c] - one["split_gib"][c] for c in one["split_gib"]}
+        rows.append({"name": f"dp_d{depth} {method} k={views} {mode} B={batch} (1+2 blocks real, x{depth})",
+                     "peak_gib": one["peak_gib"] + (depth - 1) * (two["peak_gib"] - one["peak_gib"]),
+                     "peak_phase": two["peak_phase"], "method": "extrapolated: 1-block peak + (depth-1) x the "
+                     "2nd block's increase, both accounted on real tensors at d16 width",
+                     "split_gib": {c: one["split_gib"][c] + (depth - 1) * v for c, v in per_block.items()},
+                     "per_block_gib": two["peak_gib"] - one["peak_gib"], "per_block_split_gib": per_block,
+                     "one_block_peak_gib": one["peak_gib"], "two_block_peak_gib": two["peak_gib"],
+                     "step_tflop": one["step_tflop"] + (depth - 1) * (two["step_tflop"] - one["step_tflop"]),
+                     "account_s": one["account_s"] + two["account_s"]})
+    return rows
 
 
 # ------------------------------------------------------------------ the rows
@@ -494,7 +529,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=[], help="rows whose name contains any of these strings")
     ap.add_argument("--list", action="store_true", help="print the row names and exit")
     ap.add_argument("--out", default="benchmarks/results/memory.json")
+    ap.add_argument("--dp-blocks", nargs=3, metavar=("METHOD", "VIEWS", "BATCH"),
+                    help="the DP step (book-keeping) vs non-private from 1 and 2 real d16-width blocks (dp_blocks)")
     a = ap.parse_args()
+    if a.dp_blocks:
+        t0 = time.perf_counter()
+        rows = dp_blocks(method=a.dp_blocks[0], views=int(a.dp_blocks[1]), batch=int(a.dp_blocks[2]))
+        for r in rows:
+            print(f"{r['name']:60s} | {r['peak_gib']:6.2f} GiB | per block {r['per_block_gib']:.3f} GiB | "
+                  f"1 block {r['one_block_peak_gib']:.3f} | {r['account_s']:.0f} s", flush=True)
+        print(f"book_keeping / nonprivate at full depth: {rows[1]['peak_gib'] / rows[0]['peak_gib']:.2f}x, per block "
+              f"{rows[1]['per_block_gib'] / rows[0]['per_block_gib']:.2f}x")
+        _merge_json(Path(a.out), rows, {"dp_blocks_wall_s": time.perf_counter() - t0})
+        return
     names = [n for n in ROWS if not a.only or any(s in n for s in a.only)]
     if a.list:
         print("\n".join(names))
@@ -515,11 +562,16 @@ def main() -> None:
     meta = {"torch": torch.__version__, "wall_s": wall, "mfu": MFU, "h100_tflops": H100_TFLOPS,
             "a100_tflops": A100_TFLOPS, "margin": MARGIN,
             "not_seen": "CUDA context, allocator rounding/fragmentation, cuBLAS/cuDNN/attention workspaces"}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(Path(a.out).read_text())["rows"] if Path(a.out).is_file() else []
-    keep = [r for r in old if r["name"] not in {n["name"] for n in rows}]  # --only updates its rows in place
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": keep + rows}, indent=1))
+    _merge_json(Path(a.out), rows, meta)
     print(f"wrote {a.out} ({wall:.0f} s); plan a GPU with {MARGIN}")
+
+
+def _merge_json(out: Path, rows: list[dict], meta: dict) -> None:
+    """Rows replace those of the same name in `out` and join the others (separate --only runs accumulate)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "rows": []}
+    keep = [r for r in old["rows"] if r["name"] not in {n["name"] for n in rows}]
+    out.write_text(json.dumps({"meta": {**old["meta"], **meta}, "rows": keep + rows}, indent=1))
 
 
 if __name__ == "__main__":
