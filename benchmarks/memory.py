@@ -14,6 +14,7 @@ rate: a model, not a measurement.
     PYTHONPATH=. python benchmarks/memory.py                        # every row; table + benchmarks/results/memory.json
     PYTHONPATH=. python benchmarks/memory.py --only arbooth_2b      # rows whose name contains a string
     PYTHONPATH=. python benchmarks/memory.py --list                 # the row names
+    PYTHONPATH=. python benchmarks/memory.py --dp-blocks fft 1 8    # DP vs non-private from real d16-width blocks
 
 Rows are built by the functions in ROWS (name -> zero-argument function returning a `Step`); a new
 model (Infinity-8B, say) is one more entry there.
@@ -502,9 +503,10 @@ def _rows() -> dict[str, Callable[[], Step]]:
             rows[f"var_d{depth} {method} B=32"] = lambda d=depth, m=method: var_step(depth=d, method=m, batch=32)
     for method in ("fft", "lora"):
         for k in (1, 8):
-            # the private modes (dp_step(mode="book_keeping" / "ghost")) do not run on fake tensors: Opacus'
-            # optimizer deep-copies state that touches a fake tensor's data pointer and the process aborts
-            # (heap corruption); only the non-private step at the DP recipe's shapes is accounted here
+            # the private modes (dp_step(mode="book_keeping" / "ghost")) do not run on fake tensors: the
+            # process aborts in Opacus' DPOptimizerFastGradientClipping.zero_grad (heap corruption); only the
+            # non-private step at the DP recipe's shapes is a row here; --dp-blocks accounts the private one
+            # on real tensors (dp_blocks)
             rows[f"dp_d16 {method} k={k} nonprivate B=32"] = (
                 lambda m=method, k=k: dp_step(method=m, views=k, mode="nonprivate", batch=32))
     return rows
