@@ -17,9 +17,18 @@ from arbooth.adapt.finetuned import ModelConfig
 from arbooth.adapt.methods import MethodConfig
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
+from arbooth.tracking import trackers
 
 __all__ = ["ClassTrainConfig", "DataConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig",
            "TrainConfig"]
+
+# Config keys a resume of a class run may change (`runs.check_resume`, recorded in run.json): more or
+# fewer steps (a decaying lr schedule is rebuilt over the new total from the resumed step), checkpoint and
+# log cadence, loader workers, and paths, whose content is checked by the data and base hashes instead.
+# Anything else is refused. The DP recipe derives its set from this one (class_dp_config).
+STEP_BUDGET_KEYS = ("train.max_steps", "train.epochs")
+SAFE_RESUME_KEYS = (*STEP_BUDGET_KEYS, "train.checkpoint_every", "train.keep_checkpoints", "train.out_dir",
+                    "log.", "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -105,9 +114,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    every: int = 10                       # optimizer steps between console/TensorBoard lines
-    tensorboard: bool = False
-    wandb: bool = False
+    every: int = 10                       # optimizer steps between console/tracker lines (and metrics.jsonl rows)
+    report_to: str = "none"               # none | tensorboard | wandb | all (accelerate's trackers, arbooth/tracking.py)
     sample_every: int = 0                 # optimizer steps between sample grids; 0 = off
     sample_classes: tuple[int, ...] = (0, 1, 2, 3)
     sample_per_class: int = 2
@@ -117,6 +125,9 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         check_sampling_args(top_k=self.sample_top_k, top_p=self.sample_top_p, cfg=self.sample_cfg, where="log")
+        trackers(self.report_to)
+        if self.every < 1 or self.sample_every < 0:
+            raise ConfigError("log.every must be >= 1 and log.sample_every >= 0")
 
 
 @dataclass(frozen=True)
