@@ -284,6 +284,17 @@ class _PhaseFlops:
         self.phase, self.start = phase, total
 
 
+def _accelerator(**kwargs):
+    """A new accelerate.Accelerator with these settings. Its state is process-wide and refuses another
+    mixed precision once set; the rows differ (ARBooth applies its own autocast: "no"; the class recipe
+    uses accelerate's: "bf16"), so the state is reset first (accelerate's own tests do the same)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(**kwargs)
+
+
 # ------------------------------------------------------------------ ARBooth on Infinity
 def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int = 2, rank: int = 16,
                  preset: str = "infinity_2b", pn: str = "1M", scales: int | None = None, infinity: dict | None = None,
@@ -298,7 +309,6 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     `scales` keeps the schedule's first scales only, and `fake=False` builds real random weights instead
     (both for tests/benchmarks/test_memory_accounting.py, at tiny sizes), on `device` (real weights only:
     benchmarks/gpu_check.py times the same step on a GPU)."""
-    from accelerate import Accelerator
 
     from arbooth.adapt.subject_token import SubjectToken
     from arbooth.models import BSQVAE, Infinity
@@ -340,7 +350,7 @@ def arbooth_step(*, method: str = "full", checkpointing: bool = True, batch: int
     mask = torch.ones(1, T, dtype=torch.bool, device=dev)
     ph = torch.zeros_like(mask)
     ph[0, 4] = True
-    run = Run(cfg, Accelerator(cpu=dev.type == "cpu"), model, tuner, token, opt, schedule,
+    run = Run(cfg, _accelerator(cpu=dev.type == "cpu"), model, tuner, token, opt, schedule,
               cfg.loss.weights_for(len(schedule)), v, features, (text, mask, ph), (text[:, :8], mask[:, :8]), None,
               torch.Generator(dev).manual_seed(1), torch.Generator(dev).manual_seed(2), "random", "-")
     model.train()
@@ -384,14 +394,12 @@ def var_step(*, depth: int = 16, method: str = "fft", batch: int = 32, dims: dic
     `batch` images per device (configs/class/*: 32), one micro-step that also updates."""
     from types import SimpleNamespace
 
-    from accelerate import Accelerator
-
     from arbooth.recipes.train_class import train_step
 
     vae, model, opt = _var_on_fake(depth, method, dims=dims)
-    cfg = SimpleNamespace(train=SimpleNamespace(seed=0), optim=SimpleNamespace(
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0, batch_size=batch), optim=SimpleNamespace(
         class_dropout=0.1, label_smoothing=0.1, grad_clip=1.0))  # the configs' values (configs/class/*)
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    acc = _accelerator(cpu=True, mixed_precision="bf16")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     size = 16 * vae.patch_nums[-1] if dims is None else dims["image_size"]  # 256x256 for the released VQVAE
     run = SimpleNamespace(cfg=cfg, accelerator=acc, vae=vae, model=model, optimizer=opt, scheduler=sched, grad_accum=1,

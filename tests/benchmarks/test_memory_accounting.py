@@ -59,3 +59,19 @@ def test_real_peak_matches_live_tensor_bytes():
     gib = 2**30
     assert res["phase_split_gib"]["distill forward"]["Optstate"] == pytest.approx(state / gib, rel=0.02)
     assert res["split_gib"]["Parameter"] + res["split_gib"]["Buffer"] >= sum(params.values()) / gib * 0.98
+
+
+TINY_VAR_DIMS = {"vae": {"vocab_size": 64, "z_channels": 8, "ch": 32, "share_quant_resi": 4,
+                         "patch_nums": (1, 2, 3, 4), "ch_mult": (1, 1)},
+                 "var": {"num_classes": 10, "depth": 2, "embed_dim": 128, "num_heads": 4, "patch_nums": (1, 2, 3, 4)},
+                 "image_size": 8}
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_class_step_accounts_on_fake_tensors(method):
+    """The class recipe's train_step (memory.py's var_* rows) still runs on fake tensors, with gradients
+    and optimizer state, so a change of its inputs cannot silently break those rows."""
+    with memory.fake_tensors():
+        res = memory.account(memory.var_step(method=method, batch=2, dims=TINY_VAR_DIMS))
+    assert res["split_gib"]["Parameter"] > 0 and res["step_tflop"] > 0
+    assert max(s["Optstate"] for s in res["phase_split_gib"].values()) > 0
