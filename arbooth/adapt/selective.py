@@ -12,6 +12,7 @@ that saved the student's weights may be alive across it (the recipe runs the tea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 
@@ -56,8 +57,15 @@ class SelectiveTuner:
             p.requires_grad_(True)
         # The teacher's weights: the values before training (same dtype, so the swap is exact).
         self.originals = {k: p.detach().clone() for k, p in self.params.items()}
-        self.base_tuned_sha256 = tensors_sha256(self.originals)
         self._swapped = False
+
+    @functools.cached_property
+    def base_tuned_sha256(self) -> str:
+        """Hash of the original tuned tensors (the refusal on a wrong base). Computed on first use, so that
+        benchmarks/memory.py can build the tuner on fake tensors, which have no bytes to hash."""
+        if self._swapped:
+            raise RuntimeError("base_tuned_sha256 read inside teacher(), where originals holds the student")
+        return tensors_sha256(self.originals)
 
     # ---- what trains ----
     def num_trainable(self) -> int:

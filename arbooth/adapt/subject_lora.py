@@ -21,6 +21,7 @@ Adapter tensors are named like the model's modules without peft's adapter name:
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,6 @@ class LoRATuner:
         self.spec = LoRASpec(rank, float(resolve_lora_alpha(rank, alpha)), lora_targets(model, kinds),
                              dropout, init)
         self.base_dtype = model.blocks[0].ffn.fc1.weight.dtype
-        self.base_tuned_sha256 = base_weights_sha256(model, self.spec.targets, self.base_dtype)
         model.requires_grad_(False)
         # peft injects into `model` itself; adapters of bf16 layers are made fp32 (autocast_adapter_dtype)
         self.peft_model = get_peft_model(model, self.spec.peft_config(), autocast_adapter_dtype=True)
@@ -129,6 +129,12 @@ class LoRATuner:
         extra = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
         if extra:
             raise RuntimeError(f"LoRA left base parameters trainable: {extra[:3]}")
+
+    @functools.cached_property
+    def base_tuned_sha256(self) -> str:
+        """Hash of the adapted layers' base weights (frozen, so the same at any time). Computed on first
+        use, so that benchmarks/memory.py can build the tuner on fake tensors, which have no bytes to hash."""
+        return base_weights_sha256(self.model, self.spec.targets, self.base_dtype)
 
     # ---- what trains ----
     def num_trainable(self) -> int:

@@ -111,3 +111,28 @@ def test_backward_without_forward_is_an_error() -> None:
     bk = BookKeepingGradSampleModule(TinyNet(), views=1)
     with pytest.raises(RuntimeError, match="forward"):
         bk.backward(torch.zeros(2, requires_grad=True))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_under_bf16_autocast_keeps_inputs_in_bf16(k: int) -> None:
+    """Under autocast a Linear's input is kept in the autocast dtype (the dtype its records multiply in),
+    not in the fp32 that reached the layer; the clipped sum still equals the brute-force one of the same
+    autocast model, to bf16 precision."""
+    tok, y = _batch(k, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = brute_force_grads(TinyNet(), tok, y, k)
+    c = float(torch.stack([r.norm() for r in ref]).median())
+    model = TinyNet()
+    bk = BookKeepingGradSampleModule(model, views=k, max_grad_norm=c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = row_loss(bk(tok).float(), y).reshape(B, k).mean(1)
+    bk.backward(loss)
+    got = torch.cat([p.grad.flatten() for p in trainable(model)])
+    want = torch.stack([clip(r, c) for r in ref]).sum(0)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    layer = next(m for m in model.modules() if type(m) is nn.Linear)
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bk._tap_output(layer, (x,), layer(x))
+    acts = out.grad_fn.on_grad.args[1]  # what the tap keeps for this layer's records
+    assert x.dtype == torch.float32 and acts[0].dtype == torch.bfloat16
