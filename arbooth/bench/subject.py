@@ -237,39 +237,43 @@ def sample_identity(plan: BenchPlan, unit: Unit, device: torch.device) -> dict:
 
 def sample_units(plan: BenchPlan, ranks: Ranks, device: torch.device) -> dict:
     """Sample this rank's contiguous share of every unit's missing images; returns
-    {unit path: [images sampled, seconds]}."""
-    units = plan.units
-    tasks = [(u, k) for u, unit in enumerate(units) for k in sample_keys(plan, unit)]
+    {"variant/subject": [images sampled, seconds]}. The shares are made of whole generation batches
+    (gen_batch_size seeds of one prompt), the batches one process would sample, so every image comes
+    out of the same batch (the same float rounding) whatever the number of ranks."""
+    units, bs = plan.units, plan.options.gen_batch_size
+    batches = []
+    for u, unit in enumerate(units):
+        by_prompt: dict[str, list[tuple[str, int, str]]] = {}
+        for key in sample_keys(plan, unit):
+            by_prompt.setdefault(key[0], []).append(key)
+        batches += [(u, keys[i:i + bs]) for keys in by_prompt.values() for i in range(0, len(keys), bs)]
     mine: dict[int, list] = {}
-    for u, key in ranks.chunk(tasks):
-        mine.setdefault(u, []).append(key)
+    for u, keys in ranks.chunk(batches):
+        mine.setdefault(u, []).append(keys)
     timing = {}
     writer = f"rank{ranks.rank}" if ranks.world > 1 else None
-    for u, keys in mine.items():
+    for u, unit_batches in mine.items():
         unit = units[u]
         folder = SampleFolder(unit_dir(plan, unit) / "samples", sample_identity(plan, unit, device), writer=writer)
-        todo = folder.missing([(p, s) for p, s, _ in keys])
-        if not todo:
-            continue
-        text = {(p, s): t for p, s, t in keys}
-        sampler = load_sampler(unit_dir(plan, unit) / "run" / "personalization.safetensors", device=device)
-        seconds, bs = 0.0, plan.options.gen_batch_size
-        by_prompt: dict[str, list[int]] = {}
-        for p, s in todo:
-            by_prompt.setdefault(p, []).append(s)
-        for prompt, seeds in by_prompt.items():
-            for start in range(0, len(seeds), bs):
-                chunk = seeds[start:start + bs]
-                t0 = time.perf_counter()
-                images = sampler.generate([text[(prompt, chunk[0])]] * len(chunk), seed=chunk, cfg=plan.sampling["cfg"],
-                                          tau=plan.sampling["tau"], top_k=plan.sampling["top_k"],
-                                          top_p=plan.sampling["top_p"], dtype=_dtype(device))
-                seconds += time.perf_counter() - t0
-                for s, x in zip(chunk, images, strict=True):
-                    folder.add(prompt, s, tensor_to_pil(x), text=text[(prompt, s)])
-        timing[f"{unit.variant.name}/{unit.subject.name}"] = [len(todo), seconds]
-        log.info("%s/%s: sampled %d image(s) in %.1f s", unit.variant.name, unit.subject.name, len(todo), seconds)
-        del sampler
+        sampler, n, seconds = None, 0, 0.0
+        for keys in unit_batches:
+            todo = set(folder.missing([(p, s) for p, s, _ in keys]))
+            keys = [k for k in keys if (k[0], k[1]) in todo]
+            if not keys:
+                continue
+            if sampler is None:
+                sampler = load_sampler(unit_dir(plan, unit) / "run" / "personalization.safetensors", device=device)
+            t0 = time.perf_counter()
+            images = sampler.generate([t for _, _, t in keys], seed=[s for _, s, _ in keys], cfg=plan.sampling["cfg"],
+                                      tau=plan.sampling["tau"], top_k=plan.sampling["top_k"],
+                                      top_p=plan.sampling["top_p"], dtype=_dtype(device))
+            seconds += time.perf_counter() - t0
+            for (p, s, t), x in zip(keys, images, strict=True):
+                folder.add(p, s, tensor_to_pil(x), text=t)
+            n += len(keys)
+        if n:
+            timing[f"{unit.variant.name}/{unit.subject.name}"] = [n, seconds]
+            log.info("%s/%s: sampled %d image(s) in %.1f s", unit.variant.name, unit.subject.name, n, seconds)
     return timing
 
 
