@@ -4,6 +4,7 @@ HTML page in a headless browser (skips without one)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,11 +119,12 @@ def _metrics(report: dict) -> dict:
 
 
 def _flat(tree, prefix="") -> dict:
-    """Nested dicts and lists -> {"a/b/0": number}; strings and flags left out."""
+    """Nested dicts and lists -> {"a/b/0": number}; strings, flags and NaN (p of equal differences) left out."""
     out = {}
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
     if items is None:
-        return {prefix: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+        number = isinstance(tree, (int, float)) and not isinstance(tree, bool) and not math.isnan(tree)
+        return {prefix: tree} if number else {}
     for k, v in items:
         out.update(_flat(v, f"{prefix}/{k}"))
     return out
