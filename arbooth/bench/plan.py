@@ -43,8 +43,10 @@ class Variant:
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_.-" for c in self.name):
-            raise ConfigError(f"variant name {self.name!r}: use letters, digits, '_', '.', '-'")
+        if not self.name or not all(c.isalnum() or c in "_.-" for c in self.name) or self.name[0] in "_.":
+            raise ConfigError(f"variant name {self.name!r}: use letters, digits, '_', '.', '-' (not first: '_', '.')")
+        if self.name == "toy_benchmark":  # <out>/toy_benchmark holds the toy benchmark's subjects
+            raise ConfigError("variant name 'toy_benchmark' is taken by the toy benchmark's folder")
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"variant {self.name}: {bad[0]!r} is not a key=value override")

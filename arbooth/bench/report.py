@@ -21,7 +21,7 @@ from PIL import Image
 from arbooth.bench.plan import TRAIN_RECORD, BenchPlan, Unit, unit_dir
 from arbooth.data.images import list_image_files, read_image
 from arbooth.metrics.paired import paired_difference
-from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, fmt, markdown_table
+from arbooth.metrics.report import fmt, markdown_table
 from arbooth.model_card import write_model_card
 from arbooth.outputs import write_text
 from arbooth.sample_folder import SampleFolder
@@ -121,12 +121,18 @@ def _subject_rows(report: dict) -> list[dict]:
             for r in [rows[s_i]]]
 
 
+def _banner(report: dict) -> str:
+    """The warning every report carries when the protocol's extractors had random weights."""
+    text = (f"RANDOM-WEIGHT EXTRACTORS ({report['extractors_note']}): the protocol columns "
+            f"{', '.join(PROTOCOL_METRICS)} are meaningless here and only show that the pipeline runs")
+    return text + ("; the toy oracle columns are meaningful." if report["toy"] else ".")
+
+
 def markdown(report: dict) -> str:
     cols = _columns(report)
     md = ["# bench-subject" + (" (built-in toy benchmark)" if report["toy"] else f": {report['benchmark']}"), ""]
     if report["random_weights"]:
-        md += [f"**{RANDOM_WEIGHTS_NOTE}** ({report['extractors_note']}; protocol columns: "
-               + ", ".join(PROTOCOL_METRICS) + ")", ""]
+        md += [f"**{_banner(report)}**", ""]
     md += [(f"Protocol `{report['protocol']}`; {len(report['subjects'])} subjects; {report['images_per_prompt']} "
            f"images per prompt (image i from seed {report['seed']} + i), {report['pres_samples']} class-prompt images "
            f"(`{report['class_prompt']}`) for PRES; {report['processes']} process(es), {report['wall_s']:.0f} s wall."),
@@ -181,8 +187,9 @@ def _grid(plan: BenchPlan, unit: Unit, thumb: int) -> str:
     for prompt, n in [*[(t, plan.images_per_prompt) for t in s.templates], (cls, min(plan.pres_samples, 8))]:
         recs = folder.records([(prompt, seed + i) for i in range(n)])
         cells = "".join(_png(read_image(r["path"]), thumb) for r in recs)
-        label = prompt.replace("{}", f"{'&lt;S*&gt;'} {s.class_noun}") if "{}" in prompt else f"class: {prompt}"
-        lines.append(f'<div><span class="label">{label if "{}" in prompt else html.escape(label)}</span>{cells}</div>')
+        text = recs[0].get("text", prompt) if recs else prompt  # the prompt as sampled, <S*> included
+        label = html.escape(text if "{}" in prompt else f"class: {text}")
+        lines.append(f'<div><span class="label">{label}</span>{cells}</div>')
     return "".join(lines)
 
 
@@ -192,8 +199,7 @@ def html_page(plan: BenchPlan, report: dict) -> str:
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS % (3 * thumb + 12)}</style></head><body><h1>{html.escape(title)}</h1>")]
     if report["random_weights"]:
-        parts.append(f"<div class='banner'><b>{html.escape(RANDOM_WEIGHTS_NOTE)}</b> ({html.escape(report['extractors_note'])}; "
-                     f"columns {', '.join(PROTOCOL_METRICS)}).</div>")
+        parts.append(f"<div class='banner'><b>{html.escape(_banner(report))}</b></div>")
     meta = markdown(report).split("## Overall")[0].split("\n", 2)[2]
     parts.append("".join(f"<p>{html.escape(p)}</p>" for p in meta.split("\n\n") if p.strip() and not p.startswith("**")))
     parts.append("<h2>Overall (mean over subjects; live / object as the ViCo table)</h2>"

@@ -67,6 +67,9 @@ from arbooth.toy.models import TOY_DIR
 
 log = logging.getLogger(__name__)
 
+# Config keys that are not part of what made a personalization: switches, and paths (what they point to is
+# fingerprinted instead).
+_NOT_IDENTITY = ("resume", "overwrite", "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5")
 # Launcher variables a training child must not see: it trains one subject alone, not in the launcher's group.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                  "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -128,11 +131,11 @@ def _stamp(path: Path) -> list:
 
 
 def training_identity(cfg: SubjectTrainConfig) -> dict:
-    """What makes a personalization: the resolved config (without the resume/overwrite switches), the
-    subject photos' bytes and the base checkpoints' fingerprints (size + mtime: hashing a 2B checkpoint
+    """What makes a personalization: the resolved config (without the resume/overwrite switches and the
+    paths, so a moved or copied benchmark folder is still recognised), the subject photos' bytes and the base checkpoints' fingerprints (size + mtime: hashing a 2B checkpoint
     on every rerun would cost minutes; a personalization applied to another base is refused anyway, by
     the base hash it records, when it is loaded)."""
-    values = {k: v for k, v in flat_config(cfg).items() if k not in ("resume", "overwrite")}
+    values = {k: v for k, v in flat_config(cfg).items() if k not in _NOT_IDENTITY}
     photos = {p.name: file_identity(p)["sha256"] for p in read_image_folder(cfg.subject).paths}
     m = cfg.model
     ckpts = {"model_ckpt": m.model_ckpt or (str(TOY_DIR) if m.preset == "toy" else None), "vae_ckpt": m.vae_ckpt,
