@@ -94,8 +94,11 @@ def _canonical(identity: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
+    """A value for a one-line message: a file identity as name@sha256-prefix, others as JSON, shortened."""
+    if isinstance(value, dict) and set(value) == {"name", "sha256"}:
+        return f"{value['name']}@{str(value['sha256'])[:12]}"
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def identity_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

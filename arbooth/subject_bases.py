@@ -29,7 +29,12 @@ from arbooth.adapt.personalization import (
 from arbooth.adapt.personalized_sampler import PersonalizedSampler
 from arbooth.config import from_dict
 from arbooth.errors import CheckpointError, ConfigError
-from arbooth.models.infinity_loading import infinity_2b_base
+from arbooth.models.infinity_loading import (
+    infinity_2b_base,
+    infinity_8b_512_base,
+    infinity_8b_512_schedule,
+    infinity_8b_base,
+)
 from arbooth.models.infinity_schedule import infinity_scale_schedule
 from arbooth.toy.models import toy_infinity_base, toy_schedule
 from arbooth.toy.report import toy_run_report
@@ -38,11 +43,17 @@ from arbooth.toy.tiny import tiny_infinity_base
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "infinity_2b"          # a key of SUBJECT_PRESETS: infinity_2b, tiny (random weights, no
-    #   checkpoint; tests, CPU), toy (the pretrained toy base shipped in arbooth/assets/toy, docs/toy.md)
-    model_ckpt: str | None = None       # infinity_2b_reg.pth (toy: the toy base folder; default the shipped one)
-    vae_ckpt: str | None = None         # infinity_vae_d32_reg.pth
+    preset: str = "infinity_2b"          # a key of SUBJECT_PRESETS: infinity_2b, infinity_8b (1024x1024),
+    #   infinity_8b_512, tiny (random weights, no checkpoint; tests, CPU), toy (the pretrained toy base shipped
+    #   in arbooth/assets/toy, docs/toy.md)
+    model_ckpt: str | None = None       # infinity_2b_reg.pth / the sharded infinity_8b_weights folder (toy: the
+    #   toy base folder; default the shipped one)
+    vae_ckpt: str | None = None         # infinity_vae_d32_reg.pth / infinity_vae_d56_f8_14_patchify.pth
     t5: str | None = None               # flan-t5-xl folder
+    # released presets: constructor arguments over the release's sizes (INFINITY_PRESETS), for a checkpoint of
+    # the release's family at other sizes (as `generate --model-kwargs / --vae-kwargs`); null = the release
+    model_kwargs: dict | None = None
+    vae_kwargs: dict | None = None
     pn: str = "1M"                      # scale-schedule size: 1M = 1024x1024, 13 scales (authors' training)
     h_div_w: float = 1.0
     lvl_embed_every_chunk: bool = False  # the ARBooth fork's level-embedding quirk (notes 12)
@@ -54,6 +65,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.preset not in SUBJECT_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; one of {', '.join(SUBJECT_PRESETS)}")
+        for name in ("model_kwargs", "vae_kwargs"):
+            kw = getattr(self, name)
+            if kw is not None and (not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw)):
+                raise ConfigError(f"model.{name} must be a mapping of constructor arguments, got {kw!r}")
 
 
 def released_schedule(model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -80,6 +95,9 @@ class SubjectPreset:
 
 SUBJECT_PRESETS: dict[str, SubjectPreset] = {
     "infinity_2b": SubjectPreset(infinity_2b_base, released_schedule),
+    # Infinity-8B (arbooth/models/infinity.py INFINITY_PRESETS; configs/subject/infinity_8b.yaml)
+    "infinity_8b": SubjectPreset(infinity_8b_base, released_schedule),
+    "infinity_8b_512": SubjectPreset(infinity_8b_512_base, infinity_8b_512_schedule),
     "tiny": SubjectPreset(tiny_infinity_base, released_schedule),
     # the toy model's ops are tiny: one thread is as fast on an idle machine and ~5x faster on a busy one;
     # guidance 6: the toy base draws the asked class in 96% of samples at cfg 6 vs 93% at 4 (docs/toy.md)

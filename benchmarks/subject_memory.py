@@ -46,8 +46,8 @@ from arbooth.adapt.subject_token import SubjectToken
 from arbooth.config import to_dict
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
-from arbooth.subject_bases import ModelConfig
 from arbooth.recipes.train_subject import Run, build_optimizer, build_tuner, train_step
+from arbooth.subject_bases import ModelConfig
 
 GiB = 2**30
 FULL_DEPTH = 32  # Infinity-2B

@@ -25,8 +25,8 @@ from accelerate import Accelerator
 from arbooth.adapt.subject_token import SubjectToken
 from arbooth.models import BSQVAE, Infinity, infinity_scale_schedule
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
-from arbooth.subject_bases import ModelConfig
 from arbooth.recipes.train_subject import Run, build_optimizer, build_tuner, train_step
+from arbooth.subject_bases import ModelConfig
 from arbooth.toy.tiny import TINY
 
 
@@ -49,7 +49,7 @@ def bench(size: str, steps: int, method: str = "full", rank: int = 16, checkpoin
         model.blocks.to(torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()
     schedule = [tuple(s) for s in infinity_scale_schedule(1.0, pn)]
-    L, d, C = sum(h * w for _, h, w in schedule), vae.codebook_dim, model.text_channels
+    L, d, C = sum(h * w for _, h, w in schedule), vae.token_dim, model.text_channels
     tuner = build_tuner(model, cfg.tuning)
     token = SubjectToken(4, C).to(dev)
     opt = build_optimizer(cfg, token, tuner, dev)

@@ -53,7 +53,8 @@ def test_another_identity_is_refused_by_name_or_overwritten(tmp_path):
     _fill(sf, KEYS)
     (tmp_path / "s" / "eval_subject").mkdir()  # a report folder: never removed
     other_model = {**IDENTITY, "model": {"name": "b.safetensors", "sha256": "bb" * 32}}
-    with pytest.raises(SampleFolderError, match=r"model: .*a\.safetensors.* there, .*b\.safetensors.* now") as e:
+    named = r"model: a\.safetensors@aaaaaaaaaaaa there, b\.safetensors@bbbbbbbbbbbb now"
+    with pytest.raises(SampleFolderError, match=named) as e:
         SampleFolder(tmp_path / "s", other_model)
     assert "guidance" not in str(e.value) and "\n" not in str(e.value) and "--overwrite" in str(e.value)
     with pytest.raises(SampleFolderError, match=r"guidance: 3\.0 there, 4\.0 now"):

@@ -52,7 +52,8 @@ def _arbooth_compat(model, text_BTC, mask_BT, schedule, tau, top_k, top_p, gener
     vae, B, dev = model.vae, text_BTC.shape[0], text_BTC.device
     tc = model.encode_text(text_BTC, mask_BT)
     cos, sin = rope_cos_sin(schedule, model.C // model.num_heads, dev)
-    full = tuple(schedule[-1])
+    latent = vae.latent_schedule(schedule)  # the quantizer's grid (2x the token map with spatial patchify)
+    full = tuple(latent[-1])
     x = model.start(tc.cond_BD)
     inputs, logits_all, summed = [], [], 0.0
     for si, (_, h, w) in enumerate(schedule):
@@ -64,7 +65,7 @@ def _arbooth_compat(model, text_BTC, mask_BT, schedule, tau, top_k, top_p, gener
         if si == len(schedule) - 1:
             break
         summed = summed + F.interpolate(vae.bits_to_codes(bits), size=full, mode=vae.up_mode)
-        nxt = F.interpolate(summed, size=tuple(schedule[si + 1]), mode="area").flatten(2).transpose(1, 2)
+        nxt = vae.codes_to_tokens(F.interpolate(summed, size=tuple(latent[si + 1]), mode="area"))
         inputs.append(nxt)
         x = model.word_embed(nxt)
     return torch.cat(inputs, 1), torch.cat(logits_all, 1)

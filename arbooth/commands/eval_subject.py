@@ -5,10 +5,16 @@
 
 --prompts is a file of templates, one per line, with `{}` for the subject phrase (the ViCo lists).
 For the ViCo live/non-live split pass both files as --live-prompts/--object-prompts and say --live
-for live subjects (cats, dogs). Generated images are found through <generated>/manifest.jsonl
-(written by --model sampling: file, prompt, seed) or, as in the ARBooth evaluator, in
-<generated>/prompt_00, prompt_01, ... (one folder per template line, optionally with samples/ inside).
---class-images holds images the personalized model generated from "a photo of {class}" (PRES).
+for live subjects (cats, dogs). With --model the images are sampled first into --generated, a sample
+folder (arbooth/sample_folder.py) that records what made it: the personalization file's name and
+SHA-256, the prompt list, the subject phrase and the seed. A rerun samples exactly the missing images
+(a deleted or damaged one is sampled once more and counted once); a folder made by another
+personalization, prompt list or seed is refused, naming what differs, unless --overwrite. Without
+--model, the images are read from such a sample folder, from a legacy <generated>/manifest.jsonl
+(file, prompt, seed), or, as in the ARBooth evaluator, from <generated>/prompt_00, prompt_01, ...
+(one folder per template line, optionally with samples/ inside).
+--class-images holds images the personalized model generated from "a photo of {class}" (PRES); with
+--model and no --class-images they are sampled into the same sample folder.
 
 Protocols: `dreambooth` (DINO with ImageNet normalisation at 224, CLIP's own preprocessing, T_CLIP on
 the prompt with the class noun) and `dreammatcher` (what the DreamMatcher/ARBooth evaluator computes,
@@ -33,7 +39,8 @@ from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, publish_report
 from arbooth.metrics.subject import PROTOCOLS, SubjectEvaluator
-from arbooth.outputs import check_output, refuse_inputs, refuse_nested, save_image
+from arbooth.outputs import check_output, refuse_inputs, refuse_nested
+from arbooth.sample_folder import IDENTITY_FILE, SampleFolder, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +50,15 @@ METRICS = ("I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class_noun", "T_CLIP_raw_templa
 SubjectGenerator = Callable[[str, int], Image.Image]
 
 
-def _sample(generator: SubjectGenerator, text: str, todo: list[int], seed: int,
+def _sample(generator: SubjectGenerator, text: str, seeds: list[int],
             batch_size: int) -> Iterator[tuple[int, Image.Image]]:
-    """(i, image of `text` from seed + i) for every i in `todo`, up to `batch_size` per generator call."""
+    """(seed, image of `text` from that seed) for every seed, up to `batch_size` per generator call."""
     if batch_size < 1:
         raise ArboothError(f"the generation batch size must be >= 1, got {batch_size}")
     batched = getattr(generator, "images", None)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        seeds = [seed + i for i in chunk]
-        images = batched(text, seeds) if callable(batched) else [generator(text, s) for s in seeds]
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        images = batched(text, chunk) if callable(batched) else [generator(text, s) for s in chunk]
         yield from zip(chunk, images, strict=True)
 
 
@@ -85,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-batch-size", type=int, default=8,
                    help="images sampled together (each still uses its own seed; lower it if memory runs out)")
     g.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (as ARBooth)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--generated holds samples of another personalization, prompt list or seed: discard them "
+                        "(default: refuse, naming what differs)")
 
 
 def read_templates(args: argparse.Namespace) -> list[str]:
@@ -105,14 +114,23 @@ def read_templates(args: argparse.Namespace) -> list[str]:
 
 
 def generated_groups(generated: Path, templates: list[str]) -> list[tuple[str, list[Path] | Path]]:
-    """(template, folder or file list) per prompt: from manifest.jsonl, else prompt_XX folders."""
+    """(template, folder or file list) per prompt: from a sample folder's records (one per image, the
+    images still on disk as recorded), else a legacy manifest.jsonl (one per (prompt, file), the last
+    line winning), else prompt_XX folders."""
+    if (generated / IDENTITY_FILE).is_file():
+        by_prompt: dict[str, list[Path]] = {}
+        for rec in SampleFolder.open(generated).records():
+            by_prompt.setdefault(rec["prompt"], []).append(rec["path"])
+        return [(t, by_prompt.get(t, [])) for t in templates]
     manifest = generated / "manifest.jsonl"
     if manifest.is_file():
-        by_prompt: dict[str, list[Path]] = {}
+        by_prompt = {}
         for line in manifest.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                by_prompt.setdefault(rec["prompt"], []).append(generated / rec["file"])
+                files = by_prompt.setdefault(rec["prompt"], [])
+                if generated / rec["file"] not in files:  # a regenerated file was appended a second time
+                    files.append(generated / rec["file"])
         return [(t, by_prompt.get(t, [])) for t in templates]
     groups = []
     for i, t in enumerate(templates):
@@ -123,24 +141,28 @@ def generated_groups(generated: Path, templates: list[str]) -> list[tuple[str, l
     return groups
 
 
+def class_prompt(class_noun: str) -> str:
+    """The PRES prompt (DreamBooth's prior-preservation prompt)."""
+    return f"a photo of {class_noun}"
+
+
+def subject_keys(templates: list[str], *, n_per_prompt: int, seed: int) -> list[tuple[str, int]]:
+    """(template, seed + i) for image i of every template, as ARBooth's tools/run_arbooth_for_eval.py."""
+    return [(t, seed + i) for t in templates for i in range(n_per_prompt)]
+
+
 def generate_subject_samples(generator: SubjectGenerator, templates: list[str], subject_phrase: str,
-                             out_dir: Path, *, n_per_prompt: int, seed: int, batch_size: int = 1) -> int:
-    """Write <out>/prompt_XX/NN.png and manifest.jsonl (file, prompt template, text, seed); resumable:
-    images already on disk are kept. Image i of every prompt uses seed + i, as ARBooth's
-    tools/run_arbooth_for_eval.py does, also when `batch_size` images are sampled together."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+                             folder: SampleFolder, *, n_per_prompt: int, seed: int, batch_size: int = 1) -> int:
+    """Sample the missing images of `subject_keys` into the sample folder (record: prompt template, seed,
+    text); image i of every prompt uses seed + i, also when `batch_size` images are sampled together.
+    Returns the number written."""
+    todo = folder.missing(subject_keys(templates, n_per_prompt=n_per_prompt, seed=seed))
     written = 0
-    with open(out_dir / "manifest.jsonl", "a") as mf:
-        for p_idx, template in enumerate(tqdm(templates, desc="sampling", unit="prompt")):
-            text = template.replace("{}", subject_phrase)
-            paths = {i: out_dir / f"prompt_{p_idx:02d}" / f"{i:02d}.png" for i in range(n_per_prompt)}
-            todo = [i for i, path in paths.items() if not path.is_file()]
-            for i, image in _sample(generator, text, todo, seed, batch_size):
-                save_image(image.convert("RGB"), paths[i])
-                mf.write(json.dumps({"file": str(paths[i].relative_to(out_dir)), "prompt": template,
-                                     "text": text, "seed": seed + i}) + "\n")
-                mf.flush()  # the line follows its image: a crash leaves no line without a file
-                written += 1
+    for template in tqdm(templates, desc="sampling", unit="prompt"):
+        text = template.replace("{}", subject_phrase)
+        for s, image in _sample(generator, text, [s for t, s in todo if t == template], batch_size):
+            folder.add(template, s, image, text=text)
+            written += 1
     return written
 
 
@@ -152,17 +174,28 @@ def load_subject_generator(checkpoint: Path, device: str) -> SubjectGenerator:
     return load_sampler(checkpoint, device=device)
 
 
-def generate_class_samples(generator: SubjectGenerator, class_noun: str, out_dir: Path, *, n: int, seed: int,
-                           batch_size: int = 1) -> Path:
-    """PRES images: `n` samples of "a photo of {class}" from the personalized model (resumable; image
-    i uses seed + i)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(n) if not (out_dir / f"{i:03d}.png").is_file()]
+def generate_class_samples(generator: SubjectGenerator, class_noun: str, folder: SampleFolder, *, n: int,
+                           seed: int, batch_size: int = 1) -> list[Path]:
+    """PRES images: the missing ones of `n` samples of "a photo of {class}" (image i from seed + i) into
+    the sample folder; returns the paths of all `n`."""
+    text = class_prompt(class_noun)
+    keys = [(text, seed + i) for i in range(n)]
+    todo = [s for _, s in folder.missing(keys)]
     with tqdm(total=n, initial=n - len(todo), desc="class prompt", unit="image") as bar:
-        for i, image in _sample(generator, f"a photo of {class_noun}", todo, seed, batch_size):
-            save_image(image.convert("RGB"), out_dir / f"{i:03d}.png")
+        for s, image in _sample(generator, text, todo, batch_size):
+            folder.add(text, s, image, text=text)
             bar.update()
-    return out_dir
+    return [r["path"] for r in folder.records(keys)]
+
+
+def sample_identity(args: argparse.Namespace, templates: list[str]) -> dict:
+    """What makes the pixels of an eval-subject --model sample folder (arbooth/sample_folder.py): the
+    personalization file (its name and SHA-256 also cover the guidance, temperature and base it records),
+    the prompt list, the phrase put in `{}` (None: the placeholder the file records + the class noun) and
+    the seed rule."""
+    return {"command": "eval-subject", "model": file_identity(args.model), "prompts": list(templates),
+            "subject_phrase": args.subject_phrase, "class_noun": args.class_noun, "seed": args.seed,
+            "seed_rule": "image i of a prompt: seed + i"}
 
 
 def _read(source: list[Path] | Path, skipped: dict[str, str]) -> list[Image.Image]:
@@ -186,29 +219,55 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Before any model loads: the report folder and (with --model) the sample folder can be written,
     and samples never go into the subject's photos or overwrite the personalization file."""
     if args.model is not None:
-        if args.gen_batch_size < 1 or args.images_per_prompt < 1:
-            raise ArboothError("--gen-batch-size and --images-per-prompt must be at least 1")
         check_output(args.generated, folder=True, what="--generated")
         refuse_nested(args.generated, args.subject, what="--subject")
         refuse_inputs([args.generated], [args.model])
     check_output(args.out or args.generated / "eval_subject", folder=True, what="report")
 
 
-def main(args: argparse.Namespace) -> int:
-    templates = read_templates(args)
-    device = pick_device(args.device)
-    _check_outputs(args)
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every count and size in range, before any file is read or model loaded: one line each."""
+    checks = [("--batch-size", args.batch_size, 1)]
     if args.model is not None:
+        checks += [("--images-per-prompt", args.images_per_prompt, 1), ("--gen-batch-size", args.gen_batch_size, 1),
+                   ("--pres-samples", args.pres_samples, 0)]
+    for name, value, low in checks:
+        if value < low:
+            raise ArboothError(f"{name} must be at least {low}, got {value}")
+
+
+def _sample_first(args: argparse.Namespace, templates: list[str],
+                  device) -> tuple[list[tuple[str, list[Path]]], list[Path] | None, dict]:
+    """--model: sample what the folder lacks (loading the model only then); -> the per-prompt groups, the
+    PRES images (None when --class-images is given or --pres-samples is 0) and the folder's identity."""
+    folder = SampleFolder(args.generated, sample_identity(args, templates), overwrite=args.overwrite)
+    keys = subject_keys(templates, n_per_prompt=args.images_per_prompt, seed=args.seed)
+    pres = args.class_images is None and args.pres_samples > 0
+    pres_keys = [(class_prompt(args.class_noun), args.seed + i) for i in range(args.pres_samples if pres else 0)]
+    missing = folder.missing(keys + pres_keys)
+    log.info("%s: %d of %d image(s) to sample", args.generated, len(missing), len(keys) + len(pres_keys))
+    if missing:
         generator = load_subject_generator(args.model, str(device))
         # the placeholder the personalization was trained with (recorded in its file), else the default <S*>
         placeholder = getattr(getattr(generator, "personalization", None), "placeholder", PLACEHOLDER)
         generate_subject_samples(generator, templates, args.subject_phrase or f"{placeholder} {args.class_noun}",
-                                 args.generated, n_per_prompt=args.images_per_prompt, seed=args.seed,
+                                 folder, n_per_prompt=args.images_per_prompt, seed=args.seed,
                                  batch_size=args.gen_batch_size)
-        if args.class_images is None and args.pres_samples > 0:
-            args.class_images = generate_class_samples(generator, args.class_noun, args.generated / "class_prompt",
-                                                       n=args.pres_samples, seed=args.seed,
-                                                       batch_size=args.gen_batch_size)
+        if pres:
+            generate_class_samples(generator, args.class_noun, folder, n=args.pres_samples, seed=args.seed,
+                                   batch_size=args.gen_batch_size)
+    groups = [(t, [r["path"] for r in folder.records([k for k in keys if k[0] == t])]) for t in templates]
+    return groups, ([r["path"] for r in folder.records(pres_keys)] if pres else None), folder.identity
+
+
+def main(args: argparse.Namespace) -> int:
+    check_ranges(args)
+    templates = read_templates(args)
+    device = pick_device(args.device)
+    _check_outputs(args)
+    groups, pres_images, identity = None, None, None
+    if args.model is not None:
+        groups, pres_images, identity = _sample_first(args, templates, device)
     if args.random_weights:
         log.warning(RANDOM_WEIGHTS_NOTE)
 
@@ -224,7 +283,9 @@ def main(args: argparse.Namespace) -> int:
     subj_dino, subj_clip = ev.dino_features(subject.images), ev.clip_features(subject.images)
 
     rows = []
-    for template, source in tqdm(generated_groups(args.generated, templates), desc="prompts", unit="prompt"):
+    if groups is None:
+        groups = generated_groups(args.generated, templates)
+    for template, source in tqdm(groups, desc="prompts", unit="prompt"):
         images = _read(source, skipped)
         if not images:
             log.warning("no generated image for prompt %r", template)
@@ -238,7 +299,9 @@ def main(args: argparse.Namespace) -> int:
     for m in METRICS:
         vals = [r[m] for r in scored if r.get(m) is not None]
         avg[m] = mean(vals) if vals else None
-    if args.class_images is not None:
+    if pres_images is not None:
+        avg["PRES"] = ev.pres(subj_dino, _read(pres_images, skipped))
+    elif args.class_images is not None:
         cls = read_image_folder(args.class_images, recursive=True)
         skipped.update({str(k): v for k, v in cls.skipped.items()})
         avg["PRES"] = ev.pres(subj_dino, cls.images)
@@ -249,7 +312,7 @@ def main(args: argparse.Namespace) -> int:
                              "weights": {"dino": str(w(args.dino_weights)), "clip": str(w(args.clip_weights)),
                                          "lpips_backbone": str(w(args.lpips_backbone))}},
               "subject": str(args.subject), "n_subject_images": len(subject.images),
-              "generated": str(args.generated), "average": avg, "per_prompt": rows, "skipped": skipped}
+              "generated": str(args.generated), "samples": identity, "average": avg, "per_prompt": rows, "skipped": skipped}
     body = ("## Averaged\n\n" + markdown_table([avg], [c for c in ("PRES", *METRICS, "n_images") if c in avg]) +
             "\n\n## Per prompt\n\n" + markdown_table(rows, ["prompt", *METRICS, "n_images"]))
     publish_report(args.out or args.generated / "eval_subject", "eval_subject", report,

@@ -1,8 +1,13 @@
-"""Generate images from text prompts with Infinity (the 2B release, its d32 BSQ-VAE and flan-t5-xl).
+"""Generate images from text prompts with Infinity (the 2B or 8B release, its BSQ-VAE and flan-t5-xl).
 
 Example:
   arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_2b_reg.pth \\
       --vae-ckpt weights/infinity_vae_d32_reg.pth --t5 weights/flan-t5-xl --out corgi.png
+
+Infinity-8B: --model-ckpt is the sharded weights folder (index json + shards) and --vae-ckpt the
+spatial-patchify tokenizer; the sizes follow from the VAE file (use --pn 0.25M with the 512x512 folder):
+  arbooth generate --prompt "a corgi on the beach" --model-ckpt weights/infinity_8b_weights \\
+      --vae-ckpt weights/infinity_vae_d56_f8_14_patchify.pth --t5 weights/flan-t5-xl --out corgi.png
 
 With a personalization file from train_subject.py, prompts may name the subject as <S*>; the base
 checkpoints default to those recorded in the file:
@@ -51,8 +56,10 @@ def _json_dict(text: str) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
-    p.add_argument("--model-ckpt", help="Infinity weights, e.g. infinity_2b_reg.pth")
-    p.add_argument("--vae-ckpt", help="BSQ-VAE weights, e.g. infinity_vae_d32_reg.pth")
+    p.add_argument("--model-ckpt", help="Infinity weights: a file (infinity_2b_reg.pth) or a sharded folder "
+                                        "with its index json (Infinity-8B: infinity_8b_weights/)")
+    p.add_argument("--vae-ckpt", help="BSQ-VAE weights: infinity_vae_d32_reg.pth (2B) or "
+                                      "infinity_vae_d56_f8_14_patchify.pth (8B); it sets the model sizes")
     p.add_argument("--t5", help="T5 folder, or a hub name in the local HF cache (default google/flan-t5-xl)")
     p.add_argument("--personalization", type=Path,
                    help="personalization.safetensors from train_subject.py (uses its <S*>, tuned weights, "
@@ -75,8 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lvl-embed-every-chunk", action="store_true", help="ARBooth fork behaviour")
     p.add_argument("--next-scale-mode", default="trilinear", choices=["trilinear", "area"],
                    help="next-scale interpolation ('area': ARBooth fork)")
-    p.add_argument("--model-kwargs", type=_json_dict, default={}, help="Infinity constructor overrides (JSON)")
-    p.add_argument("--vae-kwargs", type=_json_dict, default={}, help="BSQVAE constructor overrides (JSON)")
+    p.add_argument("--model-kwargs", type=_json_dict, default={},
+                   help="Infinity constructor overrides (JSON), on top of the sizes the VAE file selects")
+    p.add_argument("--vae-kwargs", type=_json_dict, default={},
+                   help="BSQVAE constructor arguments (JSON) for other tokenizers, e.g. "
+                        '\'{"codebook_dim": 14, "ch_mult": [1, 2, 4, 4], "patch_size": 8, "spatial_patchify": true}\'; '
+                        "given, the sizes start from the 2B defaults")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -78,8 +78,8 @@ def _yaml_str(override: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.outputs import check_output, refuse_nested
-    from arbooth.subject_bases import SUBJECT_PRESETS
     from arbooth.recipes.train_subject import train
+    from arbooth.subject_bases import SUBJECT_PRESETS
     cfg = build_config(args)
     # before any model loads: the run folder can be written and is not the subject's photo folder
     check_output(cfg.out_dir, folder=True, what="out_dir")

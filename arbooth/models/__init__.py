@@ -1,7 +1,8 @@
 """Model families. Names are resolved lazily so that importing one family never pays for another.
 
 VAR family (class-conditional, next-scale):      VQVAE, VAR, load_var, official_state_dict
-Infinity family (text-to-image, bitwise tokens):   BSQVAE, Infinity, infinity_scale_schedule, T5TextEncoder
+Infinity family (text-to-image, bitwise tokens):   BSQVAE, Infinity, INFINITY_PRESETS, infinity_scale_schedule,
+                                                   load_infinity, T5TextEncoder
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "VAR_PRESETS": "arbooth.models.var",
     "BSQVAE": "arbooth.models.bsq_vae",
     "Infinity": "arbooth.models.infinity",
+    "INFINITY_PRESETS": "arbooth.models.infinity",
     "infinity_scale_schedule": "arbooth.models.infinity_schedule",
     "load_infinity": "arbooth.models.infinity_loading",
     "T5TextEncoder": "arbooth.models.t5",
@@ -26,6 +28,7 @@ _ALIASES = {"infinity_official_state_dict": ("arbooth.models.infinity_loading", 
 
 __all__ = [
     "BSQVAE",
+    "INFINITY_PRESETS",
     "VAR",
     "VAR_PRESETS",
     "VQVAE",

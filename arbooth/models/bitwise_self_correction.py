@@ -34,8 +34,12 @@ The residual here is features - (sum of codes), as in the release, while `BSQVAE
 subtracts scale by scale; the two agree bit for bit in the tests (1M schedule, 32 bits), and could
 differ only where a residual component is within float rounding of 0.
 
-Shape letters: B batch, d bits per token, H/W last-scale map, h/w one scale's map, L tokens of the
-whole schedule (x_BLd holds the L - 1 tokens after the first scale).
+With spatial patchify (Infinity-8B's tokenizer, `vae.spatial_patchify`) the walk runs on the latent grid
+(`vae.latent_schedule`, 2h x 2w per scale) and flips latent bits, as the release; the inputs and the
+returned bits are then patchified to k = 4d bits per token (flip_requant L62-75, `pixel_unshuffle`).
+
+Shape letters: B batch, d bits per token (k = `vae.token_dim` with spatial patchify), H/W last-scale map,
+h/w one scale's map, L tokens of the whole schedule (x_BLd holds the L - 1 tokens after the first scale).
 """
 from __future__ import annotations
 
@@ -49,9 +53,9 @@ from arbooth.models.bsq_vae import BSQVAE, Schedule
 
 
 class BSCResult(NamedTuple):
-    x_BLd: torch.Tensor               # teacher-forcing input (B, L - h0*w0, d), float32
-    label_bits: list[torch.Tensor]    # per scale (B, h, w, d) uint8: the targets (re-quantised, never flipped)
-    input_bits: list[torch.Tensor]    # per scale (B, h, w, d) uint8: the (flipped) bits the input is built from
+    x_BLd: torch.Tensor               # teacher-forcing input (B, L - h0*w0, k), float32
+    label_bits: list[torch.Tensor]    # per scale (B, h, w, k) uint8: the targets (re-quantised, never flipped)
+    input_bits: list[torch.Tensor]    # per scale (B, h, w, k) uint8: the (flipped) bits the input is built from
     rates: tuple[float, ...]          # flip rate drawn per scale (0.0 where no noise is applied)
 
 
@@ -76,7 +80,7 @@ def flip_requant(vae: BSQVAE, features_BdHW: torch.Tensor, schedule: Schedule, *
         raise ConfigError(f"expected raw features (B, {vae.codebook_dim}, H, W), got {tuple(features_BdHW.shape)}")
     if not 0.0 <= strength <= 1.0:
         raise ConfigError(f"BSC strength must be in [0, 1], got {strength}")
-    schedule = [tuple(s) for s in schedule]
+    schedule = vae.latent_schedule(schedule)  # the walk runs on the latent grid (2h x 2w with patchify)
     f = features_BdHW.unsqueeze(2).float()  # B d 1 H W
     full = tuple(f.shape[2:])
     if schedule[-1] != full:
@@ -96,13 +100,13 @@ def flip_requant(vae: BSQVAE, features_BdHW: torch.Tensor, schedule: Schedule, *
             fed = label ^ flip.to(label.device, torch.uint8)
         else:
             fed = label
-        labels.append(label)
-        inputs.append(fed)
+        labels.append(vae.bits_to_tokens(label))
+        inputs.append(vae.bits_to_tokens(fed))
         rates.append(rate)
         # Same ops and order as BSQVAE.bits_to_var_input, so that strength 0 matches it bit for bit.
-        codes = vae.bits_to_codes(fed)
+        codes = vae.bits_to_codes(inputs[-1])
         cum = cum + F.interpolate(codes, size=full, mode=vae.up_mode).contiguous()
         if si != len(schedule) - 1:
             nxt = F.interpolate(cum, size=schedule[si + 1], mode=vae.up_mode).contiguous()
-            x.append(nxt.flatten(2).transpose(1, 2))  # B d 1 h w -> B (h w) d
+            x.append(vae.codes_to_tokens(nxt))  # B d 1 H W -> B (h w) k
     return BSCResult(torch.cat(x, 1), labels, inputs, tuple(rates))

@@ -1,10 +1,20 @@
-"""Infinity: bitwise next-scale text-to-image transformer (FoundationVision/Infinity, 2B release).
+"""Infinity: bitwise next-scale text-to-image transformer (FoundationVision/Infinity, 2B and 8B releases).
 
 Same math as infinity/models/infinity.py + basic.py at commit 4c27bbb with the released inference
 flags (shared AdaLN, cosine self-attention with 2-D RoPE `rope2d_normalized_by_hw=2` in every block,
 cross-attention to T5 features, plain GELU-tanh FFN, AdaLN before the head, bit labels), in eval and
 train mode, without flash-attn: every attention is `F.scaled_dot_product_attention`, and text of
 different lengths is a padded batch with a bool mask (the release packs it for a varlen kernel).
+
+The 2B and 8B releases use the same flags (tools/run_infinity.py, scripts/infer.sh,
+tools/interactive_infer_8b.ipynb): `rope2d_each_sa_layer=1`, `rope2d_normalized_by_hw=2`,
+`add_lvl_embeding_only_first_block=1`, `use_bit_label=1`; `use_scale_schedule_embedding=0` is parsed
+but never reaches the constructor and `sampling_per_bits=1` is accepted but unused by
+`autoregressive_infer_cfg`, so neither changes anything. What 8B adds is `apply_spatial_patchify=1`:
+the transformer's tokens carry k = 4d bits of a 2 x 2 patch of the latent grid (word_embed k -> C,
+head C -> 2k); the tokenizer owns that mapping (`BSQVAE(spatial_patchify=True)`, see
+arbooth/models/bsq_vae.py), so the model reads k as `vae.token_dim` and the latent grid as
+`vae.latent_schedule`. Sizes of both releases: `INFINITY_PRESETS` at the end of this file.
 
 Internal names differ from the release where Opacus/peft need plain layers: q/k/v are separate
 nn.Linear (the release fuses them with loose bias tensors), blocks are `blocks.{i}` (the release:
@@ -17,7 +27,8 @@ gives it back.
 
 Shape letters: B batch (2B with classifier-free guidance), L tokens of a schedule, l tokens of one
 scale, C model width, D condition width (= C), T text tokens, Ct text width, H heads, c head width,
-d bits per token; V = 2d logits per token, a (bit = 0, bit = 1) pair per bit.
+d bits per token (`vae.token_dim`: 4 x the VAE's bits with spatial patchify); V = 2d logits per token, a
+(bit = 0, bit = 1) pair per bit.
 """
 from __future__ import annotations
 
@@ -293,7 +304,7 @@ class TextCond:
 class InfinityOutput:
     images: torch.Tensor | None         # (B, 3, H, W) in [0, 1]; None with decode=False
     bits: list[torch.Tensor]            # per scale (B, h, w, d) in {0, 1}
-    summed_codes: torch.Tensor          # (B, d, H/16, W/16), the VAE decoder's input
+    summed_codes: torch.Tensor          # (B, d_vae, H/p, W/p), the VAE decoder's input (p its patch size)
     logits: list[torch.Tensor] | None   # per scale (B or 2B, l, 2d) before tau and guidance, if asked
 
 
@@ -318,7 +329,7 @@ class Infinity(TokenizerHolder):
             raise ConfigError(f"need depth % block_chunks == 0 and head width % 4 == 0, got depth={depth}, "
                               f"block_chunks={block_chunks}, embed_dim={embed_dim}, num_heads={num_heads}")
         self.attach_tokenizer(vae)  # not a submodule, moved with the model (arbooth/models/tokenizer_holder.py)
-        self.d, self.C, self.depth, self.num_heads = vae.codebook_dim, embed_dim, depth, num_heads
+        self.d, self.C, self.depth, self.num_heads = vae.token_dim, embed_dim, depth, num_heads
         self.text_channels, self.text_maxlen, self.block_chunks = text_channels, text_maxlen, block_chunks
         self.lvl_embed_every_chunk, self.gradient_checkpointing = lvl_embed_every_chunk, gradient_checkpointing
         C, init_std = embed_dim, math.sqrt(1 / embed_dim / 3)
@@ -441,7 +452,8 @@ class Infinity(TokenizerHolder):
             drop = torch.arange(2 * B, device=dev) >= B
             text_BTC, text_mask_BT = torch.cat([text_BTC, text_BTC]), torch.cat([text_mask_BT, text_mask_BT])
         tc = self.encode_text(text_BTC, text_mask_BT, drop if guided else None)
-        full, d = tuple(schedule[-1]), self.d
+        latent, d = self.vae.latent_schedule(schedule), self.d  # the VAE's grid: 2h x 2w with spatial patchify
+        full = tuple(latent[-1])
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         cos_all, sin_all = rope_cos_sin(schedule, self.C // self.num_heads, dev)
         ids_all, start = self._scale_ids(schedule, dev), 0
@@ -470,13 +482,13 @@ class Infinity(TokenizerHolder):
                     logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
                 b = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, generator).reshape(B, h, w, d)
                 bits.append(b.to(torch.uint8))
-                codes = self.vae.bits_to_codes(b)  # B d 1 h w
+                codes = self.vae.bits_to_codes(b)  # B d_vae 1 H W (pixel_shuffle of the bits with patchify)
                 if si == n - 1:
                     summed = summed + codes
                     break
                 summed = summed + F.interpolate(codes, size=full, mode=self.vae.up_mode)
-                nxt = F.interpolate(summed, size=tuple(schedule[si + 1]), mode=next_scale_mode)
-                nxt = self.word_embed(nxt.flatten(2).transpose(1, 2))
+                nxt = F.interpolate(summed, size=tuple(latent[si + 1]), mode=next_scale_mode)
+                nxt = self.word_embed(self.vae.codes_to_tokens(nxt))  # B (h w) k
                 x_inputs.append(nxt.repeat(x_inputs[0].shape[0] // B, 1, 1))
             # the VAE decoder is the largest transient at 1024x1024 (~3 GiB for two images); callers that
             # only need the bits (ARBooth's teacher) skip it
@@ -512,3 +524,21 @@ def _per_scale(value, n: int, name: str) -> list[float]:
     if len(values) < n:
         raise ConfigError(f"{name} has {len(values)} entries for {n} scales")
     return values
+
+
+# ----------------------------------------------------------------------------- presets
+# The released sizes (tools/run_infinity.py load_transformer / load_visual_tokenizer at 4c27bbb), one
+# entry per release: BSQVAE kwargs and Infinity kwargs. Both releases share every other flag (module
+# docstring); 8B's tokenizer is the spatial-patchify d56 one, so its transformer sees 56 bits per token.
+INFINITY_PRESETS: dict[str, dict[str, dict]] = {
+    "infinity_2b": {  # infinity_vae_d32_reg.pth + infinity_2b_reg.pth
+        "vae": {"codebook_dim": 32, "ch_mult": (1, 2, 4, 4, 4), "patch_size": 16},
+        "model": {"depth": 32, "embed_dim": 2048, "num_heads": 16, "mlp_ratio": 4.0, "text_channels": 2048,
+                  "block_chunks": 8},
+    },
+    "infinity_8b": {  # infinity_vae_d56_f8_14_patchify.pth + the sharded infinity_8b_weights/ folder
+        "vae": {"codebook_dim": 14, "ch_mult": (1, 2, 4, 4), "patch_size": 8, "spatial_patchify": True},
+        "model": {"depth": 40, "embed_dim": 3584, "num_heads": 28, "mlp_ratio": 4.0, "text_channels": 2048,
+                  "block_chunks": 8},
+    },
+}

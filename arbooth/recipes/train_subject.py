@@ -117,7 +117,7 @@ def setup(cfg: SubjectTrainConfig) -> Run:
     set_seed(cfg.seed)
     schedule = check_config(cfg)
     vae, model, tokenizer, encoder, base_id = build_models(cfg.model, gradient_checkpointing=cfg.gradient_checkpointing)
-    subject = load_subject(cfg.subject, schedule[-1][1] * vae.patch_size, class_noun=cfg.class_noun or None)
+    subject = load_subject(cfg.subject, schedule[-1][1] * vae.token_stride, class_noun=cfg.class_noun or None)
     cls_noun = subject.info.class_noun
     if not cls_noun:
         raise ConfigError(f"no class noun: pass --class-noun or set class_noun in {cfg.subject}/subject.yaml")

@@ -3,6 +3,7 @@
 
     python tests/golden/make_golden.py --var /path/to/FoundationVision/VAR \
         --infinity /path/to/FoundationVision/Infinity --arbooth /path/to/jiwoogit/ARBooth [--only var]
+    python tests/golden/make_golden.py --infinity-8b /path/to/FoundationVision/Infinity   # 8B switches + manifests
 
 Each path is a checkout (or an export with a `COMMIT` file holding the commit hash). The official
 models are built on the CPU in float32 with one thread, their weights are rebuilt from a seed by
@@ -185,7 +186,8 @@ def import_infinity_package(root: Path, model_module: str) -> types.SimpleNamesp
     return types.SimpleNamespace(basic=basic, model=model, vae=vae_mod, bsc=bsc)
 
 
-def build_bsq_vae(pkg, codebook_dim: int, ch_mult: list[int], base_ch: int, num_res_blocks: int):
+def build_bsq_vae(pkg, codebook_dim: int, ch_mult: list[int], base_ch: int, num_res_blocks: int,
+                  patch_size: int = 16):
     real = pkg.vae.AutoEncoder
 
     def tiny_autoencoder(args):
@@ -194,7 +196,7 @@ def build_bsq_vae(pkg, codebook_dim: int, ch_mult: list[int], base_ch: int, num_
 
     pkg.vae.AutoEncoder = tiny_autoencoder
     try:
-        vae = pkg.vae.vae_model(None, "dynamic", codebook_dim, 2 ** codebook_dim, patch_size=16,
+        vae = pkg.vae.vae_model(None, "dynamic", codebook_dim, 2 ** codebook_dim, patch_size=patch_size,
                                 encoder_ch_mult=ch_mult, decoder_ch_mult=ch_mult, test_mode=True)
     finally:
         pkg.vae.AutoEncoder = real
@@ -220,9 +222,9 @@ def packed(kv: torch.Tensor, lens: list[int]) -> tuple:
     return kv, list(lens), cu, max(lens)
 
 
-def bsc_args(**over):
+def bsc_args(apply_spatial_patchify: int = 0):
     return argparse.Namespace(noise_apply_layers=-1, noise_apply_requant=1, noise_apply_strength=0.0,
-                              apply_spatial_patchify=0, debug_bsc=0, **over)
+                              apply_spatial_patchify=apply_spatial_patchify, debug_bsc=0)
 
 
 def bitwise_ce(logits_BLV: torch.Tensor, gt_BLd: torch.Tensor) -> torch.Tensor:
@@ -334,6 +336,139 @@ def make_infinity(root: Path, out: Path) -> None:
     save_golden(out / "infinity_tiny.safetensors", config, {k: v for k, v in t.items() if k not in gen_keys})
     save_golden(out / "infinity_tiny_generate.safetensors", config, {k: t[k] for k in gen_keys})
     print("infinity_tiny", stats)
+
+
+# ------------------------------------------------------------------------------- Infinity-8B switches
+# Every switch of the 8B release (tools/run_infinity.py load_visual_tokenizer / load_transformer with the
+# flags of tools/interactive_infer_8b.ipynb): vae_type 14-style tokenizer with apply_spatial_patchify=1
+# (patch_size 8, one ch_mult level fewer), rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2,
+# add_lvl_embeding_only_first_block=1, use_bit_label=1, several blocks per chunk; sampling_per_bits=1 in
+# official_generate. Tiny sizes: 6 bits per latent position -> 24 bits per token.
+INFINITY_8B_VAE = dict(codebook_dim=6, ch_mult=[1, 1, 2, 2], base_ch=32, num_res_blocks=1, patch_size=8)
+INFINITY_8B_KW = {**INFINITY_KW, "apply_spatial_patchify": 1, "depth": 4, "block_chunks": 2}
+
+
+def make_infinity_8b(root: Path, out: Path) -> None:
+    pkg = import_infinity_package(root, "infinity")
+    from infinity.utils.dynamic_resolution import dynamic_resolution_h_w
+
+    commit, seed = commit_of(root), 20250214
+    vae = build_bsq_vae(pkg, **INFINITY_8B_VAE)
+    model = pkg.model.Infinity(vae_local=vae, **INFINITY_8B_KW)
+    assert model.d_vae == 4 * INFINITY_8B_VAE["codebook_dim"]
+    vae_sd = seeded_state_dict(vae.state_dict(), seed)
+    inf_sd = seeded_state_dict(model.state_dict(), seed + 1)
+    vae.load_state_dict(vae_sd, strict=True)
+    model.load_state_dict(inf_sd, strict=True)
+    vae.eval(), model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lens = [7, 4]
+    kv16 = text_features(gen, lens, INFINITY_8B_KW["text_channels"])
+    kv_tuple = packed(kv16.float(), lens)
+    schedule = [(1, h, w) for _, h, w in dynamic_resolution_h_w[1.0]["0.06M"]["scales"]]
+    vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule]  # autoregressive_infer_cfg's vae_scale_schedule
+    H = schedule[-1][1] * 16
+    small = small_image(gen, 2, H // 8, H // 8)
+    image = image_from_small(small, 8)
+    d = INFINITY_8B_VAE["codebook_dim"]
+    t: dict = {"image_small_u8": small, "text_kv_f16": kv16}
+    with torch.no_grad():
+        h, z, _, all_bit_indices, _, _ = vae.encode(image, scale_schedule=vae_schedule)
+        t["vae.raw_features"], t["vae.encode_z"] = h, z.squeeze(-3) if z.dim() == 5 else z
+        # latent bits (B, 1, 2h, 2w, d) as the VAE gives them, one int per latent position
+        t["vae.encode_bits_int"] = torch.cat([bits_to_int(b.reshape(2, -1, d)) for b in all_bit_indices], 1).to(torch.int32)
+        t.update({f"vae.recon.{k}": v for k, v in probe_image(vae.decode(t["vae.encode_z"])).items()})
+        bsc = pkg.bsc.BitwiseSelfCorrection(vae, bsc_args(apply_spatial_patchify=1))
+        x_BLC, gt_ms = bsc.flip_requant(vae_schedule, image, h, "cpu")  # token layout: (B, h*w, 4d)
+        gt_BL = torch.cat(gt_ms, 1)
+        t["train.x_BLC_wo_prefix"], t["train.gt_bits_int"] = x_BLC, bits_to_int(gt_BL).to(torch.int32)
+        logits = model((kv_tuple[0].clone(), *kv_tuple[1:]), x_BLC, scale_schedule=schedule)
+        t["train.logits"], t["train.loss_per_token"] = logits, bitwise_ce(logits, gt_BL)
+    gen_cfg = {"cfg_list": [3.0] * len(schedule), "tau_list": [0.5 + 0.1 * i for i in range(len(schedule))]}
+    modes = {"greedy": dict(top_k=1, top_p=0.0, g_seed=11), "sampled": dict(top_k=900, top_p=0.97, g_seed=12)}
+    stats = {"logits_std": logits.std().item(),
+             "gt_unique_tokens_per_scale": [int(bits_to_int(b).unique().numel()) for b in gt_ms]}
+    for mode, kw in modes.items():
+        bits, seen, summed, image_out = official_generate(model, vae, kv_tuple, schedule, gen_cfg, **kw)
+        # `bits`: what indices_to_codes received, i.e. after the official pixel_shuffle: latent bits
+        t[f"generate.{mode}.latent_bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
+        t[f"generate.{mode}.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
+        t[f"generate.{mode}.summed_codes"] = summed
+        t.update({f"generate.{mode}.image.{k}": v for k, v in probe_image(image_out).items()})
+        stats[f"{mode}_unique_latent_codes_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    config = {"name": "infinity_8b_tiny", "seed": seed, "vae_seed": seed, "infinity_seed": seed + 1,
+              "vae": INFINITY_8B_VAE, "infinity": INFINITY_8B_KW, "text_lens": lens, "image_factor": 8,
+              "scale_schedule": schedule, "vae_scale_schedule": vae_schedule, "generation": {**gen_cfg, **modes},
+              "logits_stride": 3, "codebook_dim": d, "token_dim": 4 * d,
+              "vae_fingerprint": fingerprint(vae_sd), "infinity_fingerprint": fingerprint(inf_sd),
+              "official": {"repo": "FoundationVision/Infinity", "commit": commit}, "versions": versions(),
+              "stats": stats, "shims": SHIMS}
+    gen_keys = [k for k in t if k.startswith("generate.")]  # two files, each under 1 MB
+    save_golden(out / "infinity_8b_tiny.safetensors", config, {k: v for k, v in t.items() if k not in gen_keys})
+    save_golden(out / "infinity_8b_tiny_generate.safetensors", config, {k: t[k] for k in gen_keys})
+    print("infinity_8b_tiny", stats)
+
+
+def _manifest_entries(sd: dict, buffers: set[str]) -> list[dict]:
+    return [{"key": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "buffer": k in buffers,
+             "numel": v.numel()} for k, v in sd.items()]
+
+
+class _ScalarsOnCPU(torch.overrides.TorchFunctionMode):
+    """The official constructor reads Python numbers from tensors (`torch.linspace(...)[i].item()` for the
+    drop-path rates, `torch.log(torch.tensor(100)).item()` in SelfAttention), which the meta device cannot
+    answer: inside this mode (pushed after `torch.device("meta")`) those two factories run on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.linspace, torch.tensor):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def make_manifests_8b(root: Path, out: Path) -> None:
+    """Key manifests of the released 8B files, from the official constructors on the meta device:
+    `infinity_8b.manifest.json` (the sharded `infinity_8b_weights` folder) and
+    `infinity_vae_d56.manifest.json` (`infinity_vae_d56_f8_14_patchify.pth`)."""
+    import json
+
+    pkg = import_infinity_package(root, "infinity")
+    commit = commit_of(root)
+    vae_kw = dict(vqgan_ckpt=None, schedule_mode="dynamic", codebook_dim=14, codebook_size=2 ** 14, patch_size=8,
+                  encoder_ch_mult=[1, 2, 4, 4], decoder_ch_mult=[1, 2, 4, 4], test_mode=True)
+    model_kw = dict(depth=40, embed_dim=3584, num_heads=28, drop_path_rate=0.1, mlp_ratio=4, block_chunks=8)
+    inf_kw = {**INFINITY_KW, **model_kw, "text_channels": 2048, "text_maxlen": 512, "pn": "1M",
+              "apply_spatial_patchify": 1}
+    del inf_kw["cond_drop_rate"]  # load_infinity() leaves it at the constructor default
+    with torch.device("meta"), _ScalarsOnCPU():
+        vae = pkg.vae.vae_model(**vae_kw)
+        model = pkg.model.Infinity(vae_local=vae, **inf_kw)
+    for name, module, what, cfg, built_by in (
+        ("infinity_vae_d56", vae, "BSQ-VAE (official infinity/models/bsq_vae) for infinity_vae_d56_f8_14_patchify.pth",
+         {"vae_model_kwargs": vae_kw},
+         "infinity.models.bsq_vae.vae.vae_model(**config.vae_model_kwargs) (tools/run_infinity.py "
+         "load_visual_tokenizer, vae_type=14, apply_spatial_patchify=1), on the meta device"),
+        ("infinity_8b", model, "Infinity transformer (official infinity/models/infinity.py) for infinity_8b_weights/",
+         inf_kw,
+         "infinity.models.infinity.Infinity(vae_local=<d56 patchify vae>, **config) as tools/run_infinity.py "
+         "load_infinity() + load_transformer(model_type=\"infinity_8b\") with the flags of "
+         "tools/interactive_infer_8b.ipynb (pn=1M, vae_type=14, apply_spatial_patchify=1, rope2d_each_sa_layer=1, "
+         "rope2d_normalized_by_hw=2, add_lvl_embeding_only_first_block=1, use_bit_label=1, text_channels=2048, "
+         "checkpoint_type=torch_shard; use_scale_schedule_embedding=0 is never passed to the constructor), "
+         "on the meta device"),
+    ):
+        sd = module.state_dict()
+        buffers = {k for k, _ in module.named_buffers(remove_duplicate=False)}
+        manifest = {"model": what, "built_by": built_by, "config": cfg,
+                    "official": {"repo": "FoundationVision/Infinity", "commit": commit},
+                    "num_parameters": sum(p.numel() for p in module.parameters()),
+                    "num_state_dict_entries": len(sd), "entries": _manifest_entries(sd, buffers)}
+        if module is model:
+            manifest["derived"] = {"V": model.V, "d_vae": model.d_vae, "head_dim": model.C // model.num_heads,
+                                   "num_blocks_in_a_chunk": model.num_blocks_in_a_chunk}
+        path = out / "manifests" / f"{name}.manifest.json"
+        path.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(name, manifest["num_parameters"], len(sd))
 
 
 # ------------------------------------------------------------------------------------------- ARBooth
@@ -459,6 +594,7 @@ def main() -> None:
     p.add_argument("--var", type=Path)
     p.add_argument("--infinity", type=Path)
     p.add_argument("--arbooth", type=Path)
+    p.add_argument("--infinity-8b", type=Path, help="official Infinity checkout: the 8B-switch golden and manifests")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -466,6 +602,9 @@ def main() -> None:
         make_var(args.var.resolve(), args.out)
     if args.infinity:
         make_infinity(args.infinity.resolve(), args.out)
+    if args.infinity_8b:
+        make_infinity_8b(args.infinity_8b.resolve(), args.out)
+        make_manifests_8b(args.infinity_8b.resolve(), args.out)
     if args.arbooth:
         make_arbooth(args.arbooth.resolve(), args.infinity.resolve() if args.infinity else None, args.out)
 

@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from arbooth.cli import main as cli_main
-from arbooth.commands.eval_class import class_counts, class_labels, extract_features, generate_class_samples
+from arbooth.commands.eval_class import (
+    class_counts,
+    class_keys,
+    class_labels,
+    extract_features,
+    generate_class_samples,
+    imagenet_labels,
+)
 from arbooth.commands.eval_subject import (
     generate_subject_samples,
     generated_groups,
@@ -21,6 +28,7 @@ from arbooth.commands.eval_subject import (
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import TinyFIDNet
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE
+from arbooth.sample_folder import SampleFolder
 
 
 def _write_pngs(folder, n, seed, size=32):
@@ -66,22 +74,27 @@ def test_class_sampling_is_resumable(tmp_path):
     assert class_counts(ref) == {"0000": 3, "0001": 2}
     counts = class_labels(class_counts(ref))
     assert counts == {0: 3, 1: 2}
-    with pytest.raises(ArboothError, match="integer label"):  # by name, never by position
+    with pytest.raises(ArboothError, match="integer ImageNet label"):  # by name, never by position
         class_labels({"daisy": 2})
+    with pytest.raises(ArboothError, match=r"\['1000'\] name no ImageNet class"):
+        imagenet_labels(["0207", "1000"])
     calls = []
 
     def generate(labels_B, seeds):  # a deterministic stand-in with the VAR generate() contract (seed per image)
-        calls.append(list(seeds))
+        calls.append((labels_B.tolist(), list(seeds)))
         return torch.stack([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    out = tmp_path / "gen"
-    assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 5
-    assert calls == [[10, 11], [12, 13], [14]]  # image k uses seed + k
-    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in lines] == [0, 0, 0, 1, 1] and [r["seed"] for r in lines] == [10, 11, 12, 13, 14]
-    (out / "0001" / "0001_00001.png").unlink()
-    assert generate_class_samples(generate, counts, out, seed=10, batch_size=2) == 1
-    assert calls[3:] == [[14]]  # only the missing image, with its own seed
+    folder = SampleFolder(tmp_path / "gen", {"model": "stand-in"})
+    jobs = class_keys(imagenet_labels(["0000", "0001"]), class_counts(ref), seed=10)
+    assert generate_class_samples(generate, jobs, folder, batch_size=2) == 5
+    assert calls == [([0, 0], [10, 11]), ([0, 1], [12, 13]), ([1], [14])]  # image k uses seed + k
+    recs = folder.records()
+    assert [(r["prompt"], r["label"], r["seed"]) for r in recs] == [("0000", 0, 10), ("0000", 0, 11), ("0000", 0, 12),
+                                                                    ("0001", 1, 13), ("0001", 1, 14)]
+    recs[-1]["path"].unlink()
+    assert generate_class_samples(generate, jobs, folder, batch_size=2) == 1
+    assert calls[3:] == [([1], [14])]  # only the missing image, with its own seed
+    assert len(folder.records()) == 5
 
 
 def test_eval_class_var_model_needs_checkpoints(tmp_path):
@@ -159,12 +172,14 @@ def test_subject_sampling_hook_and_manifest_layout(subject_dirs):
 
     gen = root / "gen_manifest"
     templates = prompts.read_text().splitlines()
-    assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 4
+    folder = SampleFolder(gen, {"model": "stand-in"})
+    assert generate_subject_samples(generator, templates, "<sks> vase", folder, n_per_prompt=2, seed=5) == 4
     assert seen[0] == ("a <sks> vase in the jungle", 5) and seen[1][1] == 6
-    assert generate_subject_samples(generator, templates, "<sks> vase", gen, n_per_prompt=2, seed=5) == 0
+    assert generate_subject_samples(generator, templates, "<sks> vase", folder, n_per_prompt=2, seed=5) == 0
     groups = generated_groups(gen, templates)
     assert [t for t, _ in groups] == templates
-    assert [p.name for p in groups[1][1]] == ["00.png", "01.png"] and groups[1][1][0].parent.name == "prompt_01"
+    assert groups[1][1] == [folder.path_for(templates[1], 5), folder.path_for(templates[1], 6)]
+    assert folder.records()[0]["text"] == "a <sks> vase in the jungle"
     # the real generator (tests/recipes/test_subject_sampling.py) refuses a missing file in one line
     with pytest.raises(ArboothError, match="personalization file not found"):
         load_subject_generator(root / "model.pth", "cpu")

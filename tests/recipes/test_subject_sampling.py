@@ -12,6 +12,7 @@ from arbooth.data.images import pil_to_tensor_m11, read_image
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.recipes.subject_config import SubjectTrainConfig
 from arbooth.recipes.train_subject import train
+from arbooth.sample_folder import SampleFolder, file_sha256
 from arbooth.subject_bases import load_sampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +62,9 @@ def test_eval_subject_samples_from_the_personalization(personalization, tmp_path
               "--images-per-prompt", "2", "--pres-samples", "2", "--random-weights", "--device", "cpu",
               "--batch-size", "4"])
     assert rc == 0
-    manifest = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == 4 and manifest[0]["text"] == "a <S*> star on a red background"
-    assert len(list((gen / "class_prompt").glob("*.png"))) == 2
+    records = SampleFolder.open(gen).records()
+    assert len(records) == 6 and {r["text"] for r in records} == {"a <S*> star on a red background",
+                                                                  "a small <S*> star", "a photo of star"}
     report = json.loads((gen / "eval_subject" / "eval_subject.json").read_text())
     assert report["average"]["n_images"] == 4 and report["average"]["PRES"] is not None
 
@@ -97,19 +98,19 @@ def test_eval_subject_generation_batches_keep_the_seeds(personalization, tmp_pat
             calls.append(list(seeds))
             return sampler.images(text, seeds)
 
-    gen = tmp_path / "gen"
+    gen = SampleFolder(tmp_path / "gen", {"model": "toy"})
     assert generate_subject_samples(Recording(), ["a {}"], "<S*> star", gen, n_per_prompt=5, seed=2,
                                     batch_size=2) == 5
     assert calls == [[2, 3], [4, 5], [6]]
-    one = pil_to_tensor_m11(read_image(gen / "prompt_00" / "03.png"))
+    one = pil_to_tensor_m11(read_image(gen.path_for("a {}", 5)))
     assert (one - pil_to_tensor_m11(sampler("a <S*> star", 5))).abs().max() <= 2 / 255 + 1e-6
-    (gen / "prompt_00" / "01.png").unlink()  # resumable: only the missing image is sampled again
+    gen.path_for("a {}", 3).unlink()  # resumable: only the missing image is sampled again
     calls.clear()
     assert generate_subject_samples(Recording(), ["a {}"], "<S*> star", gen, n_per_prompt=5, seed=2,
                                     batch_size=2) == 1
-    assert calls == [[3]]
-    generate_class_samples(Recording(), "star", tmp_path / "cls", n=3, seed=0, batch_size=4)
-    assert calls[-1] == [0, 1, 2] and len(list((tmp_path / "cls").glob("*.png"))) == 3
+    assert calls == [[3]] and len(gen.records()) == 5
+    paths = generate_class_samples(Recording(), "star", gen, n=3, seed=0, batch_size=4)
+    assert calls[-1] == [0, 1, 2] and len(paths) == 3 and all(p.is_file() for p in paths)
 
 
 def _pixels(path):
@@ -208,3 +209,80 @@ def test_generate_refuses_a_prompt_whose_placeholder_is_cut_off(personalization,
     err = capsys.readouterr().err.strip().splitlines()  # progress bars come before the error line
     assert "which removes <S*>" in err[-1] and err[-1].startswith("arbooth generate: error:"), err
     assert "Traceback" not in "\n".join(err) and not (tmp_path / "x.png").exists()
+
+
+def _eval_args(model, gen, prompts, *extra):
+    import argparse
+
+    from arbooth.commands import eval_subject
+    p = argparse.ArgumentParser()
+    eval_subject.add_arguments(p)
+    return p.parse_args(["--model", str(model), "--generated", str(gen), "--subject", str(ROOT / "subjects" / "toy_star"),
+                         "--class-noun", "star", "--prompts", str(prompts), "--images-per-prompt", "2",
+                         "--pres-samples", "1", "--device", "cpu", *extra])
+
+
+def test_eval_subject_sample_folder_is_never_stale(personalization, tmp_path_factory, tmp_path, capsys):
+    """Issue 24: model B into model A's folder sampled nothing and reported A's images as B's; a deleted
+    image was appended a second time and counted twice. Now: refused by name (or resampled with
+    --overwrite); the deleted image is sampled once and counted once; another prompt list is refused."""
+    from arbooth.commands.eval_subject import _sample_first
+
+    out_b = tmp_path_factory.mktemp("toy_run_b")
+    cfg_b = load_config(SubjectTrainConfig, ROOT / "configs" / "subject" / "toy.yaml",
+                        [f"subject={ROOT / 'subjects' / 'toy_star'}", f"out_dir={out_b}", "steps=1"])
+    model_b = train(cfg_b)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} on a red background\na small {}\n")
+    gen = tmp_path / "gen"
+    templates = prompts.read_text().splitlines()
+    groups, pres, identity = _sample_first(_eval_args(personalization, gen, prompts), templates, "cpu")
+    assert [len(files) for _, files in groups] == [2, 2] and len(pres) == 1
+    assert identity["model"]["name"] == personalization.name and str(personalization.parent) not in str(identity)
+    hashes_a = {p.read_bytes() for _, files in groups for p in files}
+
+    # model B into A's folder: one line naming the model, exit 2, before any model loads
+    def argv(model, prompt_file):
+        return ["eval-subject", "--model", str(model), "--generated", str(gen), "--subject",
+                str(ROOT / "subjects" / "toy_star"), "--class-noun", "star", "--prompts", str(prompt_file),
+                "--random-weights", "--device", "cpu"]
+
+    assert cli(argv(model_b, prompts)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (training B printed progress bars before)
+    sha_a, sha_b = identity["model"]["sha256"][:12], file_sha256(model_b)[:12]
+    assert f"model: {personalization.name}@{sha_a} there, {model_b.name}@{sha_b} now" in err, err
+    assert "--overwrite" in err and "prompts" not in err
+    # another prompt list, same model: refused by name
+    prompts2 = tmp_path / "prompts2.txt"
+    prompts2.write_text("a {} on a red background\n")
+    assert cli(argv(personalization, prompts2)) == 2
+    err = capsys.readouterr().err
+    assert "prompts:" in err and "model:" not in err
+
+    # a deleted image of A: sampled once more, counted once
+    victim = groups[1][1][0]
+    before = _pixels(victim)
+    victim.unlink()
+    groups2, _, _ = _sample_first(_eval_args(personalization, gen, prompts), templates, "cpu")
+    assert [len(files) for _, files in groups2] == [2, 2] and victim.is_file()
+    # the same seed, the same image (up to the rounding of batched noise: it was sampled in a batch of 2)
+    assert abs(_pixels(victim) - before).max() <= 2
+    assert len(SampleFolder.open(gen).records()) == 5  # 4 subject images + 1 PRES image, one record each
+
+    # --overwrite: B's own images, never A's
+    groups_b, _, identity_b = _sample_first(_eval_args(model_b, gen, prompts, "--overwrite"), templates, "cpu")
+    assert identity_b["model"]["name"] == model_b.name and [len(f) for _, f in groups_b] == [2, 2]
+    assert not {p.read_bytes() for _, files in groups_b for p in files} & hashes_a
+
+
+def test_eval_subject_ranges_are_checked_before_any_work(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a {}\n")
+    base = ["eval-subject", "--model", str(tmp_path / "missing.safetensors"), "--generated", str(tmp_path / "g"),
+            "--subject", str(tmp_path), "--class-noun", "star", "--prompts", str(prompts)]
+    for flag, value, rule in (("--images-per-prompt", "0", "at least 1"), ("--gen-batch-size", "0", "at least 1"),
+                              ("--batch-size", "0", "at least 1"), ("--pres-samples", "-1", "at least 0")):
+        assert cli([*base, flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{flag} must be {rule}, got {value}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "g").exists()
