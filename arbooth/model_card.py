@@ -8,7 +8,10 @@ goes) and its metrics. As diffusers' training scripts do (`save_model_card`), th
 `huggingface_hub.ModelCard` (huggingface_hub/repocard.py).
 
 Nothing local leaks into a card: `shareable` turns absolute paths into their file names (the base is
-named by its hash, `base_model_sha256`), for the cards and for the metadata written beside them.
+named by its hash, `base_model_sha256`), for the cards and for the metadata written beside them
+(arbooth.yaml, a personalization's recorded config). The run folder's own config.yaml, which stays on
+the machine, keeps the paths as given: `recorded_path` finds a recorded base checkpoint there again, so
+loading a result next to its run needs no path arguments.
 """
 from __future__ import annotations
 
@@ -92,3 +95,24 @@ def write_model_card(folder: str | os.PathLike, *, title: str, summary: str, bas
         lines += ["## Use", "", "```python", usage.strip(), "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return write_text(folder / CARD_FILE, str(card))
+
+
+def recorded_path(recorded: str | None, key: str, local_configs: Sequence[str | os.PathLike]) -> str | None:
+    """The checkpoint path to use for a result's recorded `recorded` (a file name once `shareable` cut it):
+    itself when it exists, else the path under dotted `key` (e.g. "model.var_ckpt") of the first of
+    `local_configs` (run folders' config.yaml) whose value has the same file name and exists, else
+    `recorded` unchanged (the loader then names the missing file)."""
+    if not recorded or Path(recorded).exists():
+        return recorded
+    import yaml
+
+    for cfg_path in local_configs:
+        try:
+            value: Any = yaml.safe_load(Path(cfg_path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and Path(value).name == Path(recorded).name and Path(value).exists():
+            return value
+    return recorded

@@ -24,11 +24,13 @@ from arbooth.adapt.personalization import (
     Personalization,
     load_personalization,
     merge_lora_personalization,
+    personalization_root,
     save_personalization,
 )
 from arbooth.adapt.personalized_sampler import PersonalizedSampler
 from arbooth.config import from_dict
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.model_card import recorded_path
 from arbooth.models.infinity_loading import (
     infinity_2b_base,
     infinity_8b_512_base,
@@ -145,8 +147,12 @@ def build_base(pers: Personalization, path: str | Path, *, model_ckpt: str | Non
     # val_cfg / val_tau: the run's validation settings (None or absent in older files: the preset's)
     guidance = recorded.get("val_cfg")
     tau = recorded.get("val_tau")
-    m = dataclasses.replace(m, model_ckpt=model_ckpt or m.model_ckpt, vae_ckpt=vae_ckpt or m.vae_ckpt,
-                            t5=t5 or m.t5, drop_path_rate=0.0)
+    # the file records names only (model_card.shareable); the run folder's config.yaml beside it has the paths
+    root = personalization_root(path)
+    local = [root.parent / "config.yaml"]  # a LoRA folder or a full file sits in its run folder
+    m = dataclasses.replace(m, model_ckpt=model_ckpt or recorded_path(m.model_ckpt, "model.model_ckpt", local),
+                            vae_ckpt=vae_ckpt or recorded_path(m.vae_ckpt, "model.vae_ckpt", local),
+                            t5=t5 or recorded_path(m.t5, "model.t5", local), drop_path_rate=0.0)
     _, model, tokenizer, encoder, _ = build_models(m)
     return PersonalizedBase(m, schedule, model, tokenizer, encoder,
                             preset.guidance if guidance is None else float(guidance),

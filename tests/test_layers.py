@@ -38,7 +38,7 @@ def test_contract_catches_a_bad_import(tmp_path, module, imports, broken):
     """The same contract on a stand-in package: it fails exactly for the imports the layers forbid."""
     pkg = tmp_path / "arbooth"
     for sub in ("cli", "errors", "outputs", "optim", "checkpoint", "config", "precision", "runs", "sample_folder",
-                "model_card", "subject_bases"):
+                "model_card", "tracking", "progress", "subject_bases"):
         (pkg / f"{sub}.py").parent.mkdir(parents=True, exist_ok=True)
         (pkg / f"{sub}.py").write_text("")
     for sub in ("commands", "bench", "recipes", "toy", "adapt", "privacy", "metrics", "models", "data"):

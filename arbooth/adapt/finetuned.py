@@ -24,6 +24,7 @@ from arbooth.adapt.methods import PEFT_METHODS, MethodConfig, merge_adapters, un
 from arbooth.checkpoint import read_state_dict, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import CheckpointError, ConfigError
+from arbooth.model_card import recorded_path, shareable, write_model_card
 from arbooth.outputs import write_text
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,29 @@ def write_result_meta(folder: Path, cfg: Any, *, step: int, classes: list[str],
     """arbooth.yaml: the config plus `result: {method, step, classes, base, run}`. `base` holds the SHA-256
     of the base tokenizer's and transformer's tensors (`load_finetuned` checks them); `run` the run id
     and its sessions (arbooth/runs.py)."""
-    meta = to_dict(cfg)
+    meta = shareable(to_dict(cfg))  # file names, not this machine's paths: a result folder is what users share
     meta["result"] = {"method": cfg.method.name, "step": int(step), "classes": list(classes),
                       "base": dict(base or {}), "run": dict(run or {})}
     write_text(Path(folder) / META_FILE, yaml.safe_dump(meta, sort_keys=False))
+
+
+def write_class_card(folder: Path, cfg, base: dict[str, str], classes: list[str], metrics: dict,
+                     privacy: dict | None = None) -> Path:
+    """The model card of a class-conditional result folder (`final/`): README.md with the newest sample
+    grid of the run, the last logged metrics and, for DP, epsilon and delta."""
+    grids = sorted((Path(folder).parent / "samples").glob("step_*.png"))
+    base_name = cfg.model.var_ckpt or f"random VAR-d{cfg.model.depth}"
+    adapter = cfg.method.name != "fft"
+    usage = (f"from arbooth.adapt.finetuned import load_finetuned\n"
+             f"ft = load_finetuned({Path(folder).name!r}, vae_ckpt=..., var_ckpt=...)  # the base checkpoints\n"
+             "images = ft.var.generate(labels_B, cfg=1.5, seed=0)  # (B, 3, H, W) in [0, 1]")
+    return write_model_card(folder, title=f"VAR-d{cfg.model.depth} fine-tuned ({cfg.method.name})",
+                            summary=f"Class-conditional VAR-d{cfg.model.depth} fine-tuned with arbooth "
+                                    f"({cfg.method.name}) on {len(classes)} classes.",
+                            base_model=base_name, base_sha256=base.get("var_sha256"), method=cfg.method.name,
+                            adapter=adapter, tags=["var", "class-conditional", "image-generation"],
+                            prompts=[f"class {i}: {c}" for i, c in enumerate(classes)],
+                            grid=grids[-1] if grids else None, metrics=metrics, privacy=privacy, usage=usage)
 
 
 @dataclass(frozen=True)
@@ -247,7 +267,10 @@ def load_finetuned(result_dir: str | Path, *, vae_ckpt: str | None = None, var_c
         method_cfg = from_dict(MethodConfig, config.get("method", {}), "method.")
     except ConfigError as e:
         raise CheckpointError(f"{Path(result_dir) / META_FILE}: the recorded config does not load: {e}") from None
-    mc = replace(model_cfg, vae_ckpt=vae_ckpt or model_cfg.vae_ckpt, var_ckpt=var_ckpt or model_cfg.var_ckpt)
+    # arbooth.yaml records file names only (model_card.shareable); the run folder's config.yaml has the paths
+    local = [Path(result_dir).parent / "config.yaml", Path(result_dir).parent.parent / "config.yaml"]
+    mc = replace(model_cfg, vae_ckpt=vae_ckpt or recorded_path(model_cfg.vae_ckpt, "model.vae_ckpt", local),
+                 var_ckpt=var_ckpt or recorded_path(model_cfg.var_ckpt, "model.var_ckpt", local))
     torch.manual_seed(int(config.get("train", {}).get("seed", 0)))  # random-weight runs (tests, dry runs): the same init as in training
     if method in PEFT_METHODS or mc.var_ckpt is not None:
         vae, var = build_vae_var(mc)

@@ -154,7 +154,7 @@ class LoRATuner:
 
 def lora_metadata(spec: LoRASpec, base_dtype: torch.dtype) -> dict[str, str]:
     import json
-    return {"kind": "lora", "lora_rank": str(spec.rank), "lora_alpha": repr(spec.alpha),
+    return {"kind": "lora", "lora_rank": str(spec.rank), "lora_alpha": repr(spec.alpha), "lora_dropout": repr(spec.dropout),
             "lora_targets": json.dumps(list(spec.targets)), "base_dtype": str(base_dtype).removeprefix("torch.")}
 
 
@@ -162,7 +162,7 @@ def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[LoRASpec, torch.dty
     import json
     try:
         spec = LoRASpec(int(metadata["lora_rank"]), float(metadata["lora_alpha"]),
-                        tuple(json.loads(metadata["lora_targets"])))
+                        tuple(json.loads(metadata["lora_targets"])), float(metadata.get("lora_dropout", 0.0)))
         dtype = getattr(torch, metadata.get("base_dtype", "float32"))
     except (KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(f"LoRA personalization metadata incomplete or wrong: {type(e).__name__}: {e}") from e

@@ -4,7 +4,7 @@ LoRA personalization of Infinity as a full one (the tuned tensors, adapters merg
 Examples:
   arbooth export runs/flowers102_lora_d16/final --merge --out var_d16_flowers.safetensors \\
       --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth
-  arbooth export runs/my_dog/personalization.safetensors --merge --out my_dog_full.safetensors \\
+  arbooth export runs/my_dog/personalization --merge --out my_dog_full.safetensors \\
       [--model-ckpt infinity_2b_reg.pth --vae-ckpt infinity_vae_d32_reg.pth --t5 flan-t5-xl] [--dtype bf16]
 The VAR file loads with `arbooth.models.load_var(...)` and, with --include-buffers, with the official
 code's `load_state_dict(strict=True)` too. The merged personalization holds every tensor of the adapted
@@ -24,7 +24,7 @@ from arbooth.outputs import check_output, refuse_inputs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", help="a result folder of train-class (final/ or checkpoints/step_*), or a LoRA "
-                        "personalization file of train-subject (personalization.safetensors)")
+                        "personalization of train-subject (its personalization/ folder or a file in it)")
     parser.add_argument("--merge", action="store_true", help="fold LoRA/LNTuning into the weights (required)")
     parser.add_argument("--out", required=True, help="output .safetensors or .pth")
     parser.add_argument("--vae-ckpt", help="base tokenizer, if it moved since training")
@@ -73,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.merge:
         raise ConfigError("only merged export is supported (pass --merge); the adapter itself is already "
                           f"saved in peft's format in {args.result}")
-    if Path(args.result).is_file():  # a personalization file
+    from arbooth.adapt.personalization import is_personalization
+    if is_personalization(args.result):  # a personalization file, or a LoRA personalization folder
         from arbooth.subject_bases import export_merged_personalization
         out = export_merged_personalization(args.result, args.out, model_ckpt=args.model_ckpt,
                                             vae_ckpt=args.vae_ckpt, t5=args.t5, dtype=args.dtype)

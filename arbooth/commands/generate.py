@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "infinity_vae_d56_f8_14_patchify.pth (8B); it sets the model sizes")
     p.add_argument("--t5", help="T5 folder, or a hub name in the local HF cache (default google/flan-t5-xl)")
     p.add_argument("--personalization", type=Path,
-                   help="personalization.safetensors from train_subject.py (uses its <S*>, tuned weights, "
+                   help="personalization.safetensors from train_subject.py, or its LoRA folder personalization/ (uses its <S*>, tuned weights, "
                         "base model and training resolution; --cfg/--tau default to its validation settings)")
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.add_argument("--n", type=int, default=1, help="images per prompt")

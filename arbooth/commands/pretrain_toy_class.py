@@ -10,7 +10,6 @@ Reproducible from `seed` (same thread count). Config keys: arbooth/toy/class_pre
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from arbooth.config import load_config
-    from arbooth.toy.class_pretrain import PretrainToyClassConfig, pretrain
-    logging.getLogger("arbooth").setLevel(logging.INFO)
     from arbooth.outputs import check_output
+    from arbooth.toy.class_pretrain import PretrainToyClassConfig, pretrain
     cfg = load_config(PretrainToyClassConfig, args.config, list(args.overrides))
     check_output(cfg.out, folder=True, what="out")  # as pretrain-toy: a bad folder fails before any training
     out = pretrain(cfg)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-ckpt", help="official vae_ch160v4096z32.pth")
     parser.add_argument("--var-ckpt", help="official var_d{depth}.pth")
     parser.add_argument("--out-dir", help="where checkpoints, samples and the final result go")
-    parser.add_argument("--resume", help="a checkpoint folder, or 'auto' for the newest one of the run in out_dir "
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
+                        help="a checkpoint folder, or 'auto' (also with no value) for the newest one of the run in out_dir "
                         "(a fresh start when out_dir holds no run); the config may differ only in the safe "
                         "keys listed in README 'Run folders and resume'")
     parser.add_argument("--overwrite", action="store_true",
@@ -81,6 +82,9 @@ def train_class_runs(cfg, *, resume: str | None = None, overwrite: bool = False)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse gives the override to --resume (its value is optional)
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
     if args.config is None and args.data is None and args.manifest is None:
         return _toy_main(args)
     from arbooth.recipes.class_dp_config import load_class_config
@@ -102,7 +106,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _toy_main(args: argparse.Namespace) -> int:
-    import logging
 
     import torch
 
@@ -111,7 +114,6 @@ def _toy_main(args: argparse.Namespace) -> int:
     if args.resume or args.vae_ckpt or args.var_ckpt:
         raise ConfigError("the built-in toy job takes no --resume / --vae-ckpt / --var-ckpt; pass --config and "
                           "--data to fine-tune your own VAR")
-    logging.getLogger("arbooth").setLevel(logging.INFO)
     torch.set_num_threads(1)  # tiny matmuls: on a busy 2-core machine a second OpenMP thread costs more than it gives
     out = args.out_dir or DEFAULT_OUT
     print(f"no --config/--data: the built-in toy job (LoRA on the shipped tiny VAR, a downstream toy dataset) "

@@ -14,8 +14,10 @@ prior distillation with reg_lambda 0.5). Any config key can be overridden as key
 `steps=150 batch_size=1 tuning.self_attention=true loss.distill_type=hard teacher.mode=arbooth_compat`;
 `tuning.method=lora` trains LoRA adapters (rank 16) instead of the layers: a ~38 MB file at 2B instead of
 ~3 GB (docs/arbooth.md); `teacher.bank_size=16` draws the teacher's class samples once.
-Outputs in out_dir: personalization.safetensors, val/step_*.png grids, metrics.jsonl, config.yaml,
-train_state.pt (resume=true continues from it). Use the file with
+Outputs in out_dir (--out-dir): personalization.safetensors (tuning.method=lora: a peft adapter folder
+personalization/), val/step_*.png grids, metrics.jsonl, README.md (model card), config.yaml, run.json,
+train_state.pt (`--resume auto` or resume=true continues from it; `--overwrite` replaces another run).
+`log.report_to=tensorboard|wandb|all` logs through accelerate's trackers. Use the result with
 `arbooth generate --personalization out_dir/personalization.safetensors --prompt "a <S*> dog ..."`.
 """
 from __future__ import annotations
@@ -33,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-ckpt", help="Infinity-2B checkpoint (infinity_2b_reg.pth)")
     parser.add_argument("--vae-ckpt", help="BSQ-VAE checkpoint (infinity_vae_d32_reg.pth)")
     parser.add_argument("--t5", help="flan-t5-xl folder (tokenizer + encoder)")
-    parser.add_argument("--out", help="output folder (out_dir)")
+    parser.add_argument("--out-dir", "--out", dest="out", help="the run folder (out_dir); default runs/subject")
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
+                        help="continue the run in out_dir ('auto', also with no value: a fresh start when out_dir "
+                        "holds no run), or in the run folder PATH (its train_state.pt); same as resume=true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="out_dir holds another run: delete its outputs and start anew (overwrite=true)")
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.name} when it exists)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random model, no checkpoints: tries the whole recipe on the CPU in seconds")
@@ -42,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     from arbooth.config import load_config
+    from arbooth.errors import ConfigError
     from arbooth.recipes.subject_config import SubjectTrainConfig
     overrides = []
     if args.tiny:  # small, fast and fp32: the CPU has no fast bf16
@@ -52,6 +60,17 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    _resume_value_is_override(args)
+    if args.resume is not None:
+        if args.resume != "auto":  # a run folder (or the train_state.pt in it): that is out_dir
+            folder = Path(args.resume)
+            folder = folder.parent if folder.name == "train_state.pt" else folder
+            if args.out is not None and Path(args.out).resolve() != folder.resolve():
+                raise ConfigError(f"--resume {args.resume} and --out-dir {args.out} name two run folders; give one")
+            overrides.append(f"out_dir={folder}")
+        overrides.append("resume=true")
+    if args.overwrite:
+        overrides.append("overwrite=true")
     config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     if _toy_default(args):
         config = TOY_CONFIG
@@ -62,6 +81,13 @@ def build_config(args: argparse.Namespace):
                                               "model.t5", "out_dir") else f"{o.split('=', 1)[0]}={_yaml_str(o)}"
               for o in overrides + list(args.overrides)]
     return load_config(SubjectTrainConfig, config, quoted)
+
+
+def _resume_value_is_override(args: argparse.Namespace) -> None:
+    """`--resume steps=3`: argparse gives the override to --resume (its value is optional); it is an override."""
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *args.overrides]
+        args.resume = "auto"
 
 
 def _toy_default(args: argparse.Namespace) -> bool:
@@ -93,4 +119,22 @@ def main(args: argparse.Namespace) -> int:
     if preset.report is not None:  # e.g. the toy base's evaluators: base-vs-personalized grid and metrics
         for line in preset.report(cfg, path):
             print(line)
+        _card_with_report(cfg, path)
     return 0
+
+
+def _card_with_report(cfg, path) -> None:
+    """Rewrite the run's model card with the report's grid and mean metrics (the toy base's report)."""
+    import json
+
+    from arbooth.adapt.personalization import load_personalization
+    from arbooth.recipes.train_subject import write_subject_card
+
+    out = Path(cfg.out_dir)
+    if not (out / "metrics.json").is_file():
+        return
+    pers = load_personalization(path)
+    mean = json.loads((out / "metrics.json").read_text())["personalized"]["mean"]
+    write_subject_card(cfg, Path(path), base_id=pers.metadata.get("base_model", cfg.model.preset),
+                       base_sha256=pers.metadata["base_tuned_sha256"], class_noun=pers.metadata.get("class_noun", ""),
+                       grid=out / "grid.png" if (out / "grid.png").is_file() else None, metrics=mean)

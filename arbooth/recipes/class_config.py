@@ -17,6 +17,7 @@ from arbooth.adapt.finetuned import ModelConfig
 from arbooth.adapt.methods import MethodConfig
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
+from arbooth.tracking import trackers
 
 __all__ = ["ClassTrainConfig", "DataConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig",
            "TrainConfig"]
@@ -105,9 +106,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    every: int = 10                       # optimizer steps between console/TensorBoard lines
-    tensorboard: bool = False
-    wandb: bool = False
+    every: int = 10                       # optimizer steps between console/tracker lines (and metrics.jsonl rows)
+    report_to: str = "none"               # none | tensorboard | wandb | all (accelerate's trackers, arbooth/tracking.py)
     sample_every: int = 0                 # optimizer steps between sample grids; 0 = off
     sample_classes: tuple[int, ...] = (0, 1, 2, 3)
     sample_per_class: int = 2
@@ -117,6 +117,9 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         check_sampling_args(top_k=self.sample_top_k, top_p=self.sample_top_p, cfg=self.sample_cfg, where="log")
+        trackers(self.report_to)
+        if self.every < 1 or self.sample_every < 0:
+            raise ConfigError("log.every must be >= 1 and log.sample_every >= 0")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from arbooth.adapt.arbooth_losses import default_scale_weights
 from arbooth.errors import ConfigError
 from arbooth.models.sampling import check_sampling_args
 from arbooth.subject_bases import SUBJECT_PRESETS, ModelConfig  # noqa: F401 (the model section; re-exported)
+from arbooth.tracking import trackers
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,19 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """What every trainer logs where (the class recipes' `log` section has these keys too)."""
+
+    every: int = 1                     # steps between console lines (metrics.jsonl and trackers: every step)
+    report_to: str = "none"            # none | tensorboard | wandb | all (accelerate's trackers, arbooth/tracking.py)
+
+    def __post_init__(self) -> None:
+        trackers(self.report_to)
+        if self.every < 1:
+            raise ConfigError("log.every must be >= 1")
+
+
+@dataclass(frozen=True)
 class SubjectTrainConfig:
     subject: str = ""
     class_noun: str = ""               # empty: from subject.yaml
@@ -176,6 +190,7 @@ class SubjectTrainConfig:
     bsc: BSCConfig = field(default_factory=BSCConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     steps: int = 500
     batch_size: int = 2
     seed: int = 0

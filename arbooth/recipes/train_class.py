@@ -16,7 +16,8 @@ Result layout under `train.out_dir` (one run per folder: arbooth/runs.py, README
         train_state.pt, rng_rank*.pt    optimizer, scheduler, step, data position, RNG, and the run's
                                         identity (config values + hash, data hash, base hash): for --resume
     final/                              the same, without the training state
-    samples/, tensorboard/              logs
+    samples/, metrics.jsonl             logs: sample grids, one JSON line per optimizer step
+    tensorboard/, wandb/                log.report_to's trackers (arbooth/tracking.py)
 A fresh run refuses a folder that holds another run unless `overwrite` (which deletes those entries);
 `resume` continues the run only when the config differs in `SAFE_RESUME_KEYS` at most.
 A whole checkpoint folder is written under a temporary name and renamed, so it is complete or absent.
@@ -38,13 +39,14 @@ from arbooth.adapt.finetuned import (
     build_prepared,
     load_result_weights,
     save_result_weights,
+    write_class_card,
     write_result_meta,
 )
 from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
-from arbooth.config import save_config
+from arbooth.config import save_config, to_dict
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
-from arbooth.errors import CheckpointError, ConfigError
+from arbooth.errors import CheckpointError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
@@ -54,6 +56,7 @@ from arbooth.models.var_training import (
     token_metrics,
     var_loss,
 )
+from arbooth.progress import progress
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.runs import (
     ResumeError,
@@ -70,12 +73,21 @@ from arbooth.runs import (
     start_session,
     write_run_file,
 )
+from arbooth.tracking import (
+    accelerator_kwargs,
+    check_report_to,
+    close_trackers,
+    launcher_precision,
+    log_grid,
+    log_step,
+    open_trackers,
+)
 
 log = logging.getLogger(__name__)
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # What this recipe writes into train.out_dir: a folder holding any of these holds a run.
-RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard")
+RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard", "wandb", "metrics.jsonl")
 # Config keys a resume may change (recorded in run.json): more or fewer steps (a decaying lr schedule is
 # rebuilt over the new total from the resumed step), checkpoint and log cadence, loader workers, and
 # paths, whose content is checked by the data and base hashes instead. Anything else is refused.
@@ -109,10 +121,14 @@ class Run:
 
 
 def make_accelerator(cfg: ClassTrainConfig):
+    """The run's Accelerator: the config's precision (a launcher asking for another is refused) and
+    log.report_to's trackers."""
     from accelerate import Accelerator
 
+    launcher_precision(cfg.train.precision, "train.precision")
     return Accelerator(mixed_precision=PRECISION_TO_ACCELERATE[cfg.train.precision],
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(),
+                       **accelerator_kwargs(cfg.log.report_to, cfg.train.out_dir))
 
 
 def setup(cfg: ClassTrainConfig, *, accelerator=None) -> Run:
@@ -182,8 +198,7 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     out_dir (a fresh start when out_dir holds no run). `overwrite`: replace the run out_dir holds.
     Without either, a folder holding a run is refused (RunFolderError). `stop_at`: leave after that
     many optimizer steps (checkpointed), as if interrupted."""
-    from tqdm.auto import tqdm
-
+    check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     acc = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
@@ -200,11 +215,11 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     if acc.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    writer = _open_trackers(cfg, out) if acc.is_main_process else None
+    open_trackers(acc, "train-class", to_dict(cfg), out)
     bpe = len(run.sampler)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
-    bar = tqdm(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
+                   main=acc.is_main_process, dynamic_ncols=True)
     run.model.train()
     micro, window, t0 = step * run.grad_accum, [], time.perf_counter()
     while step < end:
@@ -222,10 +237,13 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
             row["lr"] = run.scheduler.get_last_lr()[0]
             run.history.append(row)
             window = []
+            log_step(acc, out, row, step)
             if step % cfg.log.every == 0 or step == end:
-                _log_row(acc, writer, row, step, time.perf_counter() - t0, bar)
+                _log_row(acc, row, step, time.perf_counter() - t0, bar)
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-                save_samples(run, out / "samples" / f"step_{step:08d}.png", step)
+                grid = save_samples(run, out / "samples" / f"step_{step:08d}.png", step)
+                if grid is not None:
+                    log_grid(acc, "samples", grid, step)
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
                 save_checkpoint(run, step, out / "checkpoints" / f"step_{step:08d}", train_state=True)
                 if acc.is_main_process:
@@ -235,39 +253,26 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     bar.close()
     if step >= run.total_steps:
         save_checkpoint(run, step, out / "final", train_state=False)
+        if acc.is_main_process:
+            write_class_card(out / "final", cfg, run.base, run.dataset.classes, run.history[-1] if run.history else {})
     if run.dataset.unreadable and acc.is_main_process:
         log.warning("%d unreadable image file(s) were left out of the data set", len(run.dataset.unreadable))
-    if writer is not None:
-        writer.close()
+    close_trackers(acc)
     return run
 
 
-def _log_row(acc, writer, row: dict[str, float], step: int, elapsed: float, bar) -> None:
-    """Console/TensorBoard line of rank 0 (its share of the step's batches; no extra all-reduce)."""
+def _log_row(acc, row: dict[str, float], step: int, elapsed: float, bar) -> None:
+    """Console line of rank 0 (its share of the step's batches; no extra all-reduce)."""
     if not acc.is_main_process:
         return
-    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}")
+    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.1f}", acc_last=f"{row['acc_last']:.1f}",
+                    refresh=False)  # the bar redraws at its own interval (arbooth/progress.py)
     log.info("step %d  loss %.4f  acc %.2f%%  acc_last %.2f%%  lr %.3g  %.1fs", step, row["loss"],
              row["acc"], row["acc_last"], row["lr"], elapsed)
-    if writer is not None:
-        for k, v in row.items():
-            writer.add_scalar(f"train/{k}", v, step)
-
-
-def _open_trackers(cfg: ClassTrainConfig, out: Path):
-    if cfg.log.wandb:
-        raise ConfigError("log.wandb is not supported yet; use log.tensorboard=true")
-    if not cfg.log.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 @torch.no_grad()
-def save_samples(run: Run, path: Path, step: int) -> None:
+def save_samples(run: Run, path: Path, step: int) -> Path | None:
     """A grid of `log.sample_per_class` images for each of `log.sample_classes` (rank 0 only)."""
     from arbooth.data.images import save_grid
 
@@ -281,7 +286,7 @@ def save_samples(run: Run, path: Path, step: int) -> None:
     with acc.autocast():
         img = var.generate(labels, cfg=lc.sample_cfg, top_k=lc.sample_top_k, top_p=lc.sample_top_p, seed=step)
     var.train(was_training)
-    save_grid(img, path, nrow=lc.sample_per_class)
+    return save_grid(img, path, nrow=lc.sample_per_class)
 
 
 # ------------------------------------------------------------------ checkpoints

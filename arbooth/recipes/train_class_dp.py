@@ -38,10 +38,10 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_result_meta
+from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_class_card, write_result_meta
 from arbooth.adapt.methods import count_parameters, unwrap_peft
 from arbooth.checkpoint import commit_dir, partial_dir
-from arbooth.config import save_config
+from arbooth.config import save_config, to_dict
 from arbooth.data.class_dataset import ClassImageDataset
 from arbooth.errors import CheckpointError, ConfigError
 from arbooth.models.var_training import (
@@ -55,6 +55,7 @@ from arbooth.models.var_training import (
 from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
+from arbooth.progress import progress
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
     ResumeError,
@@ -71,12 +72,20 @@ from arbooth.runs import (
     start_session,
     write_run_file,
 )
+from arbooth.tracking import (
+    accelerator_kwargs,
+    check_report_to,
+    close_trackers,
+    log_grid,
+    log_step,
+    open_trackers,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
 
-RUN_ENTRIES = ("config.yaml", "checkpoints", "final")
+RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard", "wandb", "metrics.jsonl")
 # A DP resume may change only what does not touch the privacy analysis or the data stream: no step
 # count (sigma was calibrated for the planned steps) and no privacy.* key.
 SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
@@ -119,10 +128,8 @@ class DPRun:
 
 
 def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
-    from accelerate import Accelerator
-
     pc = cfg.privacy
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or make_dp_accelerator(cfg, cfg.run_dir(epsilon))
     vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
     if acc.is_main_process:
         log.info("method %s: %s", cfg.method.name, count_parameters(model))
@@ -206,10 +213,8 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
               overwrite: bool = False, stop_at: int | None = None, accelerator=None) -> DPRun:
     """One private run at target `epsilon` into `out`. `resume`: a checkpoint folder or "auto" (see the
     non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
+    acc = accelerator or make_dp_accelerator(cfg, out)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
     acc.wait_for_everyone()
@@ -228,9 +233,11 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
+    open_trackers(acc, "train-class-dp", to_dict(cfg), out)  # the config is public (docs/privacy.md)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
-    bar = tqdm(total=run.total_steps, initial=pt.steps_taken, desc=f"train-class dp {cfg.method.name} eps={epsilon:g}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=run.total_steps, initial=pt.steps_taken,
+                   desc=f"train-class dp {cfg.method.name} eps={epsilon:g}", main=acc.is_main_process,
+                   dynamic_ncols=True)
     pt.module.train()
     micro, window = pos["micro"], []
     try:
@@ -247,7 +254,7 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
                         continue  # a physical sub-batch: gradients accumulated, no step yet
                     pos["in_epoch"], pos["micro"] = pos["in_epoch"] + 1, micro
                     run.scheduler.step()
-                    _end_of_step(run, window, bar)
+                    _end_of_step(run, window, bar, out)
                     window = []
                     step = pt.steps_taken
                     if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == end:
@@ -267,7 +274,47 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
     bar.close()
     if pt.steps_taken >= run.total_steps or run.stopped_by_budget:
         save_result(run, out / "final")
+        if acc.is_main_process:
+            r = privacy_report(run)
+            write_class_card(out / "final", cfg.without_privacy(), run.base, run.dataset.base.classes,
+                             {"epsilon_spent": r["epsilon_spent"], "target_epsilon": r["target_epsilon"],
+                              "noise_multiplier": r["noise_multiplier"], "steps": r["steps"]},
+                             privacy={"epsilon": r["epsilon_spent"], "delta": r["delta"]})
+    close_trackers(acc)
     return run
+
+
+def make_dp_accelerator(cfg: ClassDPConfig, out: Path):
+    """DP-SGD runs in fp32 (Opacus' per-sample gradients): a launcher asking for mixed precision is refused,
+    never silently applied or dropped; log.report_to's trackers."""
+    import os
+
+    from accelerate import Accelerator
+
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked != "no":
+        raise ConfigError(f"the launcher asks for --mixed_precision {asked}, but DP training runs in fp32; "
+                          "launch without --mixed_precision")
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                       **accelerator_kwargs(cfg.log.report_to, out))
+
+
+@torch.no_grad()
+def save_dp_samples(run: DPRun, path: Path, step: int) -> Path | None:
+    """A grid of `log.sample_per_class` images for each of `log.sample_classes` from the privately trained
+    model (post-processing of the DP release: no extra privacy cost). Rank 0 only."""
+    from arbooth.data.images import save_grid
+
+    acc, lc = run.accelerator, run.cfg.log
+    if not acc.is_main_process:
+        return None
+    var = unwrap_peft(run.model)
+    labels = torch.tensor([c for c in lc.sample_classes for _ in range(lc.sample_per_class)], device=acc.device)
+    was_training = var.training
+    var.eval()
+    img = var.generate(labels, cfg=lc.sample_cfg, top_k=lc.sample_top_k, top_p=lc.sample_top_p, seed=step)
+    var.train(was_training)
+    return save_grid(img, path, nrow=lc.sample_per_class)
 
 
 def save_dp_checkpoint(run: DPRun, pos: dict, folder: Path) -> None:
@@ -321,15 +368,25 @@ def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
     return dict(state["position"])
 
 
-def _end_of_step(run: DPRun, window: list[dict[str, float]], bar) -> None:
+def _end_of_step(run: DPRun, window: list[dict[str, float]], bar, out: Path) -> None:
+    """Book-keeping after one private step. Logged (console, trackers, metrics.jsonl): epsilon spent,
+    sigma and lr only; the loss and the Poisson batch size come from the private data and stay in
+    `run.history` (docs/privacy.md)."""
     n = sum(w["examples"] for w in window)
     row = {"loss": sum(w["loss"] * w["examples"] for w in window) / max(n, 1.0), "examples": n,
            "epsilon": run.pt.epsilon(), "lr": run.scheduler.get_last_lr()[0]}
     run.history.append(row)
     step = run.pt.steps_taken
     bar.update(1)
+    log_step(run.accelerator, out, {"epsilon": row["epsilon"], "sigma": run.pt.noise_multiplier, "lr": row["lr"]},
+             step)
+    lc = run.cfg.log
+    if lc.sample_every and step % lc.sample_every == 0:
+        grid = save_dp_samples(run, out / "samples" / f"step_{step:08d}.png", step)
+        if grid is not None:
+            log_grid(run.accelerator, "samples", grid, step)
     if run.accelerator.is_main_process and (step % run.cfg.log.every == 0 or step == run.total_steps):
-        bar.set_postfix(eps=f"{row['epsilon']:.3f}")
+        bar.set_postfix(eps=f"{row['epsilon']:.3f}", refresh=False)
         log.info("step %d/%d  epsilon %.4f (target %g, delta %.3g)  sigma %.4f  lr %.3g", step,
                  run.total_steps, row["epsilon"], run.epsilon, run.pt.delta, run.pt.noise_multiplier, row["lr"])
 

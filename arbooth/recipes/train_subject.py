@@ -9,8 +9,10 @@ arbooth/models/bitwise_self_correction.py); the teacher (full: base weights swap
 disabled) samples class-prompt token maps, or they come from a bank drawn once (teacher.bank_size); the
 student's scale-weighted instance loss; the
 prior-distillation loss on the teacher's maps; one AdamW step per loss (the authors) or one for the
-sum. Writes `personalization.safetensors`, validation grids under `val/`, `metrics.jsonl`,
-`config.yaml`, `run.json` and a resumable `train_state.pt` in `out_dir`. One run per folder
+sum. Writes `personalization.safetensors` (tuning.method=lora: the peft adapter folder `personalization/`),
+validation grids under `val/`, `metrics.jsonl` (and log.report_to's trackers), `README.md` (the model
+card), `config.yaml`, `run.json` and a resumable `train_state.pt` in `out_dir`. One process only
+(`check_single_process` says why). One run per folder
 (arbooth/runs.py): a folder holding another run is refused unless `resume=true` or `overwrite=true`;
 the state records the config, the subject photos' and the base's identity, and a resume may change only
 `SAFE_RESUME_KEYS`.
@@ -28,10 +30,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from arbooth.adapt.arbooth_losses import distill_loss, per_scale_bit_accuracy, scale_weighted_bitwise_ce
-from arbooth.adapt.personalization import save_personalization
+from arbooth.adapt.personalization import save_lora_personalization, save_personalization
 from arbooth.adapt.selective import SelectiveTuner, tensors_sha256, tuned_module_kinds
 from arbooth.adapt.subject_lora import LoRATuner
 from arbooth.adapt.subject_teacher import teacher_targets
@@ -48,10 +49,12 @@ from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
 from arbooth.errors import ArboothError, ConfigError
+from arbooth.model_card import shareable, write_model_card
 from arbooth.models.bitwise_self_correction import flip_requant
 from arbooth.models.infinity import draw_prompt_drop
 from arbooth.optim import StochasticRoundingAdamW
 from arbooth.precision import autocast
+from arbooth.progress import progress
 from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
     RunFolderError,
@@ -63,16 +66,33 @@ from arbooth.runs import (
     write_run_file,
 )
 from arbooth.subject_bases import build_models, preset_schedule
+from arbooth.tracking import (
+    accelerator_kwargs,
+    check_report_to,
+    close_trackers,
+    launcher_precision,
+    log_grid,
+    log_step,
+    open_trackers,
+)
 
 log = logging.getLogger(__name__)
 
 # What this recipe (and the toy report after it) writes into out_dir: a folder holding any holds a run.
-RUN_ENTRIES = ("config.yaml", "personalization.safetensors", "train_state.pt", "metrics.jsonl", "val",
-               "grid.png", "metrics.json")
+FULL_FILE = "personalization.safetensors"  # tuning.method=full: one file
+LORA_DIR = "personalization"                # tuning.method=lora: a peft adapter folder (adapt/personalization.py)
+RUN_ENTRIES = ("config.yaml", FULL_FILE, LORA_DIR, "train_state.pt", "metrics.jsonl", "val",
+               "grid.png", "metrics.json", "README.md", "tensorboard", "wandb")
 # Config keys a resume may change: more steps, save/validation cadence and validation prompts, paths
 # (the photos' and the base's identity are checked by hash instead), the resume/overwrite switches.
-SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation",
+SAFE_RESUME_KEYS = ("steps", "save_every", "validate_every", "val_cfg", "val_tau", "prompts.validation", "log.",
                     "out_dir", "subject", "model.model_ckpt", "model.vae_ckpt", "model.t5", "resume", "overwrite")
+
+
+def base_name(base_id: str) -> str:
+    """The base's name from a preset's base id ("infinity_2b_reg.pth sha256=..." -> "infinity_2b_reg.pth")."""
+    return base_id.split(" sha256=")[0]
+
 
 def check_config(cfg: SubjectTrainConfig) -> list[tuple[int, int, int]]:
     """The cross-field checks that need the scale schedule, before any weights load; returns the
@@ -112,7 +132,11 @@ class Run:
 def setup(cfg: SubjectTrainConfig) -> Run:
     if cfg.model.tuned_dtype == "bf16" and cfg.dtype != "bf16":
         raise ConfigError("model.tuned_dtype=bf16 needs dtype=bf16 (autocast); use both fp32 or both bf16")
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # our own autocast applies cfg.dtype (arbooth/precision.py): accelerate must not add a second one, and a
+    # launcher asking for another precision is refused (launcher_precision), as in train-class
+    launcher_precision(cfg.dtype, "dtype")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no",
+                              **accelerator_kwargs(cfg.log.report_to, cfg.out_dir))
     dev = accelerator.device
     set_seed(cfg.seed)
     schedule = check_config(cfg)
@@ -242,11 +266,12 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
     with ctx:
         logits = run.model(text, mask, x_BLd, run.schedule, cond_drop_B=_prompt_drop(run, model, B))
     loss = scale_weighted_bitwise_ce(logits, gt, run.schedule, run.weights)
-    out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule)}
+    out = {"loss": loss.item(), "acc": per_scale_bit_accuracy(logits.detach(), gt, run.schedule),
+           "lr": run.optimizer.param_groups[-1]["lr"]}
     total = loss
     if cfg.optim.step_mode == "two_steps" and cfg.loss.prior:  # authors: step on the instance loss first
         on_phase("instance_update")
-        _step(run, loss, params)
+        _grad_norm(out, _step(run, loss, params))
         total = 0.0
     # 3. prior distillation on the teacher's class maps
     if cfg.loss.prior:
@@ -259,8 +284,14 @@ def train_step(run: Run, idx: torch.Tensor, on_phase: Callable[[str], None] = _n
         out["distill"] = reg.item()
         total = total + reg
     on_phase("update")
-    _step(run, total, params)
+    _grad_norm(out, _step(run, total, params))
     return out
+
+
+def _grad_norm(out: dict, norm: float | None) -> None:
+    """The gradient norm before clipping (optim.grad_clip > 0 only); two_steps: the larger of the two steps'."""
+    if norm is not None:
+        out["grad_norm"] = max(norm, out.get("grad_norm", 0.0))
 
 
 def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor | None:
@@ -270,12 +301,14 @@ def _prompt_drop(run: Run, model: torch.nn.Module, batch: int) -> torch.Tensor |
     return draw_prompt_drop(batch, rate, run.accelerator.device)
 
 
-def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+def _step(run: Run, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float | None:
     run.accelerator.backward(loss)
+    norm = None
     if run.cfg.optim.grad_clip > 0:
-        run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+        norm = float(run.accelerator.clip_grad_norm_(params, run.cfg.optim.grad_clip))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 @torch.no_grad()
@@ -295,15 +328,19 @@ def validate(run: Run, step: int) -> Path | None:
 def save_outputs(run: Run, step: int) -> Path:
     """The personalization file (tuned tensors + <S*>) and the resumable training state."""
     out = Path(run.cfg.out_dir)
-    meta = {"config": json.dumps(to_dict(run.cfg)), "base_model": run.base_id, "step": str(step),
+    # file names, not this machine's paths (the run folder's config.yaml keeps those: subject_bases.build_base)
+    meta = {"config": json.dumps(shareable(to_dict(run.cfg))), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
             "instance_template": run.cfg.prompts.instance_template, **run.tuner.file_metadata()}
     tuned = run.tuner.tuned_state_dict()
-    if run.cfg.tuning.method == "lora":  # the file's adapters in tuning.lora_file_dtype (training keeps fp32)
+    if run.cfg.tuning.method == "lora":  # a peft adapter folder; adapters in tuning.lora_file_dtype (training: fp32)
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
-        tuned = {k: v.to(dt) for k, v in tuned.items()}
-    path = save_personalization(out / "personalization.safetensors", tuned,
-                                run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+        path = save_lora_personalization(out / LORA_DIR, run.tuner.spec, {k: v.to(dt) for k, v in tuned.items()},
+                                         run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256,
+                                         base_name=base_name(run.base_id), metadata=meta)
+    else:
+        path = save_personalization(out / FULL_FILE, tuned, run.token.embedding_PC,
+                                    base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
@@ -324,7 +361,7 @@ def _resume(run: Run, holds_run: bool) -> int:
         return 0
     if not path.is_file():
         raise RunFolderError(f"{run.cfg.out_dir} holds a run but no train_state.pt to resume; pass "
-                             "overwrite=true to start a new run there")
+                             "--overwrite (overwrite=true) to start a new run there")
     state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
     changes = check_resume(state.get("run", {}), run.identity, safe=SAFE_RESUME_KEYS, where=str(path))
     run.record = {**state["run"]["record"], "_changes": changes}
@@ -347,10 +384,13 @@ def train(cfg: SubjectTrainConfig) -> Path:
     """Run the recipe; returns the personalization file's path."""
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
+    check_single_process()
+    launcher_precision(cfg.dtype, "dtype")
     check_config(cfg)  # before any weights load
+    check_report_to(cfg.log.report_to)
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
-                                resume_flag="resume=true", overwrite_flag="overwrite=true")
+                                resume_flag="--resume auto (resume=true)", overwrite_flag="--overwrite (overwrite=true)")
     run = setup(cfg)
     main = run.accelerator.is_main_process
     start = _resume(run, holds_run)
@@ -359,12 +399,13 @@ def train(cfg: SubjectTrainConfig) -> Path:
     if main:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
+    open_trackers(run.accelerator, "train-subject", to_dict(cfg), out)
     run.model.train()
     N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)
     for _ in range(start):  # replay the batch order up to the resumed step
         torch.randint(N, (cfg.batch_size,), generator=order)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc="train-subject")
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, main=main, desc="train-subject")
     path = None
     for step in bar:
         idx = torch.randint(N, (cfg.batch_size,), generator=order).to(run.features_NdHW.device)
@@ -373,16 +414,69 @@ def train(cfg: SubjectTrainConfig) -> Path:
         m["step"], m["time_s"] = step + 1, time.perf_counter() - t0
         if main:
             bar.set_postfix(loss=f"{m['loss']:.4f}", distill=f"{m.get('distill', 0.0):.4f}",
-                            acc="/".join(f"{a:.2f}" for a in m["acc"]))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
+                            acc="/".join(f"{a:.2f}" for a in m["acc"]), refresh=False)
+            log_step(run.accelerator, out, m, step + 1)
+            if (step + 1) % cfg.log.every == 0:
+                log.debug("step %d  loss %.4f  distill %.4f", step + 1, m["loss"], m.get("distill", 0.0))
             if not (m["loss"] == m["loss"]):
                 raise ArboothError(f"loss became NaN at step {step + 1}")
             if cfg.validate_every and (step + 1) % cfg.validate_every == 0:
-                validate(run, step + 1)
+                grid = validate(run, step + 1)
+                if grid is not None:
+                    log_grid(run.accelerator, "validation", grid, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 path = save_outputs(run, step + 1)
     if main:
         path = save_outputs(run, cfg.steps)
+        grids = sorted((out / "val").glob("step_*.png"))
+        write_subject_card(cfg, path, base_id=run.base_id, base_sha256=run.base_tuned_sha256,
+                           class_noun=run.class_noun, grid=grids[-1] if grids else None)
         log.info("wrote %s", path)
+    close_trackers(run.accelerator)
     return path
+
+
+def check_single_process() -> None:
+    """ConfigError under a multi-process launch (accelerate launch / torchrun), before any work.
+
+    Why: one step's random draws span the whole batch — the teacher's class samples (run.generator),
+    the bit flips of bitwise self-correction (run.bsc_generator), the prompt drop and DropPath (the
+    global RNG, inside the model) — so a batch split over ranks would draw other numbers than one
+    process does, and the result would not equal the single-process run at the same global batch. The
+    recipe trains batch 2 on one GPU (Infinity-2B fits 24 GB, docs/arbooth.md)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"train-subject runs on one process (this launch has {world}): a batch split over "
+                          "ranks would draw other teacher samples, bit flips, prompt drops and DropPath masks "
+                          "than one process, so the result would differ; launch it without --num_processes")
+
+
+def write_subject_card(cfg: SubjectTrainConfig, path: Path, *, base_id: str, base_sha256: str, class_noun: str,
+                       grid: Path | None = None, metrics: dict | None = None) -> list[Path]:
+    """The model card of a finished subject run: out_dir/README.md, and for LoRA also inside the peft
+    folder `path` (what a user shares). `grid`: an image to show; `metrics`: name -> value."""
+    lora = cfg.tuning.method == "lora"
+    t = cfg.tuning
+    method = (f"ARBooth, LoRA r={t.lora_rank} alpha={t.lora_alpha or 2 * t.lora_rank:g}" if lora else
+              "ARBooth, full tuning") + f" of {'+'.join(tuned_module_kinds(t.self_attention, t.cross_attention, t.ffn, t.all_layers))}"
+    phrase = f"{cfg.prompts.placeholder} {class_noun}"
+    usage = (f"from arbooth.subject_bases import load_sampler\n"
+             f"sampler = load_sampler({path.name!r})  # the base checkpoints: model_ckpt=..., vae_ckpt=..., t5=...\n"
+             f"images = sampler.generate([\"a {phrase} on the beach\"], seed=0)  # (B, 3, H, W) in [0, 1]")
+    if lora:
+        usage += ("\n# or with peft: PeftModel.from_pretrained(base_infinity, folder) (the adapters only; "
+                  "<S*> is in personalization.safetensors)")
+    kw = {"title": f"ARBooth personalization: {phrase}",
+              "summary": f"A personalization of a text-to-image Infinity model on photos of one subject ({class_noun}), "
+                      f"trained {cfg.steps} steps at batch {cfg.batch_size} with arbooth (ARBooth, Chung et al., "
+                      f"ICCV 2025). Prompts name the subject as `{phrase}`.",
+              "base_model": base_name(base_id), "base_sha256": base_sha256, "method": method, "adapter": lora,
+              "tags": ["text-to-image", "infinity", "arbooth-personalization", cfg.model.preset],
+              "prompts": [v.format(phrase) for v in cfg.prompts.validation], "grid": grid, "metrics": metrics,
+              "usage": usage}
+    cards = [write_model_card(cfg.out_dir, **kw)]
+    if lora:
+        cards.append(write_model_card(path, **kw))
+    return cards

@@ -1,15 +1,24 @@
 """LoRA for ARBooth on a tiny random Infinity: what trains, the adapter-disabled teacher, the LoRA
-personalization file (apply, refusal on another base, merge into a full one)."""
+personalization file (apply, refusal on another base, merge into a full one); the peft adapter folder
+(`PeftModel.from_pretrained` samples what arbooth's loader samples, bit for bit) and the single file
+written before it."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from peft import PeftModel
 
 from arbooth.adapt.personalization import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SUBJECT_FILE,
+    is_personalization,
     load_personalization,
     merge_lora_personalization,
+    save_lora_personalization,
     save_personalization,
 )
 from arbooth.adapt.selective import CROSS_ATTENTION, FFN, SELF_ATTENTION
@@ -127,3 +136,61 @@ def test_lora_personalization_round_trip_refusal_and_merge(tmp_path):
     assert torch.allclose(logits(merged_model, False), logits(lora_model, False), atol=1e-4)
     with pytest.raises(CheckpointError, match="different base model"):
         load_personalization(out).apply(merged_model)  # already applied
+
+
+def _trained(dropout: float = 0.0):
+    model = tiny_model()
+    tuner = LoRATuner(model, rank=4, alpha=6.0, dropout=dropout)
+    train_steps(model, tuner)
+    token = SubjectToken(2, 128)
+    with torch.no_grad():
+        token.embedding_PC.normal_()
+    return tuner, token
+
+
+def _images(model: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    text, mask = torch.randn(2, 5, 128, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        return model.eval().generate(text, mask, SCHEDULE, cfg=3.0, seed=[0, 1], dtype="fp32").images
+
+
+def test_peft_loads_the_folder_and_samples_what_arbooth_samples(tmp_path):
+    tuner, token = _trained(dropout=0.1)
+    folder = save_lora_personalization(tmp_path / "personalization", tuner.spec, tuner.tuned_state_dict(), token.embedding_PC,
+                                       base_tuned_sha256=tuner.base_tuned_sha256, base_name="tiny-random seed=0",
+                                       metadata={"config": "{}", **tuner.file_metadata()})
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["peft_type"]) == (4, 6.0, 0.1, "LORA")
+    assert cfg["base_model_name_or_path"] == "tiny-random seed=0"
+    ours = load_personalization(folder)
+    assert ours.kind == "lora" and torch.equal(ours.subject_token_PC, token.embedding_PC.detach())
+    by_peft = PeftModel.from_pretrained(tiny_model(), str(folder))
+    by_arbooth = tiny_model()
+    ours.apply(by_arbooth)
+    lora_B = [v for k, v in by_peft.state_dict().items() if "lora_B" in k]
+    assert len(lora_B) == len(tuner.spec.targets) and all(v.abs().sum() > 0 for v in lora_B)  # not a no-op
+    assert torch.equal(_images(by_peft), _images(by_arbooth))
+    assert not torch.equal(_images(by_arbooth), _images(tiny_model()))
+    # the folder, or any file inside it
+    for p in (folder, folder / ADAPTER_WEIGHTS, folder / SUBJECT_FILE, folder / ADAPTER_CONFIG):
+        assert is_personalization(p)
+        assert set(load_personalization(p).tensors) == set(ours.tensors)
+
+
+def test_old_single_file_lora_keeps_loading_and_damage_is_one_line(tmp_path):
+    tuner, token = _trained()
+    old = save_personalization(tmp_path / "old.safetensors", tuner.tuned_state_dict(), token.embedding_PC,
+                               base_tuned_sha256=tuner.base_tuned_sha256,
+                               metadata={"config": "{}", **tuner.file_metadata()})
+    folder = save_lora_personalization(tmp_path / "new", tuner.spec, tuner.tuned_state_dict(), token.embedding_PC,
+                                       base_tuned_sha256=tuner.base_tuned_sha256, base_name="tiny",
+                                       metadata={"config": "{}", **tuner.file_metadata()})
+    a, b = tiny_model(), tiny_model()
+    load_personalization(old).apply(a)
+    load_personalization(folder).apply(b)
+    assert torch.equal(_images(a), _images(b))
+    (folder / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="needs adapter_config.json"):
+        load_personalization(folder)
+    assert not is_personalization(tmp_path)

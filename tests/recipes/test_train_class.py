@@ -84,7 +84,7 @@ def test_saved_result_reloads_with_the_same_logits(method, data_root, tmp_path):
     expected = {"fft": {"transformer.safetensors"},
                 "lora": {"adapter_model.safetensors", "adapter_config.json"},
                 "lntuning": {"adapter_model.safetensors", "adapter_config.json"}}[method]
-    assert {p.name for p in final.iterdir()} == expected | {"arbooth.yaml"}
+    assert {p.name for p in final.iterdir()} == expected | {"arbooth.yaml", "README.md"}  # README: the model card
     model = run.accelerator.unwrap_model(run.model).eval()
     img = torch.rand(2, 3, 8, 8) * 2 - 1
     idx_BL, x_BLCv = encode_batch(run.vae, img)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from arbooth.adapt.personalization import load_personalization
 from arbooth.cli import main as cli
@@ -102,7 +103,7 @@ def test_generate_eval_subject_and_export_take_a_lora_file(lora_run, tmp_path):
 def test_lora_resume_and_teacher_bank(tmp_path):
     out = tmp_path / "run"
     train(toy_config(out, "save_every=1", "teacher.bank_size=3"))
-    first = load_personalization(out / "personalization.safetensors")
+    first = load_personalization(out / "personalization")
     assert first.metadata["base_dtype"] == "float32"
     train(toy_config(out, "steps=3", "resume=true", "teacher.bank_size=3"))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,4 +124,7 @@ def test_train_subject_script_runs_lora_on_the_builtin_default(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LoRA r=16 alpha=32" in r.stderr and (tmp_path / "o" / "grid.png").is_file()
-    assert load_personalization(tmp_path / "o" / "personalization.safetensors").kind == "lora"
+    assert load_personalization(tmp_path / "o" / "personalization").kind == "lora"
+    assert ModelCard.load(tmp_path / "o" / "README.md").data.library_name == "arbooth"
+    card = ModelCard.load(tmp_path / "o" / "personalization" / "README.md")
+    assert "peft" in card.data.tags and "subject_acc" in card.text and (tmp_path / "o" / "personalization" / "grid.png").is_file()
