@@ -22,7 +22,7 @@ in contiguous chunks (each rank writes its own records file), then the scoring p
 merges the parts and writes the reports. The report's metrics do not depend on N.
 
 Layout of `out`:
-    <variant>/<subject>/run/          the train-subject run folder (personalization.safetensors, ...)
+    <variant>/<subject>/run/          the train-subject run folder (its personalization, ...)
     <variant>/<subject>/samples/      the SampleFolder: the prompts' and the class prompt's images
     <variant>/<subject>/scores.json   that subject's per-prompt and mean metrics
     _parts/rank<r>.json               what rank r sampled and how long it took (merged by rank 0)
@@ -43,6 +43,7 @@ from statistics import mean
 import torch
 from PIL import Image
 
+from arbooth.adapt.personalization import SUBJECT_FILE
 from arbooth.bench.plan import TRAIN_RECORD, BenchConfig, BenchPlan, Unit, Variant, make_plan, unit_dir
 from arbooth.bench.report import aggregate, write_reports
 from arbooth.config import load_config, save_config
@@ -58,7 +59,7 @@ from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
 from arbooth.metrics.subject import SubjectEvaluator
 from arbooth.outputs import check_output, refuse_nested, write_text
 from arbooth.recipes.subject_config import SubjectTrainConfig
-from arbooth.recipes.train_subject import train
+from arbooth.recipes.train_subject import FULL_FILE, LORA_DIR, train
 from arbooth.runs import flat_config, values_sha256
 from arbooth.sample_folder import SampleFolder, file_identity
 from arbooth.subject_bases import SUBJECT_PRESETS, load_sampler
@@ -153,8 +154,8 @@ def train_unit(plan: BenchPlan, unit: Unit, *, child: bool) -> dict:
     run_dir = Path(cfg.out_dir)
     record_path = run_dir / TRAIN_RECORD
     identity = training_identity(cfg)
-    pers = run_dir / "personalization.safetensors"
-    if record_path.is_file() and pers.is_file():
+    pers = personalization_path(plan, unit)
+    if record_path.is_file() and pers.exists():
         record = json.loads(record_path.read_text())
         if record.get("identity") == identity:
             log.info("%s/%s: trained already (%s)", unit.variant.name, unit.subject.name, pers)
@@ -172,7 +173,7 @@ def train_unit(plan: BenchPlan, unit: Unit, *, child: bool) -> dict:
     else:
         _train_here(cfg)
     record = {"identity": identity, "train_s": time.perf_counter() - t0, "resumed": resume,
-              "personalization": str(pers)}
+              "personalization": str(personalization_path(plan, unit))}
     write_text(record_path, json.dumps(record, indent=1) + "\n")
     return record
 
@@ -207,12 +208,18 @@ def _train_in_child(cfg: SubjectTrainConfig, config_path: Path) -> None:
 # ----------------------------------------------------------------------------- sampling
 
 
+def personalization_path(plan: BenchPlan, unit: Unit) -> Path:
+    """The unit's personalization as the recipe writes it: one file (full) or a peft adapter folder (lora)."""
+    run = unit_dir(plan, unit) / "run"
+    return run / LORA_DIR if (run / LORA_DIR).is_dir() else run / FULL_FILE
+
+
 def _placeholder(path: Path) -> str:
-    """The placeholder a personalization file was trained with (its metadata; no tensors read)."""
+    """The placeholder a personalization was trained with (its metadata; no tensors read)."""
     from safetensors import safe_open
 
     from arbooth.adapt.subject_token import PLACEHOLDER
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path / SUBJECT_FILE if path.is_dir() else path), framework="pt") as f:
         return (f.metadata() or {}).get("placeholder", PLACEHOLDER)
 
 
@@ -224,7 +231,7 @@ def sample_keys(plan: BenchPlan, unit: Unit) -> list[tuple[str, int, str]]:
     """(key prompt, seed, text) of every image of a unit: each template's images_per_prompt, then the
     class prompt's pres_samples (its key prompt is its text: it has no `{}`)."""
     s, seed = unit.subject, plan.options.seed
-    phrase = f"{_placeholder(unit_dir(plan, unit) / 'run' / 'personalization.safetensors')} {s.class_noun}"
+    phrase = f"{_placeholder(personalization_path(plan, unit))} {s.class_noun}"
     keys = [(t, seed + i, t.replace("{}", phrase)) for t in s.templates for i in range(plan.images_per_prompt)]
     cls_text = plan.class_prompt.replace("{}", s.class_noun)
     return keys + [(cls_text, seed + i, cls_text) for i in range(plan.pres_samples)]
@@ -233,7 +240,7 @@ def sample_keys(plan: BenchPlan, unit: Unit) -> list[tuple[str, int, str]]:
 def sample_identity(plan: BenchPlan, unit: Unit, device: torch.device) -> dict:
     """What makes a unit's images: the personalization's bytes, the subject phrase's placeholder, every
     sampling setting (None: the run's validation guidance / temperature) and the seed rule."""
-    pers = unit_dir(plan, unit) / "run" / "personalization.safetensors"
+    pers = personalization_path(plan, unit)
     return {"personalization": file_identity(pers), "placeholder": _placeholder(pers), "class_noun":
             unit.subject.class_noun, **plan.sampling, "dtype": _dtype(device), "seeds": "image i of a prompt: seed + i"}
 
@@ -265,7 +272,7 @@ def sample_units(plan: BenchPlan, ranks: Ranks, device: torch.device) -> dict:
             if not keys:
                 continue
             if sampler is None:
-                sampler = load_sampler(unit_dir(plan, unit) / "run" / "personalization.safetensors", device=device)
+                sampler = load_sampler(personalization_path(plan, unit), device=device)
             t0 = time.perf_counter()
             images = sampler.generate([t for _, _, t in keys], seed=[s for _, s, _ in keys], cfg=plan.sampling["cfg"],
                                       tau=plan.sampling["tau"], top_k=plan.sampling["top_k"],
