@@ -319,14 +319,17 @@ def _unit_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     return torch.stack([pil_to_tensor_m11(center_crop_resize(im, size)) for im in images]).add(1).div(2)
 
 
-def score_unit(plan: BenchPlan, unit: Unit, ev: SubjectEvaluator, oracle) -> dict:
+def score_unit(plan: BenchPlan, unit: Unit, ev: SubjectEvaluator, oracle, photo_features: dict | None = None) -> dict:
     """Per-prompt metrics (the protocol's, and the toy oracle's for a toy subject), the subject's means
     over prompts and the class prompt's PRES; written to <unit>/scores.json. Raises ArboothError when an
     image of the unit is missing."""
     s, seed, n = unit.subject, plan.options.seed, plan.images_per_prompt
     folder = SampleFolder.open(unit_dir(plan, unit) / "samples")
     photos = read_image_folder(s.folder).images
-    subj_dino, subj_clip = ev.dino_features(photos), ev.clip_features(photos)
+    cache = {} if photo_features is None else photo_features  # the photos' features, shared by the variants
+    if s.name not in cache:
+        cache[s.name] = (ev.dino_features(photos), ev.clip_features(photos))
+    subj_dino, subj_clip = cache[s.name]
     rows = []
     for t in s.templates:
         recs = folder.records([(t, seed + i) for i in range(n)])
@@ -394,8 +397,9 @@ def run_bench(opts: BenchConfig) -> dict | None:
     if mine:
         ev, note = build_evaluator(plan, device)
         oracle = ToyOracle() if any(u.subject.attributes for u in mine) else None
+        photo_features: dict = {}
         for unit in mine:
-            score_unit(plan, unit, ev, oracle)
+            score_unit(plan, unit, ev, oracle, photo_features)
     write_text(out / "_parts" / f"rank{ranks.rank}.json", json.dumps({"sampling": timing, "extractors_note": note}) + "\n")
     ranks.barrier()
     report = None
