@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -70,16 +70,41 @@ def state_dict_mismatch(
     return "\n".join(lines)
 
 
+def safetensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                       ) -> tuple[Callable[[str], object], int]:
+    """(write(tmp_path), bytes of tensor data) for `atomic_write` / `atomic_write_many`."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return (lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {}))), tensor_bytes(flat)
+
+
+def torch_writer(obj: object) -> tuple[Callable[[str], object], int]:
+    """(write(tmp_path), bytes of its tensors) of `torch.save(obj)`."""
+    return (lambda tmp: torch.save(obj, tmp)), tensor_bytes(obj)
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors in a (nested) dict/list/tuple: about what saving it needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> None:
     """Atomically save tensors (made contiguous, detached, on the CPU) as safetensors."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+    write, size = safetensors_writer(tensors, metadata)
+    atomic_write(path, write, size=size)
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:
-    """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """Atomically `torch.save` an object (training state: optimizer, scheduler, RNG); a failed write
+    (a full disk) is one OutputError line (arbooth/outputs.py)."""
+    write, size = torch_writer(obj)
+    atomic_write(path, write, size=size)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -117,3 +142,17 @@ def commit_dir(partial: str | os.PathLike, folder: str | os.PathLike) -> None:
         shutil.rmtree(folder)
     Path(partial).rename(folder)
 
+
+
+def commit_staged(stage: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move every entry of the finished staging folder `stage` (from `partial_dir`) into `out`, replacing
+    entries of the same name, then remove `stage`. Renames need no space, so once the files that belong
+    together are all written a full disk cannot leave some of them new and some old."""
+    stage, out = Path(stage), Path(out)
+    for entry in sorted(stage.iterdir()):
+        target = out / entry.name
+        if entry.is_dir():
+            commit_dir(entry, target)
+        else:
+            os.replace(entry, target)
+    stage.rmdir()

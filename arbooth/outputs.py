@@ -7,7 +7,9 @@
 - `refuse_inputs(outputs, inputs)` / `refuse_nested(out_dir, in_dir)` / `distinct_outputs(paths)`: an
   output may never be (or overwrite) one of the command's inputs, nor another output of the same run.
 - `atomic_write(path, write)`: temp file in the same folder + `os.replace`, so a crash or a full disk
-  never leaves half a file; an `OSError` becomes one `OutputError` line naming the file.
+  never leaves half a file; an I/O failure becomes one `OutputError` line naming the folder, the free
+  space and the space needed. `atomic_write_many` writes files that belong together: all or none.
+  Every file gets the mode the umask gives a new file (also safetensors, whose writer leaves 0600).
   `save_image` and `write_text` are the two common cases.
 
 Errors: `OutputError` (an `ArboothError`: the CLI prints one line and exits with code 2).
@@ -113,26 +115,78 @@ def distinct_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+# torch.save and safetensors report a failed write (full disk, file size limit) as RuntimeError /
+# SafetensorError with these words in the text, not as OSError (torch: "[enforce fail at
+# inline_container.cc:672] . unexpected pos"; safetensors: "I/O error: No space left on device").
+_WRITE_FAILURES = ("unexpected pos", "I/O error", "iostream error", "No space left", "file write failed",
+                   "File too large")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _write_failure(e: BaseException, paths: list[Path], need: int | None) -> OutputError | None:
+    """One OutputError line for a failed write of `paths` (None when `e` is not an I/O failure): the
+    folder, the reason, the free space there and, when known, about how much the files need."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if not isinstance(e, OSError) and not any(w in text for w in _WRITE_FAILURES):
+        return None
+    folder = paths[0].parent
+    try:
+        free = _mb(shutil.disk_usage(_nearest_existing(folder)).free) + " free"
+    except OSError:
+        free = "free space unknown"
+    needed = f", about {_mb(need)} needed" if need else ""
+    names = str(paths[0]) if len(paths) == 1 else ", ".join(p.name for p in paths) + f" in {folder}"
+    reason = text.splitlines()[0] if text else type(e).__name__
+    if "unexpected pos" in reason or "enforce fail" in reason:
+        reason = "the write stopped short (disk full?)"
+    return OutputError(f"cannot write {names}: {reason} ({free} in {folder}{needed}); nothing there was "
+                       "changed")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, size: int | None = None) -> Path:
     """Call `write(tmp_path)` on a temporary file next to `path`, then rename it onto `path`.
 
     Creates missing parent folders. On any error the temporary file is removed and `path` is left as
-    it was; an OSError (full disk, permissions, a file in the way) becomes a one-line OutputError."""
-    path = Path(path)
-    tmp = None
+    it was; an I/O failure (full disk, permissions, a file in the way, torch's or safetensors' failed
+    write) becomes a one-line OutputError naming the folder, the free space and `size` (bytes, about what
+    the file needs) when given. The file's mode follows the umask like any other (`write` may replace the
+    temporary file: safetensors' `save_file` leaves mode 0600)."""
+    return atomic_write_many([(path, write)], size=size)[0]
+
+
+def atomic_write_many(items: Iterable[tuple[str | os.PathLike, Callable[[str], object]]], *,
+                      size: int | None = None) -> list[Path]:
+    """Write files that belong together (a personalization and its training state): every file is first
+    written to a temporary file beside it, and only when all are complete are they renamed into place, so
+    a failed write (a full disk) leaves all of them as they were. Errors as `atomic_write`."""
+    items = [(Path(p), w) for p, w in items]
+    tmps: list[str] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # os.open with mode 0o666 (not mkstemp's 0o600), so the file gets the usual umask permissions
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            for path, write in items:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+                # os.open with mode 0o666 (not mkstemp's 0o600): the umask decides, as for any new file
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                tmps.append(tmp)
+                mode = os.stat(tmp).st_mode & 0o777
+                write(tmp)
+                os.chmod(tmp, mode)  # the writer may have replaced the file with its own mode
+            for (path, _), tmp in zip(items, tmps, strict=True):
+                os.replace(tmp, path)
+        except Exception as e:  # only I/O failures are converted (_write_failure), the rest re-raised
+            err = _write_failure(e, [p for p, _ in items], size)
+            if err is None:
+                raise
+            raise err from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [p for p, _ in items]
 
 
 def image_format(path: str | os.PathLike) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from arbooth.errors import ConfigError
+from arbooth.runs import truncate_jsonl
 
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 JSONL_FILE = "metrics.jsonl"
@@ -54,12 +55,20 @@ def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool 
     return out
 
 
-def open_trackers(accelerator, project: str, config: Mapping[str, Any], out_dir: str | Path) -> None:
-    """Start the accelerator's trackers (those of its `log_with`) with `config` as hyper-parameters."""
+def open_trackers(accelerator, project: str, config: Mapping[str, Any], out_dir: str | Path, *,
+                  resume_step: int = 0) -> None:
+    """Start the accelerator's trackers (those of its `log_with`) with `config` as hyper-parameters.
+    `resume_step` > 0 (a resumed run): the rows logged after that step by an earlier session are dropped,
+    since the steps are logged again (metrics.jsonl cut back with `runs.truncate_jsonl`, TensorBoard's
+    events after it purged with `purge_step`), so every step appears once."""
+    if resume_step and accelerator.is_main_process:
+        truncate_jsonl(Path(out_dir) / JSONL_FILE, resume_step)
     if not accelerator.log_with:
         return
-    kwargs = {"wandb": {"dir": str(out_dir)}} if any(getattr(t, "value", t) == "wandb"
-                                                     for t in accelerator.log_with) else {}
+    names = [getattr(t, "value", t) for t in accelerator.log_with]
+    kwargs: dict[str, dict] = {"wandb": {"dir": str(out_dir)}} if "wandb" in names else {}
+    if resume_step and "tensorboard" in names:
+        kwargs["tensorboard"] = {"purge_step": resume_step + 1}
     accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=kwargs)
 
 

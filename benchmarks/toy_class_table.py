@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from arbooth.commands.profile import profile_step
-from arbooth.recipes.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
+from arbooth.jobs.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
 from arbooth.toy.class_eval import ToyClassEvaluator
 from arbooth.toy.class_var import load_toy_extractor
 

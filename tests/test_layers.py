@@ -33,6 +33,8 @@ def test_no_upward_or_sideways_imports():
     ("commands/generate.py", "from arbooth.recipes import train_subject", True),  # inference -> training loop
     ("commands/generate.py", "from arbooth import subject_bases", False),         # inference -> library
     ("commands/train_subject.py", "from arbooth.recipes import train_subject", False),  # a training command
+    ("jobs/toy_class.py", "from arbooth.recipes import train_class", False),    # a job runs a recipe
+    ("recipes/train_class.py", "from arbooth.jobs import toy_class", True),     # a recipe never runs a job
 ])
 def test_contract_catches_a_bad_import(tmp_path, module, imports, broken):
     """The same contract on a stand-in package: it fails exactly for the imports the layers forbid."""
@@ -41,11 +43,12 @@ def test_contract_catches_a_bad_import(tmp_path, module, imports, broken):
                 "model_card", "tracking", "progress", "subject_bases"):
         (pkg / f"{sub}.py").parent.mkdir(parents=True, exist_ok=True)
         (pkg / f"{sub}.py").write_text("")
-    for sub in ("commands", "bench", "recipes", "toy", "adapt", "privacy", "metrics", "models", "data"):
+    for sub in ("commands", "jobs", "bench", "recipes", "toy", "adapt", "privacy", "metrics", "models", "data"):
         (pkg / sub).mkdir()
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "adapt" / "methods.py").write_text("")
+    (pkg / "jobs" / "toy_class.py").write_text("")
     for name in ("train_class", "train_class_dp", "train_subject"):
         (pkg / "recipes" / f"{name}.py").write_text("")
     for name in ("sample", "generate", "export", "profile", "eval_subject", "eval_class", "pretrain_toy",
@@ -70,3 +73,11 @@ def test_every_command_is_under_the_training_loop_contract():
         if path.stem == "__init__" or path.stem in training:
             continue
         assert f"arbooth.commands.{path.stem}" in sources, f"{path.name}: add it to the forbidden contract"
+
+
+def test_recipes_hold_only_training_loops_and_their_configs():
+    """arbooth/recipes/ is one explicit loop per file (train_*.py) and its config (*_config.py); a job that
+    runs a loop and then evaluates (the class main job) lives in arbooth/jobs/."""
+    names = sorted(p.name for p in (ROOT / "arbooth" / "recipes").glob("*.py") if p.name != "__init__.py")
+    others = [n for n in names if not (n.startswith("train_") or n.endswith("_config.py"))]
+    assert not others, f"not a training loop or its config: {others}"

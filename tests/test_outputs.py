@@ -106,3 +106,61 @@ def test_save_image_format_from_extension(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert (tmp_path / "a" / "x.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def _umask(mask: int):
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        old = os.umask(mask)
+        try:
+            yield
+        finally:
+            os.umask(old)
+    return cm()
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o022, 0o077])
+def test_every_writer_gives_the_umask_mode_also_safetensors(tmp_path, mask):
+    """Issue 28 kind 8: safetensors' save_file replaces the temporary file with a 0600 one."""
+    import torch
+
+    from arbooth.checkpoint import save_safetensors, save_torch
+    from arbooth.outputs import save_image, write_text
+
+    with _umask(mask):
+        save_safetensors({"a": torch.zeros(3)}, tmp_path / "w.safetensors")
+        save_torch({"a": torch.zeros(3)}, tmp_path / "s.pt")
+        write_text(tmp_path / "t.yaml", "x: 1\n")
+        save_image(Image.new("RGB", (2, 2)), tmp_path / "i.png")
+        reference = tmp_path / "plain"
+        reference.write_text("")  # what any program's new file gets
+    want = reference.stat().st_mode & 0o777
+    assert want == 0o666 & ~mask
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
+        {p.name: oct(want) for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("message", ["[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534",
+                                     "basic_ios::clear: iostream error",
+                                     "Error while serializing: I/O error: No space left on device (os error 28)"])
+def test_a_failed_write_of_files_that_belong_together_is_one_line_and_changes_none(tmp_path, message):
+    """Issue 28 kind 9: torch.save and safetensors report a full disk as RuntimeError/SafetensorError."""
+    from arbooth.outputs import atomic_write_many
+
+    (tmp_path / "a.bin").write_text("old a")
+    (tmp_path / "b.bin").write_text("old b")
+
+    def fails(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise RuntimeError(message)
+    with pytest.raises(OutputError) as e:
+        atomic_write_many([(tmp_path / "a.bin", lambda t: Path(t).write_text("new a")),
+                           (tmp_path / "b.bin", fails)], size=3 * 2**20)
+    text = str(e.value)
+    assert "\n" not in text and f"in {tmp_path}" in text and "MB free" in text and "3.0 MB needed" in text
+    assert (tmp_path / "a.bin").read_text() == "old a" and (tmp_path / "b.bin").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary file left
+    with pytest.raises(ValueError, match="not an I/O"):  # any other error is not disguised
+        atomic_write_many([(tmp_path / "c.bin", lambda t: (_ for _ in ()).throw(ValueError("not an I/O")))])

@@ -95,7 +95,7 @@ def build_vae_var(model_cfg, *, device: str | torch.device = "cpu") -> tuple[nn.
                     ch_mult=tuple(m.vae_ch_mult), num_res_blocks=m.vae_num_res_blocks)
         var = VAR(vae, num_classes=m.num_classes, depth=m.depth, embed_dim=m.width, num_heads=m.heads,
                   mlp_ratio=m.mlp_ratio, norm_eps=1e-6, shared_aln=m.shared_aln, attn_l2_norm=True,
-                  patch_nums=tuple(m.patch_nums))
+                  patch_nums=tuple(m.patch_nums), gradient_checkpointing=m.gradient_checkpointing)
     if load:
         var = load_official_weights(var, vae_ckpt=m.vae_ckpt, var_ckpt=m.var_ckpt, device=device)
     return var.vae, var
@@ -105,8 +105,8 @@ def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: in
                    ) -> tuple[nn.Module, nn.Module, dict[str, str]]:
     """The training start of both class recipes: (tokenizer, transformer prepared for `method_cfg`, the
     base weights' `base_hashes`) on the CPU. Seeds the global RNG with `seed` first, so random-weight runs
-    and LoRA's A matrices start the same on every rank; switches on gradient checkpointing when
-    `model_cfg` asks for it."""
+    and LoRA's A matrices start the same on every rank; gradient checkpointing as `model_cfg` says
+    (`build_vae_var` passes it to VAR's constructor)."""
     from arbooth.adapt.methods import prepare_for_method
 
     torch.manual_seed(seed)
@@ -114,8 +114,6 @@ def build_prepared(model_cfg: ModelConfig, method_cfg: MethodConfig, *, seed: in
     base = base_hashes(vae, var)
     model = prepare_for_method(var, method_cfg.name, lora_rank=method_cfg.lora_rank, lora_alpha=method_cfg.alpha,
                                lora_dropout=method_cfg.lora_dropout)
-    if model_cfg.gradient_checkpointing:
-        unwrap_peft(model).gradient_checkpointing = True
     return vae, model, base
 
 

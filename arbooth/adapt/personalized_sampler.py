@@ -37,14 +37,15 @@ class PersonalizedSampler:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int | list[int] = 0, cfg: float | list[float] | None = None,
                  tau: float | list[float] | None = None, top_k: int = 900, top_p: float = 0.97,
-                 dtype: str = "bf16") -> torch.Tensor:
+                 dtype: str = "bf16", use_cache: bool = True, next_scale_mode: str = "trilinear") -> torch.Tensor:
         """(B, 3, H, W) in [0, 1]; guidance and temperature default to the run's validation settings.
-        A list of seeds (one per prompt) samples every image from its own seed."""
+        A list of seeds (one per prompt) samples every image from its own seed. `use_cache` and
+        `next_scale_mode` as `Infinity.generate`."""
         text_BTC, mask_BT = self.personalization.encode(self.tokenizer, self.encoder, prompts,
                                                         max_length=self.model.text_maxlen, device=self.device)
         out = self.model.generate(text_BTC, mask_BT, self.schedule, cfg=self.guidance if cfg is None else cfg,
                                   tau=self.tau if tau is None else tau, top_k=top_k, top_p=top_p,
-                                  seed=seed, dtype=dtype)
+                                  seed=seed, dtype=dtype, use_cache=use_cache, next_scale_mode=next_scale_mode)
         return out.images
 
     def images(self, prompt: str, seeds: list[int]) -> list[Image.Image]:

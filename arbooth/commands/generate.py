@@ -73,26 +73,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=900, help="keep the k most likely tokens (>= 0; 0 = off)")
     p.add_argument("--top-p", type=float, default=0.97, help="nucleus mass in [0, 1] (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k, whatever the batch size")
-    p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio (nearest template is used)")
-    p.add_argument("--pn", default="1M", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget")
+    p.add_argument("--h-div-w", type=float, default=None,
+                   help="aspect ratio > 0 (nearest template is used); default 1; not with --personalization")
+    p.add_argument("--pn", default=None, choices=["0.06M", "0.25M", "0.60M", "1M"],
+                   help="pixel budget; default 1M; not with --personalization (its training resolution is used)")
     p.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on the GPU")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every scale (slow reference)")
-    p.add_argument("--lvl-embed-every-chunk", action="store_true", help="ARBooth fork behaviour")
+    p.add_argument("--lvl-embed-every-chunk", action="store_true",
+                   help="ARBooth fork behaviour; not with --personalization (its base is rebuilt as trained)")
     p.add_argument("--next-scale-mode", default="trilinear", choices=["trilinear", "area"],
-                   help="next-scale interpolation ('area': ARBooth fork)")
-    p.add_argument("--model-kwargs", type=_json_dict, default={},
-                   help="Infinity constructor overrides (JSON), on top of the sizes the VAE file selects")
-    p.add_argument("--vae-kwargs", type=_json_dict, default={},
+                   help="next-scale interpolation ('area': ARBooth fork); also with --personalization")
+    p.add_argument("--model-kwargs", type=_json_dict, default=None,
+                   help="Infinity constructor overrides (JSON), on top of the sizes the VAE file selects; "
+                        "not with --personalization")
+    p.add_argument("--vae-kwargs", type=_json_dict, default=None,
                    help="BSQVAE constructor arguments (JSON) for other tokenizers, e.g. "
                         '\'{"codebook_dim": 14, "ch_mult": [1, 2, 4, 4], "patch_size": 8, "spatial_patchify": true}\'; '
-                        "given, the sizes start from the 2B defaults")
+                        "given, the sizes start from the 2B defaults; not with --personalization")
+
+
+# Options that a personalization file decides (its base model, as trained, and its resolution): given with
+# --personalization they would do nothing, so they are refused.
+_FIXED_BY_PERSONALIZATION = {"h_div_w": "--h-div-w", "pn": "--pn", "model_kwargs": "--model-kwargs",
+                             "vae_kwargs": "--vae-kwargs", "lvl_embed_every_chunk": "--lvl-embed-every-chunk"}
+PLACEHOLDER = "<S*>"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every option and prompt checked before any work, each failure one ConfigError line: counts and the
+    aspect ratio in range, no option that the mode ignores, and no `<S*>` without a personalization."""
+    if args.n < 1 or args.batch_size < 1:
+        raise ConfigError("--n and --batch-size must be at least 1")
+    if args.h_div_w is not None and not (args.h_div_w > 0 and math.isfinite(args.h_div_w)):
+        raise ConfigError(f"--h-div-w must be a finite number > 0, got {args.h_div_w}")
+    if args.personalization is not None:
+        given = [flag for key, flag in _FIXED_BY_PERSONALIZATION.items() if getattr(args, key) not in (None, False)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be used with --personalization: the file decides the base "
+                              "model and the resolution it was trained at; drop the option(s)")
+    else:
+        for i, prompt in enumerate(args.prompt, 1):
+            if PLACEHOLDER in prompt:
+                raise ConfigError(f"prompt {i} names {PLACEHOLDER}, but no --personalization is given (the base "
+                                  f"model has no subject token): {prompt!r}")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.batch_size < 1:
-        raise ConfigError("--n and --batch-size must be at least 1")
+    check_args(args)
     check_output(args.out)  # before any model loads
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must end in .png, got {args.out}")
@@ -107,49 +136,53 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.personalization is not None:
         return _generate_personalized(args, device)
-    from tqdm import tqdm
-
     from arbooth.models import T5TextEncoder, infinity_scale_schedule, load_infinity
 
     if not (args.model_ckpt and args.vae_ckpt):
         raise ConfigError("pass --model-ckpt and --vae-ckpt (or --personalization)")
     cfg, tau = (4.0 if args.cfg is None else args.cfg), (0.5 if args.tau is None else args.tau)
-    model_kwargs = {"lvl_embed_every_chunk": args.lvl_embed_every_chunk, **args.model_kwargs}
-    model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs,
+    model_kwargs = {"lvl_embed_every_chunk": args.lvl_embed_every_chunk, **(args.model_kwargs or {})}
+    model = load_infinity(args.model_ckpt, args.vae_ckpt, device=device, vae_kwargs=args.vae_kwargs or {},
                           model_kwargs=model_kwargs)
     t5 = T5TextEncoder(args.t5 or "google/flan-t5-xl", dtype="fp32" if device.type == "cpu" else "fp16", device=device)
     if t5.dim != model.text_channels:
         raise ConfigError(f"T5 width {t5.dim} does not match the model's text_channels {model.text_channels}")
-    schedule = infinity_scale_schedule(args.h_div_w, args.pn)
-    prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = []
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
-        batch = prompts[i: i + args.batch_size]
+    schedule = infinity_scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, args.pn or "1M")
+
+    def sample(batch: list[str], seeds: list[int]) -> torch.Tensor:
         text, mask = t5(batch)
-        out = model.generate(text, mask, schedule, cfg=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p,
-                             seed=_seeds(args.seed, i, len(batch)), use_cache=not args.no_cache,
-                             next_scale_mode=args.next_scale_mode, dtype=args.dtype)
-        images.append(out.images.cpu())
-    _write(torch.cat(images), args.out)
+        return model.generate(text, mask, schedule, cfg=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p,
+                              seed=seeds, use_cache=not args.no_cache, next_scale_mode=args.next_scale_mode,
+                              dtype=args.dtype).images
+    _write(_sample_all(args, sample), args.out)
     return 0
 
 
 def _generate_personalized(args: argparse.Namespace, device: torch.device) -> int:
-    import torch
-    from tqdm import tqdm
-
     from arbooth.subject_bases import load_sampler
 
     sampler = load_sampler(args.personalization, model_ckpt=args.model_ckpt, vae_ckpt=args.vae_ckpt, t5=args.t5,
                            device=device)
+
+    def sample(batch: list[str], seeds: list[int]) -> torch.Tensor:
+        return sampler.generate(batch, seed=seeds, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+                                dtype=args.dtype, use_cache=not args.no_cache, next_scale_mode=args.next_scale_mode)
+    _write(_sample_all(args, sample), args.out)
+    return 0
+
+
+def _sample_all(args: argparse.Namespace, sample) -> torch.Tensor:
+    """Every image (prompts in order, --n each) in batches of --batch-size; image k from seed + k.
+    `sample(prompts, seeds)` -> (B, 3, H, W) in [0, 1]."""
+    import torch
+    from tqdm import tqdm
+
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
         batch = prompts[i: i + args.batch_size]
-        images.append(sampler.generate(batch, seed=_seeds(args.seed, i, len(batch)), cfg=args.cfg, tau=args.tau,
-                                       top_k=args.top_k, top_p=args.top_p, dtype=args.dtype).cpu())
-    _write(torch.cat(images), args.out)
-    return 0
+        images.append(sample(batch, _seeds(args.seed, i, len(batch))).cpu())
+    return torch.cat(images)
 
 
 def _seeds(seed: int, start: int, n: int) -> list[int]:

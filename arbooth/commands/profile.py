@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def profile_step(cfg, method: str, *, device: str = "fake", timed_steps: int = 3) -> dict[str, float | None]:
-    """FLOPs of one micro-step (batch `train.batch_size`) of `method`; time and peak memory on CUDA."""
+    """FLOPs of one micro-step (batch `train.batch_size`) of `method`; time and peak memory on CUDA. The
+    model is built as the recipe builds it (`build_vae_var`), `model.gradient_checkpointing` included:
+    a checkpointed step counts the blocks' forward again in backward."""
     from arbooth.adapt.finetuned import build_vae_var
     from arbooth.adapt.methods import prepare_for_method
 
@@ -61,7 +63,6 @@ def _profile_step(cfg, model, var, device: str, timed_steps: int) -> dict[str, f
     from arbooth.precision import autocast
 
     model.train()
-    var.grad_checkpointing = cfg.model.gradient_checkpointing
     B, dev = cfg.train.batch_size, torch.device(device)
     labels_B = torch.randint(0, var.num_classes, (B,), device=dev)
     x_BLCv = torch.randn(B, var.L - var.first_l, var.Cvae, device=dev)

@@ -28,7 +28,8 @@ DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the official VAR demo'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, default=16, choices=(16, 20, 24, 30), help="released VAR size")
+    parser.add_argument("--depth", type=int, default=None, choices=(16, 20, 24, 30),
+                        help="released VAR size (default 16); not with --result or --tiny, which decide it")
     parser.add_argument("--vae-ckpt", help="official vae_ch160v4096z32.pth (or .safetensors)")
     parser.add_argument("--var-ckpt", help="official var_d{depth}.pth (or .safetensors)")
     parser.add_argument("--result", help="a train-class result folder (final/ or checkpoints/step_*); "
@@ -64,6 +65,14 @@ def single_names(labels: list[int]) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     if args.per_class < 1 or args.batch_size < 1:
         raise ConfigError("--per-class and --batch-size must be at least 1")
+    # an option the chosen model ignores is refused, never silently dropped
+    if args.tiny and (args.result or args.vae_ckpt or args.var_ckpt):
+        raise ConfigError("--tiny builds a random model: it cannot be used with --result, --vae-ckpt or --var-ckpt")
+    if args.depth is not None and (args.result or args.tiny):
+        raise ConfigError(f"--depth cannot be used with {'--result' if args.result else '--tiny'}, which decides "
+                          "the model's size")
+    if args.classes and min(args.classes) < 0:
+        raise ConfigError(f"--classes must be >= 0, got {min(args.classes)}")
     # outputs before any model loads: a bad path costs nothing
     check_output(args.out, what="grid")
     image_format(args.out)
@@ -94,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     elif not (args.vae_ckpt and args.var_ckpt):
         raise ConfigError("pass --vae-ckpt and --var-ckpt (the official release files), or --tiny")
     else:
-        var = load_var(depth=args.depth, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt, device=args.device)
+        var = load_var(depth=args.depth or 16, vae_ckpt=args.vae_ckpt, var_ckpt=args.var_ckpt, device=args.device)
     classes = args.classes or (list(range(min(4, var.num_classes))) if args.tiny or args.result
                                else list(DEMO_CLASSES))
     bad = [c for c in classes if not 0 <= c < var.num_classes]

@@ -1,6 +1,6 @@
 """Fine-tune a released VAR on a class-labelled image dataset (FFT, LoRA or LNTuning).
 
-With no --config, --data or --manifest it runs the built-in main job (arbooth/recipes/toy_class.py):
+With no --config, --data or --manifest it runs the built-in main job (arbooth/jobs/toy_class.py):
 LoRA on the shipped tiny VAR over a downstream toy dataset it never saw, FID before and after with the
 toy extractor, runs/toy_class/metrics.json and runs/toy_class/grid.png (a few minutes on 2 CPU cores).
 
@@ -109,7 +109,7 @@ def _toy_main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from arbooth.recipes.toy_class import DEFAULT_OUT, run_default
+    from arbooth.jobs.toy_class import DEFAULT_OUT, run_default
 
     if args.resume or args.vae_ckpt or args.var_ckpt:
         raise ConfigError("the built-in toy job takes no --resume / --vae-ckpt / --var-ckpt; pass --config and "

@@ -212,6 +212,14 @@ def collate_class_batch(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Te
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.long)
 
 
+def augmentation_seed(seed: int, epoch: int, position: int, view: int | None = None) -> int:
+    """The seed of the crop/flip of the example at `position` of epoch `epoch`'s order (a function of the
+    run's seed only, so resumes and worker counts see the same views); with `view`, the seed of that
+    example's view-th augmented copy (DP augmentation multiplicity, arbooth/recipes/train_class_dp.py)."""
+    s = (seed * 1_000_003 + epoch) * 2_147_483 + position
+    return s if view is None else s * 1_009 + view
+
+
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches for one process of a data-parallel run, resumable at any batch.
 
@@ -243,5 +251,5 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         gb = self.bs * self.world
         for b in range(self.start_batch, len(self)):
             lo = b * gb + self.rank * self.bs
-            yield [(perm[i], (self.seed * 1_000_003 + self.epoch) * 2_147_483 + i) for i in range(lo, lo + self.bs)]
+            yield [(perm[i], augmentation_seed(self.seed, self.epoch, i)) for i in range(lo, lo + self.bs)]
         self.start_batch = 0

@@ -137,6 +137,7 @@ class FrechetDistance:
 
 def _kth_nn_radii(x_ND: torch.Tensor, k: int, batch: int) -> torch.Tensor:
     """Distance of each row to its k-th nearest neighbour in the same set (itself excluded)."""
+    _check_k(k)
     if x_ND.shape[0] <= k:
         raise ArboothError(f"precision/recall with k={k} needs more than {k} samples, got {x_ND.shape[0]}")
     out = []
@@ -146,6 +147,12 @@ def _kth_nn_radii(x_ND: torch.Tensor, k: int, batch: int) -> torch.Tensor:
         # as in the reference code (NVlabs/stylegan2-ada-pytorch metrics/precision_recall.py).
         out.append(d_bN.kthvalue(k + 1, dim=1).values)
     return torch.cat(out)
+
+
+def _check_k(k: int) -> None:
+    """k of the k-NN radii: an integer >= 1 (k = 0 makes every radius 0, a negative k fails in kthvalue)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ArboothError(f"precision/recall needs k >= 1 (the k-th nearest neighbour), got {k!r}")
 
 
 def _coverage(manifold_ND: torch.Tensor, radii_N: torch.Tensor, probes_MD: torch.Tensor, batch: int) -> float:
@@ -159,7 +166,9 @@ def _coverage(manifold_ND: torch.Tensor, radii_N: torch.Tensor, probes_MD: torch
 
 def precision_recall(real_ND: np.ndarray | torch.Tensor, fake_MD: np.ndarray | torch.Tensor, *,
                      k: int = 3, batch: int = 4096) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN radii; float64 distances."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN radii; float64 distances.
+    Raises ArboothError (one line) for k < 1 or a set of k samples or fewer."""
+    _check_k(k)
     real = torch.as_tensor(np.asarray(real_ND) if not isinstance(real_ND, torch.Tensor) else real_ND).double()
     fake = torch.as_tensor(np.asarray(fake_MD) if not isinstance(fake_MD, torch.Tensor) else fake_MD).double()
     precision = _coverage(real, _kth_nn_radii(real, k, batch), fake, batch)
@@ -174,6 +183,7 @@ class PrecisionRecall:
     ArboothError when a set has k samples or fewer."""
 
     def __init__(self, k: int = 3) -> None:
+        _check_k(k)
         self.k = k
         self._real: list[torch.Tensor] = []
         self._fake: list[torch.Tensor] = []

@@ -315,7 +315,7 @@ class Infinity(TokenizerHolder):
     and state_dict (the release's state_dict has none of it; optimisers must not see it) and moves with
     the model, as VAR's tokenizer (arbooth/models/tokenizer_holder.py).
     `lvl_embed_every_chunk=True` adds the level embedding before every block chunk, as the ARBooth
-    fork does (official: before the first block only). `gradient_checkpointing` (also an attribute, as
+    fork does (official: before the first block only). `gradient_checkpointing` (a constructor argument, as
     on VAR) recomputes blocks in backward. `forward` is deterministic apart from DropPath: prompt dropout
     for guidance training is decided by the caller (`cond_drop_B`, e.g. from `draw_prompt_drop`).
     """

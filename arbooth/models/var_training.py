@@ -47,6 +47,16 @@ def drop_labels(label_B: torch.Tensor, num_classes: int, p: float, generator: to
     return torch.where(drop_B.to(label_B.device), torch.full_like(label_B, num_classes), label_B)
 
 
+def drop_labels_at(label_B: torch.Tensor, num_classes: int, p: float, *, seed: int, offset: int) -> torch.Tensor:
+    """`drop_labels` for rows offset .. offset + B - 1 of a logical batch: row j's mask is the j-th uniform
+    of a generator seeded with `seed` (a function of the optimizer step), so the masks do not depend on how
+    the logical batch is split into physical or micro batches (a memory knob never changes the result).
+    Draws offset + B numbers: cheap next to a forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    drop_B = (torch.rand(offset + label_B.shape[0], generator=g) < p)[offset:]
+    return torch.where(drop_B.to(label_B.device), torch.full_like(label_B, num_classes), label_B)
+
+
 @torch.no_grad()
 def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -> dict[str, float]:
     """Accuracy (%) over all tokens and over the last scale, and the last scale's loss (as VAR logs)."""
@@ -60,8 +70,8 @@ def token_metrics(logits_BLV: torch.Tensor, idx_BL: torch.Tensor, last_l: int) -
 
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    """Seed of the per-micro-step randomness (class dropout): a function of the position, so resuming
-    needs no generator state."""
+    """Seed of the per-step randomness (class dropout; the recipes pass the optimizer step): a function of
+    the position, so resuming needs no generator state."""
     return (seed * 1_000_003 + micro_step) * 1_009 + rank
 
 

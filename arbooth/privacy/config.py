@@ -27,6 +27,9 @@ class PrivacyConfig:
     clipping: Literal["explicit", "ghost", "book_keeping"] = "book_keeping"
     max_physical_batch_size: int = 8      # examples per forward pass (each K views); logical batch is split
     noise_seed: int | None = None         # seed of the noise generator; None = fresh entropy (never reuse)
+    # delta above 1/N is refused: a mechanism that publishes one random training example outright is
+    # (0, 1/N)-DP, so such a guarantee says nothing. true: accept it anyway (experiments, audits).
+    allow_large_delta: bool = False
 
     def __post_init__(self) -> None:
         for eps in self.epsilons:
@@ -48,6 +51,17 @@ class PrivacyConfig:
     @property
     def is_sweep(self) -> bool:
         return len(self.epsilons) > 1
+
+    def check_delta(self, num_examples: int) -> float:
+        """The delta of a run on `num_examples` (`delta_for`), refused (ConfigError, one line) when it is
+        above 1/N unless `allow_large_delta`. Call it before any weights load."""
+        delta = self.delta_for(num_examples)
+        if delta > 1.0 / num_examples and not self.allow_large_delta:
+            raise ConfigError(f"privacy.delta={delta:g} is above 1/N = 1/{num_examples}: publishing one random "
+                              "training image meets such a guarantee, so it protects nothing; choose "
+                              f"privacy.delta <= {1 / num_examples:.3g} (default 1/N), or pass "
+                              "privacy.allow_large_delta=true to accept it")
+        return delta
 
     def delta_for(self, num_examples: int) -> float:
         """The configured delta, or 1/N (the paper's choice; Opacus' tutorials use the same)."""

@@ -40,7 +40,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from arbooth.errors import ArboothError, ConfigError
-from arbooth.privacy.accountants import calibrate_noise, make_accountant
+from arbooth.privacy.accountants import (
+    calibrate_noise,
+    history_after_step,
+    make_accountant,
+    nonnegative_epsilon,
+)
 from arbooth.privacy.bookkeeping import BookKeepingGradSampleModule
 from arbooth.privacy.views import ViewsGradSampleModule, ViewsGradSampleModuleGhost
 
@@ -78,25 +83,18 @@ class EpsilonMeter:
             if self._last is None or self._last[0] != key:
                 acc = copy.deepcopy(self.accountant)
                 acc.history = list(history)
-                self._last = (key, float(acc.get_epsilon(self.delta)))
+                self._last = (key, nonnegative_epsilon(float(acc.get_epsilon(self.delta))))
             return self._last[1]
         alphas = self.accountant.DEFAULT_ALPHAS
         rdp = sum(n * self._curve(sigma, q, alphas) for sigma, q, n in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.delta)
-        return float(eps)
+        return nonnegative_epsilon(float(eps))
 
     def _curve(self, sigma: float, q: float, alphas: list[float]) -> np.ndarray:
         if (sigma, q) not in self._curves:
             self._curves[(sigma, q)] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
                                                                 orders=alphas)
         return self._curves[(sigma, q)]
-
-
-def _append_step(history: list, sigma: float, q: float) -> list:
-    """The history after one more step, merged as the accountants' `step` does."""
-    if history and history[-1][:2] == (sigma, q):
-        return [*history[:-1], (sigma, q, history[-1][2] + 1)]
-    return [*history, (sigma, q, 1)]
 
 
 @dataclass
@@ -181,7 +179,7 @@ class PrivateTraining:
 def _guarded_accounting_hook(pt: PrivateTraining) -> Callable[[DPOptimizer], None]:
     def hook(optim: DPOptimizer) -> None:
         q = pt.sample_rate * optim.accumulated_iterations  # as Opacus' IAccountant.get_optimizer_hook_fn
-        eps = pt.meter(_append_step(pt.accountant.history, optim.noise_multiplier, q))
+        eps = pt.meter(history_after_step(pt.accountant.history, optim.noise_multiplier, q))
         if eps > pt.target_epsilon:
             raise PrivacyBudgetExceeded(
                 f"step {pt.steps_taken + 1} would spend epsilon {eps:.4g} > target {pt.target_epsilon:g} "

@@ -22,6 +22,14 @@ from arbooth.tracking import trackers
 __all__ = ["ClassTrainConfig", "DataConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig",
            "TrainConfig"]
 
+# Config keys a resume of a class run may change (`runs.check_resume`, recorded in run.json): more or
+# fewer steps (a decaying lr schedule is rebuilt over the new total from the resumed step), checkpoint and
+# log cadence, loader workers, and paths, whose content is checked by the data and base hashes instead.
+# Anything else is refused. The DP recipe derives its set from this one (class_dp_config).
+STEP_BUDGET_KEYS = ("train.max_steps", "train.epochs")
+SAFE_RESUME_KEYS = (*STEP_BUDGET_KEYS, "train.checkpoint_every", "train.keep_checkpoints", "train.out_dir",
+                    "log.", "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None               # image folder root/<class>/*.jpg (or root/<split>/<class>/...)

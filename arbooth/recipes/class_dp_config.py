@@ -16,7 +16,11 @@ import yaml
 from arbooth.config import load_config, parse_overrides
 from arbooth.errors import ConfigError
 from arbooth.privacy.config import PrivacyConfig
-from arbooth.recipes.class_config import ClassTrainConfig
+from arbooth.recipes.class_config import SAFE_RESUME_KEYS, STEP_BUDGET_KEYS, ClassTrainConfig
+
+# A DP resume may change only what does not touch the privacy analysis or the data stream: the non-private
+# safe set without the step budget (sigma was calibrated for the planned steps); no privacy.* key is safe.
+DP_SAFE_RESUME_KEYS = tuple(k for k in SAFE_RESUME_KEYS if k not in STEP_BUDGET_KEYS)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 One explicit loop (STYLE habit 4): `setup` builds the tokenizer, the transformer, the method's trainable
 set, the data and the optimizer; `train_step` is one micro-step; `train` runs the loop with gradient
 accumulation, logging, sample grids and resumable checkpoints. The loss pieces (`encode_batch`,
-`var_loss`, `drop_labels`, `token_metrics`) and the optimizer are small functions in
+`var_loss`, `drop_labels_at`, `token_metrics`) and the optimizer are small functions in
 arbooth/models/var_training.py, shared with the DP recipe, the audit and `arbooth profile`.
 
 Result layout under `train.out_dir` (one run per folder: arbooth/runs.py, README "Run folders"):
@@ -43,31 +43,27 @@ from arbooth.adapt.finetuned import (
     write_result_meta,
 )
 from arbooth.adapt.methods import count_parameters, unwrap_peft
-from arbooth.checkpoint import commit_dir, partial_dir
+from arbooth.checkpoint import commit_dir, partial_dir, save_torch
 from arbooth.config import save_config, to_dict
 from arbooth.data.class_dataset import ClassImageDataset, EpochBatchSampler, collate_class_batch
-from arbooth.errors import CheckpointError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
-    drop_labels,
+    drop_labels_at,
     encode_batch,
     step_seed,
     token_metrics,
     var_loss,
 )
 from arbooth.progress import progress
-from arbooth.recipes.class_config import ClassTrainConfig
+from arbooth.recipes.class_config import SAFE_RESUME_KEYS, ClassTrainConfig
 from arbooth.runs import (
-    ResumeError,
-    RunFolderError,
-    check_resume,
     get_rng_state,
-    latest_checkpoint,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
-    read_run_file,
+    resume_point,
     run_identity,
     set_rng_state,
     start_session,
@@ -88,12 +84,6 @@ log = logging.getLogger(__name__)
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # What this recipe writes into train.out_dir: a folder holding any of these holds a run.
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard", "wandb", "metrics.jsonl")
-# Config keys a resume may change (recorded in run.json): more or fewer steps (a decaying lr schedule is
-# rebuilt over the new total from the resumed step), checkpoint and log cadence, loader workers, and
-# paths, whose content is checked by the data and base hashes instead. Anything else is refused.
-SAFE_RESUME_KEYS = ("train.max_steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.out_dir", "log.", "data.num_workers", "data.root", "data.manifest",
-                    "model.vae_ckpt", "model.var_ckpt")
 
 
 # ------------------------------------------------------------------ setup
@@ -173,8 +163,12 @@ def train_step(run: Run, img_B3HW: torch.Tensor, label_B: torch.Tensor, micro_st
     cfg, acc = run.cfg, run.accelerator
     img_B3HW, label_B = img_B3HW.to(acc.device, non_blocking=True), label_B.to(acc.device, non_blocking=True)
     idx_BL, x_BLCv = encode_batch(run.vae, img_B3HW)
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
-    label_B = drop_labels(label_B, run.num_classes, cfg.optim.class_dropout, g)
+    # masks per sample of the logical batch (seeded by the optimizer step): train.batch_size, the
+    # per-device memory knob, does not change them at a fixed train.global_batch_size
+    step, within = divmod(micro_step, run.grad_accum)
+    label_B = drop_labels_at(label_B, run.num_classes, cfg.optim.class_dropout,
+                             seed=step_seed(cfg.train.seed, step, acc.process_index),
+                             offset=within * cfg.train.batch_size)
     # skip DDP's gradient all-reduce on accumulation micro-steps
     sync = acc.no_sync(run.model) if not update else contextlib.nullcontext()
     with sync:
@@ -200,6 +194,12 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     many optimizer steps (checkpointed), as if interrupted."""
     check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     acc = accelerator or make_accelerator(cfg)
+    # the run holds its folder (one run per folder, also when two start at once); rank 0 takes the lock
+    with hold_run_dir(cfg.train.out_dir, "train-class", enabled=acc.is_main_process):
+        return _train(cfg, acc, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _train(cfg: ClassTrainConfig, acc, *, resume: str | Path | None, overwrite: bool, stop_at: int | None) -> Run:
     out = Path(cfg.train.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
@@ -215,7 +215,8 @@ def train(cfg: ClassTrainConfig, *, resume: str | Path | None = None, overwrite:
     if acc.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    open_trackers(acc, "train-class", to_dict(cfg), out)
+    # a resumed run's log rows after its step are dropped: they are logged again (metrics.jsonl, TensorBoard)
+    open_trackers(acc, "train-class", to_dict(cfg), out, resume_step=step)
     bpe = len(run.sampler)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
     bar = progress(total=run.total_steps, initial=step, desc=f"train-class {cfg.method.name}",
@@ -299,7 +300,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
         partial = partial_dir(folder)
     acc.wait_for_everyone()
     if train_state:
-        torch.save(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
+        save_torch(get_rng_state(), partial / f"rng_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.record["sessions"][-1]["end_step"] = step
@@ -309,7 +310,7 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
                           run={"run_id": run.record["run_id"], "sessions": run.record["sessions"],
                                "unreadable_files": len(run.dataset.unreadable)})
         if train_state:
-            torch.save({"step": step, "micro_step": step * run.grad_accum,
+            save_torch({"step": step, "micro_step": step * run.grad_accum,
                         "world_size": acc.num_processes, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(),
                         "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -322,29 +323,13 @@ def save_checkpoint(run: Run, step: int, folder: Path, *, train_state: bool) -> 
 
 
 def load_checkpoint(run: Run, resume: str | Path) -> int:
-    """Check that a checkpoint continues this run (same config up to SAFE_RESUME_KEYS, same data, same
-    base), then restore weights, optimizer, scheduler and RNG; returns its step. Sets `run.record`."""
-    acc, out = run.accelerator, Path(run.cfg.train.out_dir)
-    current = read_run_file(out)
-    if str(resume) == "auto":
-        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
-        if folder is None:
-            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
-                                 "start a new run there")
-    else:
-        folder = Path(resume)
-    state_path = folder / "train_state.pt"
-    if not state_path.is_file():
-        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    saved = state.get("run", {})
-    if current is not None and saved.get("run_id") != current["run_id"]:
-        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
-                          f"{current['run_id']}; resume into that run's own folder")
-    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
-    if state["world_size"] != acc.num_processes:
-        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
-                              f"same number (now {acc.num_processes}) so the data order stays the same")
+    """Check that a checkpoint continues this run (`runs.resume_point`: same config up to SAFE_RESUME_KEYS,
+    same data, same base), then restore weights, optimizer, scheduler and RNG; returns its step. Sets
+    `run.record`."""
+    acc = run.accelerator
+    point = resume_point(run.cfg.train.out_dir, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
+                         num_processes=acc.num_processes, end_step=run.total_steps)
+    state, folder = point.state, point.folder
     load_result_weights(acc.unwrap_model(run.model), run.cfg.method.name, folder)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -353,11 +338,11 @@ def load_checkpoint(run: Run, resume: str | Path) -> int:
     rng_path = folder / f"rng_rank{acc.process_index}.pt"
     if rng_path.is_file():
         set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
-    run.record = {**saved["record"], "_changes": changes}
+    run.record = point.record
     if acc.is_main_process:
-        log.info("resumed from %s at step %d%s", folder, state["step"],
-                 f" with changes {changes}" if changes else "")
-    return int(state["step"])
+        log.info("resumed from %s at step %d%s", folder, point.step,
+                 f" with changes {point.changes}" if point.changes else "")
+    return point.step
 
 
 def losses(history: Iterable[dict[str, float]]) -> list[float]:

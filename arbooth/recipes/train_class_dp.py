@@ -1,7 +1,7 @@
 """Recipe: differentially private class-conditional fine-tuning of VAR (DP-SGD; FFT, LoRA, LNTuning).
 
 Its own explicit loop (STYLE habit 4), reusing the small pieces the non-private recipe uses
-(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels`, `build_optimizer`,
+(arbooth/models/var_training.py: `encode_batch`, `var_loss`, `drop_labels_at`, `build_optimizer`,
 `build_scheduler`); its config is arbooth/recipes/class_dp_config.py. What differs:
 - the logical batch is a Poisson sample of rate `privacy.sample_rate` (not `train.batch_size` x
   `train.grad_accum`, which are unused here), split into physical batches of
@@ -40,14 +40,14 @@ from torch.utils.data import Dataset
 
 from arbooth.adapt.finetuned import build_prepared, save_result_weights, write_class_card, write_result_meta
 from arbooth.adapt.methods import count_parameters, unwrap_peft
-from arbooth.checkpoint import commit_dir, partial_dir
+from arbooth.checkpoint import commit_dir, partial_dir, save_torch
 from arbooth.config import save_config, to_dict
-from arbooth.data.class_dataset import ClassImageDataset
-from arbooth.errors import CheckpointError, ConfigError
+from arbooth.data.class_dataset import ClassImageDataset, augmentation_seed
+from arbooth.errors import ConfigError
 from arbooth.models.var_training import (
     build_optimizer,
     build_scheduler,
-    drop_labels,
+    drop_labels_at,
     encode_batch,
     step_seed,
     var_loss,
@@ -56,17 +56,15 @@ from arbooth.outputs import write_text
 from arbooth.precision import autocast
 from arbooth.privacy.engine import PrivacyBudgetExceeded, PrivateTraining, make_private
 from arbooth.progress import progress
+from arbooth.recipes.class_dp_config import DP_SAFE_RESUME_KEYS as SAFE_RESUME_KEYS
 from arbooth.recipes.class_dp_config import ClassDPConfig, load_class_config
 from arbooth.runs import (
-    ResumeError,
-    RunFolderError,
-    check_resume,
     get_rng_state,
-    latest_checkpoint,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
     prune_checkpoints,
-    read_run_file,
+    resume_point,
     run_identity,
     set_rng_state,
     start_session,
@@ -86,10 +84,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ClassDPConfig", "DPRun", "load_class_config", "privacy_report", "train"]
 
 RUN_ENTRIES = ("config.yaml", "checkpoints", "final", "samples", "tensorboard", "wandb", "metrics.jsonl")
-# A DP resume may change only what does not touch the privacy analysis or the data stream: no step
-# count (sigma was calibrated for the planned steps) and no privacy.* key.
-SAFE_RESUME_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.out_dir", "log.",
-                    "data.num_workers", "data.root", "data.manifest", "model.vae_ckpt", "model.var_ckpt")
 
 
 class MultiViewDataset(Dataset):
@@ -103,8 +97,7 @@ class MultiViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = ((self.seed * 1_000_003 + self.epoch) * 2_147_483 + i) * 1_009
-        items = [self.base[(i, s + v)] for v in range(self.views)]
+        items = [self.base[(i, augmentation_seed(self.seed, self.epoch, i, v))] for v in range(self.views)]
         return torch.stack([img for img, _ in items]), torch.tensor(items[0][1])
 
 
@@ -130,12 +123,14 @@ class DPRun:
 def setup(cfg: ClassDPConfig, epsilon: float, *, accelerator=None) -> DPRun:
     pc = cfg.privacy
     acc = accelerator or make_dp_accelerator(cfg, cfg.run_dir(epsilon))
-    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
-    if acc.is_main_process:
-        log.info("method %s: %s", cfg.method.name, count_parameters(model))
+    # the data first: delta is checked against N before any weights load
     base = ClassImageDataset.from_config(cfg.data, size=cfg.data.image_size, mid_size=cfg.mid_size,
                                          max_classes=cfg.model.num_classes)
     dataset = MultiViewDataset(base, pc.aug_multiplicity, cfg.train.seed)
+    pc.check_delta(len(dataset))
+    vae, model, base_sha = build_prepared(cfg.model, cfg.method, seed=cfg.train.seed)  # DPDDP also broadcasts rank 0's
+    if acc.is_main_process:
+        log.info("method %s: %s", cfg.method.name, count_parameters(model))
     steps_per_epoch = int(1 / pc.sample_rate)  # Opacus' Poisson sampler: int(1/q) batches per epoch
     total = cfg.train.max_steps or max(1, int(cfg.train.epochs * steps_per_epoch))
     model.to(acc.device)
@@ -170,16 +165,19 @@ def _encode(run: DPRun, img_N3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             torch.zeros(0, var.L - var.first_l, var.Cvae, device=dev))
 
 
-def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, micro_step: int) -> dict[str, float]:
-    """One physical batch: encode the K views of each example, forward them in one pass, backward
-    (per-example mean over views), then `optimizer.step()`, which clips, noises and updates at the end
-    of a logical batch and only accumulates otherwise. Raises PrivacyBudgetExceeded (no update)."""
+def dp_step(run: DPRun, views_BK3HW: torch.Tensor, label_B: torch.Tensor, offset: int) -> dict[str, float]:
+    """One physical batch, examples offset .. offset + B - 1 of the current logical batch: encode the K views
+    of each example, forward them in one pass, backward (per-example mean over views), then
+    `optimizer.step()`, which clips, noises and updates at the end of a logical batch and only accumulates
+    otherwise. The label-dropout mask of each view is drawn per logical sample (`drop_labels_at`, seeded by
+    the step), so `privacy.max_physical_batch_size` does not change the result. Raises
+    PrivacyBudgetExceeded (no update)."""
     cfg, acc = run.cfg, run.accelerator
     b, k = views_BK3HW.shape[:2]
     img_N3HW = views_BK3HW.flatten(0, 1).to(acc.device, non_blocking=True)
     idx_NL, x_NLCv = _encode(run, img_N3HW)
-    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, micro_step, acc.process_index))
-    label_N = drop_labels(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout, g)
+    label_N = drop_labels_at(label_B.repeat_interleave(k).to(acc.device), run.num_classes, cfg.optim.class_dropout,
+                             seed=step_seed(cfg.train.seed, run.pt.steps_taken, acc.process_index), offset=offset * k)
     run.pt.optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.train.precision, acc.device):
         logits_NLV = run.pt.module(label_N, x_NLCv)
@@ -215,6 +213,12 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
     non-private recipe); `stop_at`: leave after that many steps (checkpointed), as if interrupted."""
     check_report_to(cfg.log.report_to)  # a missing tracker package: before anything is written
     acc = accelerator or make_dp_accelerator(cfg, out)
+    with hold_run_dir(out, "train-class (DP)", enabled=acc.is_main_process):  # one run per folder
+        return _train_one(cfg, epsilon, out, acc, resume=resume, overwrite=overwrite, stop_at=stop_at)
+
+
+def _train_one(cfg: ClassDPConfig, epsilon: float, out: Path, acc, *, resume: str | Path | None,
+               overwrite: bool, stop_at: int | None) -> DPRun:
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=resume is not None, overwrite=overwrite,
                                 delete=acc.is_main_process)
     acc.wait_for_everyone()
@@ -233,7 +237,8 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    open_trackers(acc, "train-class-dp", to_dict(cfg), out)  # the config is public (docs/privacy.md)
+    # the config is public (docs/privacy.md); log rows after a resumed step are dropped (logged again)
+    open_trackers(acc, "train-class-dp", to_dict(cfg), out, resume_step=pt.steps_taken)
     end = min(run.total_steps, stop_at) if stop_at is not None else run.total_steps
     bar = progress(total=run.total_steps, initial=pt.steps_taken,
                    desc=f"train-class dp {cfg.method.name} eps={epsilon:g}", main=acc.is_main_process,
@@ -248,7 +253,7 @@ def train_one(cfg: ClassDPConfig, epsilon: float, out: Path, *, resume: str | Pa
                     pt.physical_batches(cfg.privacy.max_physical_batch_size) as loader:
                 for views, label in loader:
                     before = pt.steps_taken
-                    window.append(dp_step(run, views, label, micro))
+                    window.append(dp_step(run, views, label, int(sum(w["examples"] for w in window))))
                     micro += 1
                     if pt.steps_taken == before:
                         continue  # a physical sub-batch: gradients accumulated, no step yet
@@ -331,40 +336,24 @@ def save_dp_checkpoint(run: DPRun, pos: dict, folder: Path) -> None:
 
 
 def load_dp_checkpoint(run: DPRun, resume: str | Path, out: Path) -> dict:
-    """Check and restore a DP checkpoint (as the non-private `load_checkpoint`, plus the private state);
-    returns the sampler position."""
+    """Check and restore a DP checkpoint (`runs.resume_point`, as the non-private `load_checkpoint`, plus
+    the private state); returns the sampler position."""
     from arbooth.adapt.finetuned import load_result_weights
 
-    current = read_run_file(out)
-    if str(resume) == "auto":
-        folder = latest_checkpoint(out / "checkpoints", current["run_id"] if current else None)
-        if folder is None:
-            raise RunFolderError(f"{out} holds a run but no checkpoint of it to resume; pass --overwrite to "
-                                 "start a new run there")
-    else:
-        folder = Path(resume)
-    if not (folder / "train_state.pt").is_file():
-        raise CheckpointError(f"{folder} has no train_state.pt: not a resumable checkpoint")
     # our own file (save_dp_checkpoint): the accountant and generator states are not plain tensors
-    state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False)
-    saved = state.get("run", {})
-    if current is not None and saved.get("run_id") != current["run_id"]:
-        raise ResumeError(f"{folder} belongs to run {saved.get('run_id')}, but {out} holds run "
-                          f"{current['run_id']}; resume into that run's own folder")
-    if "private" not in state:
-        raise ResumeError(f"{folder} is not a DP checkpoint; it cannot continue a private run")
-    changes = check_resume(saved, run.identity, safe=SAFE_RESUME_KEYS, where=str(folder))
-    if state["world_size"] != run.accelerator.num_processes:
-        raise CheckpointError(f"{folder} was written by {state['world_size']} process(es); resume it with the "
-                              f"same number (now {run.accelerator.num_processes})")
-    load_result_weights(run.model, run.cfg.method.name, folder)
+    point = resume_point(out, resume, identity=run.identity, safe=SAFE_RESUME_KEYS,
+                         num_processes=run.accelerator.num_processes, end_step=run.total_steps,
+                         weights_only=False,
+                         require=("private", "is not a DP checkpoint; it cannot continue a private run"))
+    state = point.state
+    load_result_weights(run.model, run.cfg.method.name, point.folder)
     run.pt.load_state_dict(state["private"])
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     run.stopped_by_budget = bool(state.get("stopped_by_budget"))
-    run.record = {**saved["record"], "_changes": changes}
+    run.record = point.record
     if run.accelerator.is_main_process:
-        log.info("resumed %s at step %d, epsilon %.4f spent so far", folder, state["step"], run.pt.epsilon())
+        log.info("resumed %s at step %d, epsilon %.4f spent so far", point.folder, point.step, run.pt.epsilon())
     return dict(state["position"])
 
 
@@ -419,7 +408,7 @@ def save_result(run: DPRun, folder: Path, *, train_state: dict | None = None) ->
                                "unreadable_files": len(run.dataset.base.unreadable)})
         write_text(partial / "privacy.yaml", yaml.safe_dump(privacy_report(run), sort_keys=False))
         if train_state is not None:
-            torch.save(train_state, partial / "train_state.pt")
+            save_torch(train_state, partial / "train_state.pt")
         commit_dir(partial, folder)
         write_run_file(folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent,
                        run.record)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from arbooth.adapt.subject_token import (
     init_subject_token,
     instance_prompt,
 )
-from arbooth.checkpoint import save_torch
+from arbooth.checkpoint import commit_staged, partial_dir, save_torch
 from arbooth.config import save_config, to_dict
 from arbooth.data.images import save_grid
 from arbooth.data.subject import load_subject
@@ -59,8 +60,10 @@ from arbooth.recipes.subject_config import SubjectTrainConfig, TuningConfig
 from arbooth.runs import (
     RunFolderError,
     check_resume,
+    hold_run_dir,
     new_run_record,
     prepare_run_dir,
+    refuse_backwards,
     run_identity,
     start_session,
     write_run_file,
@@ -326,8 +329,11 @@ def validate(run: Run, step: int) -> Path | None:
 
 
 def save_outputs(run: Run, step: int) -> Path:
-    """The personalization file (tuned tensors + <S*>) and the resumable training state."""
+    """The personalization file (tuned tensors + <S*>), the resumable training state and run.json. They are
+    written into a staging folder first and moved into out_dir only when all are complete (`commit_staged`),
+    so a failed write (a full disk: one OutputError line) leaves the files of the last save, which agree."""
     out = Path(run.cfg.out_dir)
+    stage = partial_dir(out / ".save")
     # file names, not this machine's paths (the run folder's config.yaml keeps those: subject_bases.build_base)
     meta = {"config": json.dumps(shareable(to_dict(run.cfg))), "base_model": run.base_id, "step": str(step),
             "placeholder": run.cfg.prompts.placeholder, "class_noun": run.class_noun or run.cfg.class_noun,
@@ -335,12 +341,24 @@ def save_outputs(run: Run, step: int) -> Path:
     tuned = run.tuner.tuned_state_dict()
     if run.cfg.tuning.method == "lora":  # a peft adapter folder; adapters in tuning.lora_file_dtype (training: fp32)
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg.tuning.lora_file_dtype]
-        path = save_lora_personalization(out / LORA_DIR, run.tuner.spec, {k: v.to(dt) for k, v in tuned.items()},
-                                         run.token.embedding_PC, base_tuned_sha256=run.base_tuned_sha256,
-                                         base_name=base_name(run.base_id), metadata=meta)
+        tuned = {k: v.to(dt) for k, v in tuned.items()}
+    try:
+        _save_all(run, step, stage, tuned, meta)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    commit_staged(stage, out)  # a LoRA folder replaces the previous one whole
+    return out / (LORA_DIR if run.cfg.tuning.method == "lora" else FULL_FILE)
+
+
+def _save_all(run: Run, step: int, stage: Path, tuned: dict, meta: dict) -> None:
+    if run.cfg.tuning.method == "lora":  # a peft adapter folder (adapt/personalization.py)
+        save_lora_personalization(stage / LORA_DIR, run.tuner.spec, tuned, run.token.embedding_PC,
+                                  base_tuned_sha256=run.base_tuned_sha256, base_name=base_name(run.base_id),
+                                  metadata=meta)
     else:
-        path = save_personalization(out / FULL_FILE, tuned, run.token.embedding_PC,
-                                    base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
+        save_personalization(stage / FULL_FILE, tuned, run.token.embedding_PC,
+                             base_tuned_sha256=run.base_tuned_sha256, metadata=meta)
     # the session's end goes into the training state too, so a resumed run's run.json keeps it
     run.record["sessions"][-1]["end_step"] = step
     save_torch({"step": step, "optimizer": run.optimizer.state_dict(), "token": run.token.embedding_PC.detach(),
@@ -348,9 +366,8 @@ def save_outputs(run: Run, step: int) -> Path:
                 "bsc_generator": run.bsc_generator.get_state(),
                 "rng": torch.get_rng_state(),
                 # DropPath and prompt drop draw from the device's global RNG: on a GPU that is CUDA's
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, out / "train_state.pt")
-    write_run_file(out, run.record)
-    return path
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "run": {**run.identity, "record": run.record}}, stage / "train_state.pt")
+    write_run_file(stage, run.record)
 
 
 def _resume(run: Run, holds_run: bool) -> int:
@@ -364,6 +381,7 @@ def _resume(run: Run, holds_run: bool) -> int:
                              "--overwrite (overwrite=true) to start a new run there")
     state = torch.load(path, map_location=run.accelerator.device, weights_only=True)
     changes = check_resume(state.get("run", {}), run.identity, safe=SAFE_RESUME_KEYS, where=str(path))
+    refuse_backwards(int(state["step"]), run.cfg.steps, where=str(run.cfg.out_dir), steps_key="steps=")
     run.record = {**state["run"]["record"], "_changes": changes}
     with torch.no_grad():
         run.token.embedding_PC.copy_(state["token"])
@@ -381,13 +399,21 @@ def _resume(run: Run, holds_run: bool) -> int:
 
 
 def train(cfg: SubjectTrainConfig) -> Path:
-    """Run the recipe; returns the personalization file's path."""
+    """Run the recipe; returns the personalization file's path. The run holds out_dir while it runs
+    (`hold_run_dir`: a second run into it is refused)."""
+    from accelerate import PartialState
+
     if not cfg.subject:
         raise ConfigError("no subject folder given (--subject or subject=...)")
     check_single_process()
     launcher_precision(cfg.dtype, "dtype")
     check_config(cfg)  # before any weights load
     check_report_to(cfg.log.report_to)
+    with hold_run_dir(cfg.out_dir, "train-subject", enabled=PartialState().is_main_process):
+        return _train(cfg)
+
+
+def _train(cfg: SubjectTrainConfig) -> Path:
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="--resume auto (resume=true)", overwrite_flag="--overwrite (overwrite=true)")
@@ -399,7 +425,8 @@ def train(cfg: SubjectTrainConfig) -> Path:
     if main:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, out / "config.yaml")
         write_run_file(out, run.record)
-    open_trackers(run.accelerator, "train-subject", to_dict(cfg), out)
+    # log rows after the resumed step are dropped: those steps are logged again (metrics.jsonl, TensorBoard)
+    open_trackers(run.accelerator, "train-subject", to_dict(cfg), out, resume_step=start)
     run.model.train()
     N = run.features_NdHW.shape[0]
     order = torch.Generator().manual_seed(cfg.seed)

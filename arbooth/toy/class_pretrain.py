@@ -34,6 +34,7 @@ from arbooth.checkpoint import file_sha256, save_safetensors
 from arbooth.config import from_dict, to_dict
 from arbooth.errors import ConfigError
 from arbooth.models.var_training import build_optimizer, drop_labels, var_loss
+from arbooth.outputs import write_text
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_world import SOURCE, TEXTURES, random_item
 from arbooth.toy.pretrain import set_lr, warmup_cosine_lr
@@ -267,7 +268,5 @@ def pretrain(cfg: PretrainToyClassConfig) -> Path:
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "training": {**report, "last_run_seconds": round(time.perf_counter() - t_all, 1)},
                 "sha256": {f: file_sha256(out / f) for f in files if (out / f).is_file()}}
-    tmp = out / (cv.MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(out / cv.MANIFEST)
+    write_text(out / cv.MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return out

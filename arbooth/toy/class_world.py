@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from arbooth.errors import ConfigError
+from arbooth.outputs import write_text
 
 IMAGE_SIZE = 16
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "heart", "arrow")
@@ -195,9 +196,7 @@ def write_class_dataset(root: str | Path, world: ClassWorld, *, train_per_class:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(lo, lo + n):
                 world.image(label, i, seed, size).save(folder / f"{i:05d}.png")
-    tmp = meta_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(meta_path)  # written last: its presence means the folder is complete
+    write_text(meta_path, json.dumps(meta, indent=1) + "\n")  # written last: its presence means the folder is complete
     return root
 
 

@@ -108,3 +108,23 @@ def test_truncation_warns_and_never_drops_the_placeholder(caplog) -> None:
     with caplog.at_level("WARNING"):
         encode_prompts(tokenizer, encoder, ["a <S*> dog"], max_length=32, prefix_length=4)
     assert "truncated" not in caplog.text  # short prompts: no warning
+
+
+def test_personalization_encode_at_exactly_the_text_length(caplog) -> None:
+    """Mutant caught (issue 28): the truncation limit one off. Text length 32, prefix 4: a prompt of exactly
+    29 tokens fits whole and splices to exactly 32 rows; one token more is cut (warned) back to 32."""
+    from arbooth.adapt.personalization import Personalization
+
+    tokenizer, encoder = build_tiny_t5(16)
+    pers = Personalization({}, torch.randn(4, 16), {"placeholder": PLACEHOLDER})
+    for n_tokens, warned in ((29, False), (30, True)):
+        words = [PLACEHOLDER] + ["dog"] * (n_tokens - 2)  # + </s>
+        prompt = " ".join(words)
+        add_placeholder_token(tokenizer, encoder)
+        assert len(tokenizer(prompt).input_ids) == n_tokens
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            text, mask = pers.encode(tokenizer, encoder, [prompt], max_length=32)
+        assert ("truncated" in caplog.text) == warned, n_tokens
+        assert text.shape[1] == 32 and int(mask.sum()) == 32
+        assert torch.equal(text[0, :4], pers.subject_token_PC)

@@ -122,3 +122,26 @@ def test_tiny_and_extreme_aspect_images_follow_the_resize_policy(bad_inputs_dir)
         ds = ClassImageDataset([Sample(bad_inputs_dir / name, 0)], ["x"], size=16, mid_size=18)
         img, _ = ds[0]
         assert img.shape == (3, 16, 16), name
+
+
+def test_augmentation_seed_is_the_one_formula_of_both_class_recipes():
+    from arbooth.data.class_dataset import EpochBatchSampler, augmentation_seed
+    from arbooth.recipes.train_class_dp import MultiViewDataset
+
+    sampler = EpochBatchSampler(8, batch_size=4, seed=3)
+    sampler.set_position(2)
+    batch = next(iter(sampler))
+    assert [s for _, s in batch] == [augmentation_seed(3, 2, i) for i in range(4)]
+    assert augmentation_seed(3, 2, 1) == (3 * 1_000_003 + 2) * 2_147_483 + 1   # the seeds runs were made with
+    assert augmentation_seed(3, 2, 1, view=4) == augmentation_seed(3, 2, 1) * 1_009 + 4
+
+    class Seeds:  # stands in for a ClassImageDataset: returns the seed it was asked to augment with
+        def __getitem__(self, key):
+            return torch.tensor(float(key[1] % 9973)), 0
+
+        def __len__(self):
+            return 8
+    views = MultiViewDataset(Seeds(), views=2, seed=3)
+    views.epoch = 2
+    imgs, _ = views[1]
+    assert imgs.tolist() == [float(augmentation_seed(3, 2, 1, v) % 9973) for v in range(2)]

@@ -147,3 +147,30 @@ def test_fewer_samples_than_dims_warns_and_fid_depends_on_n(caplog):
     assert "16 and 16 samples with 32-dimensional features" in warnings[16]
     assert "only comparable at the same N" in caplog.text
     assert warnings[64] is None and warnings[4096] is None
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_precision_recall_refuses_k_below_one_in_one_line(k):
+    """Issue 28 kind 7: k = 0 gave meaningless precision/recall (every radius 0), k = -1 a kthvalue traceback."""
+    with pytest.raises(ArboothError, match=r"needs k >= 1") as e:
+        precision_recall(np.zeros((8, 2)), np.zeros((8, 2)), k=k)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ArboothError, match=r"needs k >= 1"):
+        PrecisionRecall(k=k)
+    with pytest.raises(ArboothError, match="k=8 needs more than 8 samples"):  # k >= the set's size
+        precision_recall(np.random.default_rng(0).normal(size=(8, 2)), np.zeros((20, 2)), k=8)
+
+
+def test_the_few_samples_warning_looks_at_the_smaller_set():
+    """Mutant caught: the N < D warning computed from the larger set. Reference N >= D, generated N < D."""
+    rng = np.random.default_rng(0)
+    fid = FrechetDistance()
+    fid.update(rng.normal(size=(64, 32)), real=True)
+    fid.update(rng.normal(size=(16, 32)), real=False)
+    fid.compute()
+    assert fid.warning is not None and "16" in fid.warning
+    fid = FrechetDistance()  # and the other way round
+    fid.update(rng.normal(size=(16, 32)), real=True)
+    fid.update(rng.normal(size=(64, 32)), real=False)
+    fid.compute()
+    assert fid.warning is not None

@@ -95,3 +95,15 @@ def test_pld_accountant_history_and_state() -> None:
     fresh.load_state_dict(acc.state_dict())
     assert fresh.history == acc.history and fresh.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
     assert acc.mechanism() == "pld"
+
+
+def test_one_history_merge_matches_opacus_accountants() -> None:
+    from arbooth.privacy.accountants import history_after_step
+
+    steps = [(1.0, 0.1), (1.0, 0.1), (2.0, 0.1), (1.0, 0.1)]
+    ours, theirs, hist = PLDAccountant(), RDPAccountant(), []
+    for sigma, q in steps:
+        ours.step(noise_multiplier=sigma, sample_rate=q)
+        theirs.step(noise_multiplier=sigma, sample_rate=q)
+        hist = history_after_step(hist, sigma, q)
+    assert hist == ours.history == theirs.history == [(1.0, 0.1, 2), (2.0, 0.1, 1), (1.0, 0.1, 1)]

@@ -33,14 +33,16 @@ def _train_steps(pt, k: int, steps: int) -> int:
     return empty
 
 
-def test_noise_has_calibrated_std() -> None:
-    """Zero-gradient model: p.grad is pure noise, std sigma * C / expected batch size."""
+@pytest.mark.parametrize("clipping", ["explicit", "ghost", "book_keeping"])
+def test_noise_has_calibrated_std(clipping: str) -> None:
+    """Zero-gradient model: p.grad is pure noise, std sigma * C / expected batch size, in every clipping
+    mode (mutant caught, issue 28: the optimizer's C replaced by 1.0 in the default modes)."""
     model = nn.Linear(100, 100)
     ds = TensorDataset(torch.zeros(40, 100))
     sigma, c, q = 1.3, 0.7, 0.25
     pt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), ds, target_epsilon=float("inf"),
                       delta=1e-5, sample_rate=q, steps=1, max_grad_norm=c, noise_multiplier=sigma,
-                      noise_generator=torch.Generator().manual_seed(0))
+                      clipping=clipping, noise_generator=torch.Generator().manual_seed(0))
     draws = []
     for _ in range(5):
         pt.optimizer.zero_grad()
@@ -115,3 +117,21 @@ def test_logical_batches_through_batch_memory_manager() -> None:
             pt.optimizer.step()
             physical += 1
     assert physical > pt.steps_taken == len(pt.data_loader) == 2
+
+
+@pytest.mark.parametrize("key,value", [("max_grad_norm", 0.5), ("sample_rate", 0.3), ("delta", 1e-4),
+                                       ("target_epsilon", 4.0), ("views", 3)])
+def test_a_dp_state_of_other_privacy_settings_is_refused(key: str, value: float) -> None:
+    """Mutant caught (issue 28): `PrivateTraining.load_state_dict` accepting a state written with another
+    C, q, delta, target or view count (the accountant's history would then be wrong for this run)."""
+    from arbooth.errors import CheckpointError
+
+    def make(**over):
+        kw = {"max_grad_norm": 1.0, "sample_rate": 0.25, "delta": 1e-3, "target_epsilon": 3.0, "views": 2, **over}
+        model = TinyNet()
+        return make_private(model, torch.optim.SGD(trainable(model), lr=0.1), _dataset(16), steps=2,
+                            noise_multiplier=1.0, **kw)
+    state = make().state_dict()
+    make().load_state_dict(state)  # the same settings: fine
+    with pytest.raises(CheckpointError, match=f"other privacy settings: {key}"):
+        make(**{key: value}).load_state_dict(state)

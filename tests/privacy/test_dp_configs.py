@@ -42,3 +42,11 @@ def test_no_privacy_section_gives_the_plain_config_and_bad_values_are_errors() -
         with pytest.raises(ConfigError):
             load_class_config(None, bad)
     assert PrivacyConfig().delta_for(200) == 1 / 200
+
+
+def test_dp_safe_resume_keys_are_the_plain_ones_without_the_step_budget() -> None:
+    from arbooth.recipes import train_class, train_class_dp
+
+    plain, private = set(train_class.SAFE_RESUME_KEYS), set(train_class_dp.SAFE_RESUME_KEYS)
+    assert private == plain - {"train.max_steps", "train.epochs"}
+    assert not any(k.startswith("privacy") for k in private)

@@ -162,3 +162,65 @@ def test_case9_one_recursive_rule_for_class_folders_by_name(tmp_path):
     (tmp_path / "d" / "class_3").mkdir()
     with pytest.raises(ConfigError, match="without any image file.*class_3"):
         scan_image_folder(tmp_path / "d")
+
+
+# ------------------------------------------------------------------ issue 28 on train-class
+def test_a_resume_below_the_reached_step_is_refused_and_changes_nothing(data_root, tmp_path):
+    """Kind 1: max_steps 4, then a resume to 2 relabelled the step-4 weights 'step 2' in final/."""
+    out = tmp_path / "x"
+    train(tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 2}))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeError, match="already reached step 4.*never moves a run backwards"):
+        train(tiny_config(data_root, out, train={"max_steps": 2, "checkpoint_every": 2}), resume="auto")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_users_copy_of_a_checkpoint_is_neither_resumed_nor_pruned(data_root, tmp_path):
+    """Kind 4: `step_best` sorted after `step_00000002` as text and was resumed (and then overwritten);
+    pruning deleted `step_00000001_good`."""
+    import shutil
+
+    out = tmp_path / "x"
+    train(tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 1}), stop_at=2)
+    ck = out / "checkpoints"
+    shutil.copytree(ck / "step_00000001", ck / "step_best")
+    shutil.copytree(ck / "step_00000001", ck / "step_00000001_good")
+    run = train(tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 1}),
+                resume="auto")
+    assert len(run.history) == 2  # resumed step 2 (not the copy of step 1)
+    assert _steps(out) == ["step_00000001_good", "step_00000004", "step_best"]
+
+
+def test_a_second_run_into_a_held_folder_is_refused_in_one_line(data_root, tmp_path, capsys):
+    """Kind 5: two runs started together into one folder both 'succeeded'; the second is refused while the
+    first holds the folder (here: this process holds it, as a run does while it trains)."""
+    from arbooth.runs import hold_run_dir
+
+    save_config(tiny_config(data_root, tmp_path / "twin", train={"max_steps": 1}), tmp_path / "tiny.yaml")
+    with hold_run_dir(tmp_path / "twin", "train-class"):
+        assert cli(["train-class", "--config", str(tmp_path / "tiny.yaml")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another run" in err[0]
+        assert not (tmp_path / "twin" / "checkpoints").exists()
+    assert cli(["train-class", "--config", str(tmp_path / "tiny.yaml")]) == 0
+    assert not (tmp_path / "twin" / ".arbooth.lock").exists()
+
+
+def test_tensorboard_steps_after_the_resumed_one_are_not_logged_twice(data_root, tmp_path):
+    """Kind 2 on train-class: a run interrupted after logging step 3 (last checkpoint at 2) and resumed logs
+    steps 3 and 4 again; metrics.jsonl is cut back and TensorBoard purges the first session's events after
+    step 2 (purge_step), so each step is there once."""
+    import shutil
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "x"
+    cfg = tiny_config(data_root, out, train={"max_steps": 4, "checkpoint_every": 2}, log={"report_to": "tensorboard"})
+    train(cfg, stop_at=3)
+    shutil.rmtree(out / "checkpoints" / "step_00000003")  # the crash came before step 3 was saved
+    train(cfg, resume="auto")
+    events = EventAccumulator(str(out / "tensorboard" / "train-class"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -286,3 +286,49 @@ def test_eval_subject_ranges_are_checked_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert f"{flag} must be {rule}, got {value}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "g").exists()
+
+
+# ------------------------------------------------------------------ issue 28 kinds 6 and 7
+def _gen(personalization, tmp_path, name, *extra):
+    return cli(["generate", "--personalization", str(personalization), "--prompt", "a <S*> star on a red background",
+                "--seed", "2", "--out", str(tmp_path / name), "--device", "cpu", *extra])
+
+
+def test_generate_with_a_personalization_honours_or_refuses_every_option(personalization, tmp_path, capsys):
+    """Kind 6: --next-scale-mode area, --no-cache, --h-div-w/--pn, --model-kwargs were accepted and ignored."""
+    assert _gen(personalization, tmp_path, "default.png") == 0
+    assert _gen(personalization, tmp_path, "area.png", "--next-scale-mode", "area") == 0
+    assert _gen(personalization, tmp_path, "nocache.png", "--no-cache") == 0
+    default, area, nocache = (read_image(tmp_path / n) for n in ("default.png", "area.png", "nocache.png"))
+    assert default.tobytes() != area.tobytes()  # the option acts
+    expected = load_sampler(personalization).generate(["a <S*> star on a red background"], seed=[2],
+                                                      next_scale_mode="area")
+    got = pil_to_tensor_m11(area).add(1).div(2)
+    assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6
+    assert nocache.tobytes() == default.tobytes()  # the KV cache changes speed, not the images
+    capsys.readouterr()
+    for flags in (["--h-div-w", "0.5"], ["--pn", "0.06M"], ["--model-kwargs", "{}"], ["--vae-kwargs", "{}"],
+                  ["--lvl-embed-every-chunk"]):
+        assert _gen(personalization, tmp_path, "refused.png", *flags) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flags[0] in err[0] and "cannot be used with --personalization" in err[0]
+    assert not (tmp_path / "refused.png").exists()
+
+
+def test_generate_and_sample_check_ranges_and_placeholders_before_work(tmp_path, capsys):
+    """Kind 7: a prompt naming <S*> without a personalization was accepted without a word; a zero aspect
+    ratio, negative classes and options the chosen VAR ignores are refused in one line too."""
+    cases = [
+        (["generate", "--prompt", "a <S*> dog", "--model-ckpt", "m.pth", "--vae-ckpt", "v.pth"],
+         "names <S*>, but no --personalization"),
+        (["generate", "--prompt", "a dog", "--h-div-w", "0"], "--h-div-w must be a finite number > 0"),
+        (["sample", "--tiny", "--classes", "-1"], "--classes must be >= 0"),
+        (["sample", "--tiny", "--depth", "20"], "--depth cannot be used with --tiny"),
+        (["sample", "--tiny", "--var-ckpt", "x.pth"], "--tiny builds a random model"),
+        (["sample", "--result", str(tmp_path), "--depth", "16"], "--depth cannot be used with --result"),
+    ]
+    for args, message in cases:
+        assert cli([*args, "--out", str(tmp_path / "x.png")]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert not (tmp_path / "x.png").exists()

@@ -95,3 +95,19 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["sample", "--result", str(final), "--out", str(tmp_path / "g.png"), "--out-dir", str(final)]) == 2
     assert "overlaps the --result folder" in capsys.readouterr().err
+
+
+def test_profile_measures_a_checkpointed_step(tmp_path):
+    """Issue 23.1: profile set `var.grad_checkpointing`, which VAR never reads, so
+    `model.gradient_checkpointing=true` profiled a plain step. A checkpointed step runs each block's forward
+    again in backward: more FLOPs per step, the same forward."""
+    data = write_dataset(tmp_path / "data", per_class=4)
+    save_config(tiny_config(data, tmp_path / "unused", "lora", train={"max_steps": 1}), tmp_path / "tiny.yaml")
+    flops = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"profile_{flag}.json"
+        assert cli(["profile", "--config", str(tmp_path / "tiny.yaml"), "--num-images", "8", "--device", "fake",
+                    "--json", str(out), f"model.gradient_checkpointing={flag}"]) == 0
+        flops[flag] = json.loads(out.read_text())["methods"]["lora"]
+    assert flops["true"]["flops_forward"] == flops["false"]["flops_forward"]
+    assert flops["true"]["flops_step"] > flops["false"]["flops_step"] + 0.5 * flops["false"]["flops_forward"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from arbooth.cli import main as cli_main
-from arbooth.recipes.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
+from arbooth.jobs.toy_class import base_var, finetune, toy_class_config, toy_data, toy_dp_config
 from arbooth.toy.class_eval import ToyClassEvaluator
 from arbooth.toy.class_var import load_toy_extractor
 
@@ -59,3 +59,16 @@ def test_train_class_without_arguments_writes_metrics_and_grid(tmp_path, capsys)
     assert m["method"] == "lora" and m["steps"] == 3 and (out / "grid.png").is_file()
     assert (out / "run" / "final" / "adapter_model.safetensors").is_file()
     assert "toy FID" in capsys.readouterr().out
+
+
+def test_an_unknown_method_on_the_toy_job_is_one_line(tmp_path, capsys):
+    """Issue 28 kind 11: `method.name=dora` ended in a KeyError traceback (the toy lr table was read before
+    the method was checked); every method the config accepts has a toy learning rate."""
+    from arbooth.adapt.methods import METHODS
+    from arbooth.cli import main as cli
+    from arbooth.jobs.toy_class import LR
+
+    assert set(LR) == set(METHODS)
+    assert cli(["train-class", "method.name=dora", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method.name 'dora' is not one of" in err[0] and "Traceback" not in err[0]

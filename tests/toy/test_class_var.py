@@ -11,7 +11,7 @@ import torch
 from arbooth.adapt.finetuned import build_vae_var
 from arbooth.cli import main as cli_main
 from arbooth.errors import CheckpointError
-from arbooth.recipes.toy_class import toy_class_config
+from arbooth.jobs.toy_class import toy_class_config
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_eval import features, quality, read_split
 from arbooth.toy.class_world import DOWNSTREAM, SOURCE, write_class_dataset

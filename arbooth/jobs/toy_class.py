@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from arbooth.adapt.methods import METHODS
 from arbooth.config import from_dict, parse_overrides
+from arbooth.errors import ConfigError
+from arbooth.outputs import write_text
 from arbooth.recipes.class_config import ClassTrainConfig
 from arbooth.toy import class_var as cv
 from arbooth.toy.class_eval import ToyClassEvaluator, sample
@@ -55,6 +58,8 @@ def toy_class_config(data_root: str | Path, out_dir: str | Path, method: str = "
     a method chosen there brings its own toy learning rate unless optim.lr is given too)."""
     over = parse_overrides(overrides)
     method = over.get("method", {}).get("name", method)
+    if method not in LR:  # the method section's own check, before the table is read (a KeyError before)
+        raise ConfigError(f"method.name {method!r} is not one of {', '.join(METHODS)}")
     cfg = {
         "model": cv.model_fields(),
         "data": {"root": str(data_root), "split": "train", "image_size": 16, "num_workers": 0},
@@ -132,9 +137,7 @@ def run_default(out: str | Path = DEFAULT_OUT, world: str = DEFAULT_WORLD, overr
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
         "threads": torch.get_num_threads(),
     }
-    tmp = out / "metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    tmp.replace(out / "metrics.json")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
