@@ -33,6 +33,7 @@ COMMANDS = {
     "audit": "arbooth.commands.audit",
     "train-subject": "arbooth.commands.train_subject",
     "eval-subject": "arbooth.commands.eval_subject",
+    "bench-subject": "arbooth.commands.bench_subject",
     "eval-class": "arbooth.commands.eval_class",
     "pretrain-toy": "arbooth.commands.pretrain_toy",
     "pretrain-toy-class": "arbooth.commands.pretrain_toy_class",

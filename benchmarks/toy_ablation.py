@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from arbooth.adapt.personalization import load_personalization
 from arbooth.config import load_config
+from arbooth.metrics.paired import paired_difference
 from arbooth.recipes.subject_config import SubjectTrainConfig
 from arbooth.recipes.train_subject import train
 from arbooth.toy.report import toy_report
@@ -90,15 +91,9 @@ def table(runs: list[dict]) -> str:
 
 
 def paired(full: list[float], other: list[float], n_boot: int = 10000, seed: int = 0) -> dict:
-    """Mean of other - full (paired by training seed), its 95% bootstrap interval and the paired t-test p."""
-    import numpy as np
-    from scipy import stats
-    d = np.asarray(other) - np.asarray(full)
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    p = float(stats.ttest_rel(other, full).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
-    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "p": p}
+    """Mean of other - full (paired by training seed), its 95% bootstrap interval and the paired t-test p
+    (arbooth.metrics.paired, shared with `arbooth bench-subject`)."""
+    return paired_difference(full, other, n_boot=n_boot, seed=seed)
 
 
 def differences(runs: list[dict]) -> tuple[dict, str]:

@@ -44,7 +44,7 @@ def _div(f_ND: torch.Tensor) -> float | None:
     return sum(1 - (f_ND[i] @ f_ND[j]).item() for i, j in pairs) / len(pairs) if pairs else None
 
 
-def _asked(prompt: str) -> dict[str, str]:
+def asked_attributes(prompt: str) -> dict[str, str]:
     """Attributes a toy prompt names ("on a red background", "small")."""
     words, asked = prompt.split(), {}
     if "background" in words and words.index("background") >= 1 and words[words.index("background") - 1] in COLOURS:
@@ -98,7 +98,7 @@ def score(ev: ToyEvaluator, imgs_RS3HW: torch.Tensor, prompts_cls: list[str], su
                "colour_acc": sum(p["colour"] == attrs["colour"] for p in preds) / len(preds),
                "texture_acc": sum(p["texture"] == attrs["texture"] for p in preds) / len(preds),
                "subject_acc": sum(is_subject(p, attrs) for p in preds) / len(preds)}
-        for key, want in _asked(prompt).items():
+        for key, want in asked_attributes(prompt).items():
             row[f"{key}_acc"] = sum(p[key] == want for p in preds) / len(preds)
         if r == 0:
             many = ev.attributes(class_N3HW) if class_N3HW is not None else preds
