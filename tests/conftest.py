@@ -44,3 +44,14 @@ def toy_subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from arbooth.toy.world import write_subject
 
     return write_subject(tmp_path_factory.mktemp("toy_subject") / "subject", size=96)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state that refuses another mixed precision once set (a real process
+    runs one trainer); tests run many trainers in one process, so each test starts from a fresh state, as
+    accelerate's own test cases do (accelerate.test_utils.testing.AccelerateTestCase.tearDown)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
