@@ -20,6 +20,7 @@ from arbooth.data.subject import read_subject_info
 from arbooth.errors import ArboothError, ConfigError
 from arbooth.metrics.extractors import DEFAULT
 from arbooth.metrics.subject import PROTOCOLS
+from arbooth.models.sampling import check_sampling_args
 from arbooth.toy import benchmark as toy_bench
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "subject"
@@ -100,6 +101,8 @@ class BenchConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {v}")
         if self.pres_samples is not None and self.pres_samples < 0:
             raise ConfigError(f"pres-samples must be >= 0, got {self.pres_samples}")
+        # before any training: a bad sampling value found only at sampling time wastes every subject's fine-tune
+        check_sampling_args(top_k=self.top_k, top_p=self.top_p, cfg=self.cfg, tau=self.tau, where="bench-subject")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol {self.protocol!r}: one of {', '.join(PROTOCOLS)}")
         if self.class_prompt is not None and "{}" not in self.class_prompt:

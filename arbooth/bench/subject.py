@@ -142,7 +142,7 @@ def training_identity(cfg: SubjectTrainConfig) -> dict:
     ckpts = {"model_ckpt": m.model_ckpt or (str(TOY_DIR) if m.preset == "toy" else None), "vae_ckpt": m.vae_ckpt,
              "t5": m.t5}
     base = {k: _stamp(Path(v)) for k, v in ckpts.items() if v and Path(v).exists()}
-    return {"config": values_sha256(values), "photos": photos, "base": base}
+    return {"config": values_sha256(values), "photos": photos, "base": base, "config_values": values}
 
 
 def train_unit(plan: BenchPlan, unit: Unit, *, child: bool) -> dict:
@@ -161,9 +161,14 @@ def train_unit(plan: BenchPlan, unit: Unit, *, child: bool) -> dict:
             log.info("%s/%s: trained already (%s)", unit.variant.name, unit.subject.name, pers)
             return record
         if not plan.overwrite:
-            what = [k for k in identity if record.get("identity", {}).get(k) != identity[k]]
-            raise ArboothError(f"{run_dir} holds a personalization made with another {' and '.join(what)}: use "
-                               "another --out, or pass --overwrite to train it again")
+            then = record.get("identity", {})
+            what = [k for k in identity if k != "config_values" and then.get(k) != identity[k]]
+            old_values, new_values = then.get("config_values", {}), identity["config_values"]
+            keys = [f"{k}: {old_values.get(k)!r} there, {new_values.get(k)!r} now"
+                    for k in sorted(set(old_values) | set(new_values)) if old_values.get(k) != new_values.get(k)]
+            detail = f" ({'; '.join(keys)})" if "config" in what and keys else ""
+            raise ArboothError(f"{run_dir} holds a personalization made with another {' and '.join(what)}{detail}: "
+                               "use another --out, or pass --overwrite to train it again")
     # an interrupted training continues (the recipe refuses another config); --overwrite starts anew
     resume = (run_dir / "train_state.pt").is_file() and not plan.overwrite
     cfg = train_config(plan, unit, ("resume=true",) if resume else ("overwrite=true",) if plan.overwrite else ())
@@ -337,7 +342,7 @@ def score_unit(plan: BenchPlan, unit: Unit, ev: SubjectEvaluator, oracle, photo_
             raise ArboothError(f"{folder.folder}: {n - len(recs)} image(s) of {t!r} missing; run again to sample them")
         images = [read_image(r["path"]) for r in recs]
         row = {"prompt": t, **ev.prompt_metrics(images, t, s.class_noun, subj_dino, subj_clip)}
-        if oracle is not None and s.attributes:
+        if oracle is not None and s.attributes and oracle.applies_to(images[0].size):
             size = images[0].size[0]
             row.update(oracle.prompt_metrics(_unit_tensor(images, size), t.replace("{}", s.class_noun),
                                              s.attributes, _unit_tensor(photos, size)))
@@ -353,7 +358,7 @@ def score_unit(plan: BenchPlan, unit: Unit, ev: SubjectEvaluator, oracle, photo_
             raise ArboothError(f"{folder.folder}: class-prompt image(s) missing; run again to sample them")
         cls_images = [read_image(r["path"]) for r in recs]
         means["PRES"] = ev.pres(subj_dino, cls_images)
-        if oracle is not None and s.attributes:
+        if oracle is not None and s.attributes and oracle.applies_to(cls_images[0].size):
             size = cls_images[0].size[0]
             means.update(oracle.class_metrics(_unit_tensor(cls_images, size), s.attributes, _unit_tensor(photos, size)))
     scores = {"variant": unit.variant.name, "subject": s.name, "live": s.live, "class_noun": s.class_noun,

@@ -1,6 +1,6 @@
 """Benchmark subject personalization: train, sample and score every subject of a benchmark (the ARBooth ViCo table).
 
-  arbooth bench-subject                                   # the built-in toy benchmark (~4 min on 2 CPU cores)
+  arbooth bench-subject                                   # the built-in toy benchmark (~2.5 min on 2 CPU cores)
   arbooth bench-subject --benchmark ../shared/vico --model-ckpt ... --vae-ckpt ... --t5 ... \\
       --variant full --variant lora:tuning.method=lora    # two recipes in one table
   torchrun --nproc_per_node 8 -m arbooth.cli bench-subject --benchmark ...   # subjects split over 8 GPUs

@@ -1,5 +1,7 @@
-"""Export a fine-tuned VAR as one plain state dict in the official layout (adapters merged), or a
-LoRA personalization of Infinity as a full one (the tuned tensors, adapters merged).
+"""Export a result with its adapters merged: a fine-tuned VAR as one official-layout state dict, a LoRA personalization as a full one.
+
+A fine-tuned VAR becomes one plain state dict in the official layout (adapters merged); a LoRA
+personalization of Infinity becomes a full one (the tuned tensors, adapters merged).
 
 Examples:
   arbooth export runs/flowers102_lora_d16/final --merge --out var_d16_flowers.safetensors \\

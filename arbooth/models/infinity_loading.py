@@ -216,6 +216,11 @@ def _released_base(model_cfg, model_kwargs: dict, preset: str, files: str) -> tu
     if missing:
         raise ConfigError(f"model.{', model.'.join(missing)} must be given for preset {model_cfg.preset} ({files}; "
                           "or use model.preset=tiny / --tiny to try the recipe without weights)")
+    absent = [f"model.{k}={getattr(model_cfg, k)}" for k in ("model_ckpt", "vae_ckpt", "t5")
+              if not Path(getattr(model_cfg, k)).exists()]
+    if absent:  # every missing file in one line, before any is read
+        raise CheckpointError(f"not found: {', '.join(absent)} (preset {model_cfg.preset} needs {files} and a "
+                              "flan-t5-xl folder)")
     from transformers import AutoTokenizer, T5EncoderModel
 
     # model.model_kwargs / model.vae_kwargs: sizes over the release's (a checkpoint of its family at other sizes)

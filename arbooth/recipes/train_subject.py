@@ -63,6 +63,7 @@ from arbooth.runs import (
     hold_run_dir,
     new_run_record,
     prepare_run_dir,
+    read_run_file,
     refuse_backwards,
     run_identity,
     start_session,
@@ -420,6 +421,10 @@ def _train(cfg: SubjectTrainConfig, schedule: list[tuple[int, int, int]]) -> Pat
     out = Path(cfg.out_dir)
     holds_run = prepare_run_dir(out, entries=RUN_ENTRIES, resume=cfg.resume, overwrite=cfg.overwrite,
                                 resume_flag="--resume auto (resume=true)", overwrite_flag="--overwrite (overwrite=true)")
+    if cfg.resume and holds_run:  # refuse a backwards resume from run.json before any weights load (2B/8B: minutes)
+        reached = [s.get("end_step") for s in (read_run_file(out) or {}).get("sessions", []) if s.get("end_step")]
+        if reached:
+            refuse_backwards(max(reached), cfg.steps, where=str(cfg.out_dir), steps_key="steps=")
     run = setup(cfg, schedule)
     main = run.accelerator.is_main_process
     start = _resume(run, holds_run)

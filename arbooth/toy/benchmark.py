@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from arbooth.toy.models import TOY_DIR, ToyEvaluator
+from arbooth.toy.models import IMAGE_SIZE, TOY_DIR, ToyEvaluator
 from arbooth.toy.report import asked_attributes, is_subject
 from arbooth.toy.world import ToyAttributes, subject_views
 
@@ -75,6 +75,12 @@ class ToyOracle:
 
     def __init__(self, toy_dir: str | Path = TOY_DIR) -> None:
         self.ev = ToyEvaluator(toy_dir)
+
+    @staticmethod
+    def applies_to(size: tuple[int, int]) -> bool:
+        """Whether images of `size` (W, H) are the toy base's: the probe and toy CLIP read 32x32 images only
+        (another base on the toy subjects, e.g. `model.preset=tiny`, gets no oracle columns)."""
+        return tuple(size) == (IMAGE_SIZE, IMAGE_SIZE)
 
     def prompt_metrics(self, images_N3HW: torch.Tensor, prompt: str, attrs: dict, subject_N3HW: torch.Tensor) -> dict:
         """Oracle rates and toy similarities of one prompt's images (`prompt`: the text with the class noun)."""

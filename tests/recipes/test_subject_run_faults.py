@@ -48,10 +48,16 @@ def _step_of(out: Path) -> tuple[str, int]:
     return pers, torch.load(out / "train_state.pt", weights_only=True)["step"]
 
 
-def test_a_resume_never_moves_the_run_backwards(tmp_path):
+def test_a_resume_never_moves_the_run_backwards(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(_cfg(out, "steps=3"))
     before = {name: (out / name).read_bytes() for name in FILES}
+    import arbooth.recipes.train_subject as recipe
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the refusal must come before the models load")
+
+    monkeypatch.setattr(recipe, "setup", no_models)  # refused from run.json, before any weights load
     with pytest.raises(ResumeError, match="already reached step 3.*never moves a run backwards"):
         train(_cfg(out, "steps=2", "resume=true"))
     assert {name: (out / name).read_bytes() for name in FILES} == before  # nothing relabelled

@@ -64,3 +64,17 @@ def test_train_subject_and_generate_on_a_tiny_8b_style_model(toy_subject_dir: Pa
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(png).size == (256, 256)  # 0.06M: a 16 x 16 token map, 16 px per token
+
+
+def test_every_missing_release_file_is_named_in_one_line(tmp_path: Path) -> None:
+    """All three missing files in one error, before any is read (a new-user trial saw only the first)."""
+    import pytest
+
+    from arbooth.errors import CheckpointError
+    from arbooth.subject_bases import ModelConfig, build_models
+
+    (tmp_path / "t5").mkdir()
+    cfg = ModelConfig(preset="infinity_8b", model_ckpt=str(tmp_path / "w"), vae_ckpt=str(tmp_path / "v.pth"),
+                      t5=str(tmp_path / "t5"))
+    with pytest.raises(CheckpointError, match=r"not found: model.model_ckpt=.*w, model.vae_ckpt=.*v.pth \(preset"):
+        build_models(cfg)
