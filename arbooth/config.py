@@ -178,7 +178,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     except ConfigError as e:
         if path is None:
             raise
-        raise ConfigError(f"{path}: {e}") from e
+        # name where the values came from: the file alone, or the file with the command line's changes
+        src = f"{path}" if not overrides and not values else f"{path} with the command-line overrides"
+        raise ConfigError(f"{src}: {e}") from e
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

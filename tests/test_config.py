@@ -98,3 +98,19 @@ def test_malformed_class_config_is_one_config_error_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="not found"):
         load_class_config(tmp_path / "missing.yaml")
+
+
+def test_a_bad_override_is_attributed_to_the_command_line_not_the_file(tmp_path):
+    """The file is valid; the unknown key came from an override: the error says so (a new-user trial saw the
+    file blamed for a key it did not hold)."""
+    import pytest as _pytest
+
+    from arbooth.config import load_config
+    from arbooth.errors import ConfigError
+    from arbooth.recipes.subject_config import SubjectTrainConfig
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("steps: 3\n")
+    assert load_config(SubjectTrainConfig, path).steps == 3
+    with _pytest.raises(ConfigError, match=r"ok.yaml with the command-line overrides: unknown key\(s\) optim.lrr"):
+        load_config(SubjectTrainConfig, path, ["optim.lrr=1"])
