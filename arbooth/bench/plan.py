@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arbooth.data.images import list_image_files
-from arbooth.data.subject import read_subject_info
+from arbooth.data.subject import read_prompt_templates, read_subject_info
 from arbooth.errors import ArboothError, ConfigError
 from arbooth.metrics.extractors import DEFAULT
 from arbooth.metrics.subject import PROTOCOLS
@@ -163,15 +163,7 @@ def unit_dir(plan: BenchPlan, unit: Unit) -> Path:
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:
-    if not path.is_file():
-        raise ArboothError(f"prompt list {path} not found (a benchmark folder holds {LIVE_PROMPTS} and {OBJECT_PROMPTS})")
-    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    if not templates:
-        raise ArboothError(f"prompt list {path} is empty")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ArboothError(f"{path}: prompt(s) without the `{{}}` subject placeholder: {bad[:3]}")
-    return templates
+    return read_prompt_templates(path, where=f" (a benchmark folder holds {LIVE_PROMPTS} and {OBJECT_PROMPTS})")
 
 
 def discover_subjects(folder: Path, opts: BenchConfig) -> tuple[BenchSubject, ...]:

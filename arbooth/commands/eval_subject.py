@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from arbooth.adapt.subject_token import CLASS_TEMPLATE, PLACEHOLDER
 from arbooth.data.images import read_image, read_image_folder
+from arbooth.data.subject import read_prompt_templates
 from arbooth.errors import ArboothError
 from arbooth.metrics.extractors import DEFAULT, DinoViT, OpenClip, build_lpips
 from arbooth.metrics.report import RANDOM_WEIGHTS_NOTE, markdown_table, pick_device, publish_report
@@ -104,15 +105,7 @@ def read_templates(args: argparse.Namespace) -> list[str]:
         path = args.live_prompts if args.live else args.object_prompts
     if path is None:
         raise ArboothError("give --prompts FILE, or --live-prompts/--object-prompts (with --live for live subjects)")
-    if not Path(path).is_file():
-        raise ArboothError(f"prompt file {path} not found")
-    templates = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not templates:
-        raise ArboothError(f"prompt file {path} is empty")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ArboothError(f"{path}: prompt(s) without the `{{}}` subject placeholder: {bad[:3]}")
-    return templates
+    return list(read_prompt_templates(path))
 
 
 def generated_groups(generated: Path, templates: list[str]) -> list[tuple[str, list[Path] | Path]]:

@@ -96,3 +96,19 @@ def load_subject(folder: str | Path, resolution: int, *, min_images: int = 1,
              f", {len(found.skipped)} skipped" if found.skipped else "")
     return SubjectData(folder=folder, info=info, images_N3HW=torch.stack(tensors),
                        paths=found.paths, skipped=found.skipped)
+
+
+def read_prompt_templates(path: str | Path, *, where: str = "") -> tuple[str, ...]:
+    """The prompt templates of a ViCo/DreamBench list: one per non-empty line, each with one `{}` where the
+    subject phrase goes ("a {} in the jungle"). `where`: what the file is for, added to the not-found line.
+    Raises ArboothError (one line) for a missing or empty file or a line without `{}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArboothError(f"prompt list {path} not found{where}")
+    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not templates:
+        raise ArboothError(f"prompt list {path} is empty")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ArboothError(f"{path}: prompt(s) without the `{{}}` subject placeholder: {bad[:3]}")
+    return templates

@@ -86,3 +86,24 @@ def test_subject_yaml(tmp_path: Path) -> None:
     (tmp_path / "subject.yaml").write_text("prompts: ['no placeholder']\n")
     with pytest.raises(ConfigError, match="placeholder|\\{\\}"):
         read_subject_info(tmp_path)
+
+
+def test_prompt_templates_one_reader_for_eval_and_bench(tmp_path):
+    """eval-subject and bench-subject read prompt lists through one function: templates need `{}`, an empty
+    or missing list is one line (naming what the file is for)."""
+    import pytest as _pytest
+
+    from arbooth.data.subject import read_prompt_templates
+    from arbooth.errors import ArboothError
+
+    f = tmp_path / "p.txt"
+    f.write_text("a {} in the jungle\n\n  a {} on the beach \n")
+    assert read_prompt_templates(f) == ("a {} in the jungle", "a {} on the beach")
+    f.write_text("a dog\n")
+    with _pytest.raises(ArboothError, match="without the"):
+        read_prompt_templates(f)
+    f.write_text("\n")
+    with _pytest.raises(ArboothError, match="is empty"):
+        read_prompt_templates(f)
+    with _pytest.raises(ArboothError, match=r"not found \(for x\)"):
+        read_prompt_templates(tmp_path / "none.txt", where=" (for x)")
