@@ -250,6 +250,19 @@ class Recorder:
         delattr(self.obj, self.name)
 
 
+def record_generations(t: dict, stats: dict, model, vae, kv_tuple, schedule, gen_cfg: dict, modes: dict, *,
+                       bits: str, unique: str) -> None:
+    """Run the official generation once per mode (greedy / sampled) and store its bits (under `bits`),
+    strided logits, summed codes and image probe in `t`, the distinct codes per scale in `stats`."""
+    for mode, kw in modes.items():
+        out_bits, seen, summed, image_out = official_generate(model, vae, kv_tuple, schedule, gen_cfg, **kw)
+        t[f"generate.{mode}.{bits}"] = bits_to_int(torch.cat(out_bits, 1)).to(torch.int32)
+        t[f"generate.{mode}.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
+        t[f"generate.{mode}.summed_codes"] = summed
+        t.update({f"generate.{mode}.image.{k}": v for k, v in probe_image(image_out).items()})
+        stats[f"{mode}_{unique}"] = [int(bits_to_int(b).unique().numel()) for b in out_bits]
+
+
 def official_generate(model, vae, kv_tuple, schedule, gen_cfg, top_k, top_p, g_seed):
     """Official autoregressive_infer_cfg (bit labels, CFG on logits). Returns the per-scale bits (B, h*w, d)
     list, the per-scale logits of both CFG halves, the summed codes and the decoded image in [-1, 1]."""
@@ -312,13 +325,8 @@ def make_infinity(root: Path, out: Path) -> None:
     modes = {"greedy": dict(top_k=1, top_p=0.0, g_seed=40601), "sampled": dict(top_k=900, top_p=0.97, g_seed=40601)}
     stats = {"logits_std": logits.std().item(),
              "gt_unique_tokens_per_scale": [int(bits_to_int(b).unique().numel()) for b in gt_ms]}
-    for mode, kw in modes.items():
-        bits, seen, summed, image_out = official_generate(model, vae, kv_tuple, schedule, gen_cfg, **kw)
-        t[f"generate.{mode}.bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
-        t[f"generate.{mode}.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
-        t[f"generate.{mode}.summed_codes"] = summed
-        t.update({f"generate.{mode}.image.{k}": v for k, v in probe_image(image_out).items()})
-        stats[f"{mode}_unique_tokens_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    record_generations(t, stats, model, vae, kv_tuple, schedule, gen_cfg, modes, bits="bits_int",
+                       unique="unique_tokens_per_scale")
     # a second aspect ratio (1:2 template): greedy generation, KV cache, 2D RoPE on a non-square grid
     wide = [(1, h, w) for _, h, w in dynamic_resolution_h_w[0.5]["0.06M"]["scales"]]
     bits, seen, _, _ = official_generate(model, vae, kv_tuple, wide, gen_cfg, **modes["greedy"])
@@ -388,14 +396,9 @@ def make_infinity_8b(root: Path, out: Path) -> None:
     modes = {"greedy": dict(top_k=1, top_p=0.0, g_seed=11), "sampled": dict(top_k=900, top_p=0.97, g_seed=12)}
     stats = {"logits_std": logits.std().item(),
              "gt_unique_tokens_per_scale": [int(bits_to_int(b).unique().numel()) for b in gt_ms]}
-    for mode, kw in modes.items():
-        bits, seen, summed, image_out = official_generate(model, vae, kv_tuple, schedule, gen_cfg, **kw)
-        # `bits`: what indices_to_codes received, i.e. after the official pixel_shuffle: latent bits
-        t[f"generate.{mode}.latent_bits_int"] = bits_to_int(torch.cat(bits, 1)).to(torch.int32)
-        t[f"generate.{mode}.logits_strided"] = torch.cat([lg[:, ::3] for lg in seen], 1)
-        t[f"generate.{mode}.summed_codes"] = summed
-        t.update({f"generate.{mode}.image.{k}": v for k, v in probe_image(image_out).items()})
-        stats[f"{mode}_unique_latent_codes_per_scale"] = [int(bits_to_int(b).unique().numel()) for b in bits]
+    # `bits`: what indices_to_codes received, i.e. after the official pixel_shuffle: latent bits
+    record_generations(t, stats, model, vae, kv_tuple, schedule, gen_cfg, modes, bits="latent_bits_int",
+                       unique="unique_latent_codes_per_scale")
     config = {"name": "infinity_8b_tiny", "seed": seed, "vae_seed": seed, "infinity_seed": seed + 1,
               "vae": INFINITY_8B_VAE, "infinity": INFINITY_8B_KW, "text_lens": lens, "image_factor": 8,
               "scale_schedule": schedule, "vae_scale_schedule": vae_schedule, "generation": {**gen_cfg, **modes},
